@@ -1,0 +1,147 @@
+"""Run configuration: one flat dataclass, the `--mode` presets, and validation.
+
+`RunConfig` is the single source of every default (the CLI is generated from its fields).
+`MODES` maps each gating variant researchers compare to the fields it sets; build a config as
+``RunConfig.for_mode("hybrid", dataset="wikitext2")`` (= ``RunConfig(**{**MODES["hybrid"], ...})``).
+
+Presets follow the papers they name:
+- Shazeer et al. 2017 ("Outrageously large neural networks"): noisy top-k gating, importance and
+  load losses (w = 0.1 each, as the SAiDL 2024 report and Shazeer's LSTM experiments use).
+- Fedus et al. 2021 (Switch Transformer): top-1, balance loss alpha = 0.01, capacity factor 1.25.
+- Zhou et al. 2022 (expert choice): each expert takes its top ceil(c * n / e) tokens, c = 2.
+- Roller et al. 2021 (hash layers): expert = fixed hash of the token id.
+- The 2025 LSTM-MoE study (shared/references/001): `lora` and `hybrid` (switch + LoRA rank 8).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+DATASETS = ("wikitext2", "conll2003", "squad")
+ROUTERS = ("dense", "naive_topk", "topk_mask", "noisy_topk", "switch", "expert_choice", "hash")
+EXPERT_TYPES = ("mlp", "lora", "lowrank", "shared")
+
+_NOISY2 = dict(router="noisy_topk", top_k=2)
+MODES: dict[str, dict[str, Any]] = {
+    "dense": dict(router="dense", num_experts=1, top_k=1),  # the LSTM baseline: one expert, no routing
+    "naive_topk": dict(router="naive_topk", top_k=2),
+    "topk_mask": dict(router="topk_mask", top_k=2),
+    "noisy_topk": dict(_NOISY2),
+    "importance": dict(router="topk_mask", top_k=2, w_importance=0.1),
+    "load": dict(_NOISY2, w_load=0.1),
+    "baseline": dict(_NOISY2, w_importance=0.1, w_load=0.1),
+    "switch": dict(router="switch", top_k=1, w_switch=0.01, capacity_factor=1.25),
+    "lora": dict(_NOISY2, expert_type="lora", rank=8, w_importance=0.1, w_load=0.1),
+    "hybrid": dict(router="switch", top_k=1, expert_type="lora", rank=8, w_switch=0.01, capacity_factor=1.25),
+    "lowrank": dict(_NOISY2, expert_type="lowrank", rank=32, w_importance=0.1, w_load=0.1),
+    "shared": dict(_NOISY2, expert_type="shared", w_importance=0.1, w_load=0.1),
+    "expert_choice": dict(router="expert_choice", top_k=2, capacity_factor=2.0),
+    "hash": dict(router="hash", top_k=1),
+}
+for _name, _preset in MODES.items():
+    _preset["mode"] = _name
+
+
+@dataclass
+class RunConfig:
+    # data
+    dataset: str = "wikitext2"
+    data_dir: str | None = None  # None: $MOE_LENS_DATA, else ~/.cache/moe-lens/data
+    vocab_size: int | None = None  # cap: most frequent N words + <unk> (None = full vocabulary)
+    max_len: int = 128  # CoNLL sentence / SQuAD segment cap, tokens
+    bptt: int = 35  # WikiText-2 truncated-backprop length
+    # model
+    mode: str = "noisy_topk"
+    d_embed: int = 256
+    d_model: int = 256  # LSTM hidden size (per direction for BiLSTMs) = the MoE layer's d
+    dropout: float = 0.2
+    tie_weights: bool = False  # LM only; needs d_embed == d_model
+    embeddings: str | None = None  # GloVe text file to initialise the embedding from
+    freeze_embeddings: bool = False
+    # router
+    router: str = "noisy_topk"
+    num_experts: int = 8
+    top_k: int = 2
+    expert_type: str = "mlp"
+    expert_hidden: int = 128  # hidden units of each expert MLP (Shazeer's experts are 2-layer ReLU MLPs)
+    rank: int = 8  # LoRA / low-rank rank
+    lora_train_base: bool = True  # False freezes the shared base MLP of LoRA experts
+    capacity_factor: float | None = None  # switch: tokens per expert = cf * n / e; expert_choice: c
+    noise_eps: float = 1e-2  # added to softplus(x W_noise) so the load estimator never divides by 0
+    w_importance: float = 0.0
+    w_load: float = 0.0
+    w_switch: float = 0.0
+    w_z: float = 0.0  # router z-loss (ST-MoE)
+    # optim
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (tests, smoke runs)
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    warmup_steps: int = 100
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # recording
+    record: bool = False
+    record_every: int = 100  # record a training batch every N steps
+    record_probs: bool = False  # full router probabilities (n, e) per token
+    hidden_sample: int = 20000  # hidden states per split per recorded epoch
+    runs_dir: str = "runs"
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("router", self.router, ROUTERS)
+        _check_choice("expert_type", self.expert_type, EXPERT_TYPES)
+        _check_min("num_experts", self.num_experts, 1)
+        _check_min("top_k", self.top_k, 1)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} > num_experts={self.num_experts}; allowed: 1..{self.num_experts}")
+        if self.router == "switch" and self.top_k != 1:
+            raise ValueError(f"top_k={self.top_k} with router 'switch'; allowed: 1 (Switch routes each token to one expert)")
+        _check_min("rank", self.rank, 1)
+        for name in ("d_embed", "d_model", "expert_hidden", "batch_size", "bptt", "max_len", "epochs", "record_every"):
+            _check_min(name, getattr(self, name), 1)
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor}; allowed: > 0, or None for no capacity limit")
+        if not self.noise_eps > 0:
+            raise ValueError(f"noise_eps={self.noise_eps}; allowed: > 0")
+        if self.vocab_size is not None:
+            _check_min("vocab_size", self.vocab_size, 2)
+        if self.max_steps is not None:
+            _check_min("max_steps", self.max_steps, 1)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout}; allowed: 0 <= dropout < 1")
+        for name in ("w_importance", "w_load", "w_switch", "w_z", "weight_decay", "hidden_sample"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}; allowed: >= 0")
+
+    @classmethod
+    def for_mode(cls, mode: str, **overrides: Any) -> "RunConfig":
+        """The preset of `mode`, then `overrides` on top (any field)."""
+        _check_choice("mode", mode, MODES)
+        return cls(**{**MODES[mode], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """Inverse of `to_dict`, ignoring keys that are not fields (versions, device, ...)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _check_choice(name: str, value: Any, allowed: Any) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _check_min(name: str, value: int, lo: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise ValueError(f"{name}={value!r}; allowed: an integer >= {lo}")
+
+
+__all__ = ["RunConfig", "MODES", "DATASETS", "ROUTERS", "EXPERT_TYPES"]
