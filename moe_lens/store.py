@@ -1,0 +1,237 @@
+"""DuckDB views over a runs directory (the layout of docs/traces.md), and `moe-lens sql`.
+
+`connect(runs_dir)` returns an in-memory DuckDB connection with six views:
+
+    runs     one row per run: run.json (status, step, epoch, timings) + config.json (RunConfig fields)
+    tokens   runs/*/tokens/dataset=D/split=S/part-*.parquet
+    routing  runs/*/routing/dataset=D/split=S/epoch=E/part-*.parquet
+    probs    runs/*/probs/...    (empty, with its columns, when no run recorded probabilities)
+    hidden   runs/*/hidden/...
+    metrics  runs/*/metrics.parquet
+
+Every view has a `run` column, the run directory name. It is taken from DuckDB's `filename`
+column with `regexp_extract(filename, '([^/]+)/<table>/', 1)`; the expression reads only the
+per-file constant, so `WHERE run = ?` prunes whole files before any is opened (like a hive key).
+Parquet files are read with `hive_partitioning` (dataset, split, epoch from the path) and
+`union_by_name`, and every column of the contract is present in each view: a column that no file has
+yet (`ner_tag` in a WikiText-only directory, `router_probs` with no `--record-probs`) is a typed NULL.
+
+Which tables exist is decided when `connect` runs; new part files of an existing table appear at
+query time, a table that appears later (or a new run's `runs` row) needs a new connection.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from moe_lens.config import RunConfig
+from moe_lens.errors import MoeLensError
+
+_PARTS = {"dataset": "VARCHAR", "split": "VARCHAR", "epoch": "INTEGER"}
+_KEYS = {"step": "BIGINT", "token_idx": "BIGINT", "layer": "SMALLINT"}
+SCHEMAS: dict[str, dict[str, str]] = {
+    "tokens": {"dataset": "VARCHAR", "split": "VARCHAR", "token_idx": "BIGINT", "token_id": "INTEGER",
+               "token": "VARCHAR", "pos_tag": "VARCHAR", "freq_rank": "INTEGER", "freq_band": "VARCHAR",
+               "doc_id": "INTEGER", "sent_id": "INTEGER", "position": "INTEGER", "ner_tag": "VARCHAR",
+               "segment": "VARCHAR", "in_answer": "BOOLEAN"},
+    "routing": {**_PARTS, **_KEYS, "rank": "TINYINT", "expert": "SMALLINT", "gate": "FLOAT",
+                "entropy": "FLOAT", "dropped": "BOOLEAN"},
+    "probs": {**_PARTS, **_KEYS, "router_probs": "FLOAT[]"},
+    "hidden": {**_PARTS, **_KEYS, "hidden": "FLOAT[]"},
+    "metrics": {"step": "BIGINT", "epoch": "INTEGER", "split": "VARCHAR", "name": "VARCHAR",
+                "layer": "SMALLINT", "expert": "SMALLINT", "value": "DOUBLE"},
+}
+GLOBS = {t: f"*/{t}/**/part-*.parquet" for t in ("tokens", "routing", "probs", "hidden")} | {"metrics": "*/metrics.parquet"}
+_RUN_JSON = {"status": "VARCHAR", "step": "BIGINT", "epoch": "BIGINT", "started_at": "VARCHAR",
+             "updated_at": "VARCHAR", "finished_at": "VARCHAR", "error": "VARCHAR"}
+_PA = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(), "BOOLEAN": pa.bool_()}
+
+
+def connect(runs_dir: str | Path, *, read_only_sandbox: bool = False, threads: int | None = None,
+            memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the views `runs, tokens, routing, probs, hidden, metrics` over `runs_dir`.
+
+    `read_only_sandbox=True` (the app's SQL console) reads the Parquet files through Arrow datasets,
+    then sets `enable_external_access=false` and `lock_configuration=true`: the connection can read
+    nothing outside the views and write no file (COPY, ATTACH, EXPORT and read_csv all fail).
+    """
+    root = Path(runs_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise MoeLensError(f"runs directory {runs_dir} does not exist")
+    runs = run_dirs(root)
+    if not runs:
+        raise MoeLensError(f"no runs in {runs_dir}: expected <run>/config.json or <run>/routing/ directories")
+    con = duckdb.connect(config={"preserve_insertion_order": False})
+    if threads:
+        con.execute("SET threads = $t", {"t": threads})
+    if memory_limit:
+        con.execute("SET memory_limit = $m", {"m": memory_limit})
+    con.register("_runs_arrow", _runs_table(runs))
+    con.execute("CREATE TABLE runs AS SELECT * FROM _runs_arrow")
+    con.unregister("_runs_arrow")
+    for table in SCHEMAS:
+        files = sorted(root.glob(GLOBS[table]))
+        if not files:
+            body = _empty_select(table)
+        elif read_only_sandbox:
+            body = _arrow_select(con, table, files, root)
+        else:
+            body = _parquet_select(con, table, root)
+        con.execute(f"CREATE VIEW {table} AS {body}")  # DDL: table names and paths are ours, not user values
+    if read_only_sandbox:
+        con.execute("SET enable_external_access = false")
+        con.execute("SET autoinstall_known_extensions = false")
+        con.execute("SET lock_configuration = true")
+    return con
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Subdirectories of `root` that look like runs (a JSON file or a table directory)."""
+    marks = ("config.json", "run.json", "routing", "tokens", "metrics.parquet")
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and any((p / m).exists() for m in marks))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # missing or half-written
+    return obj if isinstance(obj, dict) else None
+
+
+def _runs_table(runs: list[Path]) -> pa.Table:
+    """One row per run; status 'unknown' where run.json is missing or unreadable."""
+    cfg_types = {f.name: _sql_type(str(f.type)) for f in fields(RunConfig)}
+    cfg_types |= {"device": "VARCHAR", "git_commit": "VARCHAR", "num_params": "BIGINT", "versions": "VARCHAR"}
+    cols: dict[str, list] = {"run": [], **{k: [] for k in _RUN_JSON}, **{k: [] for k in cfg_types}}
+    for d in runs:
+        state = _read_json(d / "run.json") or {"status": "unknown"}
+        cfg = _read_json(d / "config.json") or {}
+        cols["run"].append(d.name)
+        for k, t in (_RUN_JSON | cfg_types).items():
+            v = (state if k in _RUN_JSON else cfg).get(k)
+            cols[k].append(_coerce(v, t))
+    types = {"run": pa.string()} | {k: _PA[t] for k, t in (_RUN_JSON | cfg_types).items()}
+    return pa.table({k: pa.array(v, types[k]) for k, v in cols.items()})
+
+
+def _sql_type(annotation: str) -> str:
+    base = annotation.replace(" | None", "").replace("Optional[", "").rstrip("]")
+    return {"int": "BIGINT", "float": "DOUBLE", "bool": "BOOLEAN"}.get(base, "VARCHAR")
+
+
+def _coerce(v: Any, t: str) -> Any:
+    if v is None:
+        return None
+    try:
+        if t == "VARCHAR":
+            return v if isinstance(v, str) else json.dumps(v)
+        if t == "BOOLEAN":
+            return bool(v)
+        return int(v) if t == "BIGINT" else float(v)
+    except (TypeError, ValueError):
+        return None  # a malformed field reads as NULL rather than hiding the run
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _columns(table: str, present: dict[str, str], run_expr: str) -> str:
+    """The contract's columns in order (typed NULL where absent), then any extra columns."""
+    out = [f"{run_expr} AS run"]
+    for col, typ in SCHEMAS[table].items():
+        if col not in present:
+            out.append(f"CAST(NULL AS {typ}) AS {col}")
+        elif present[col] != typ:
+            out.append(f"CAST({col} AS {typ}) AS {col}")
+        else:
+            out.append(col)
+    out += [f'"{c}"' for c in present if c not in SCHEMAS[table] and c not in ("filename", "run")]
+    return ", ".join(out)
+
+
+def _empty_select(table: str) -> str:
+    return f"SELECT {_columns(table, {}, 'CAST(NULL AS VARCHAR)')} WHERE false"
+
+
+def _parquet_select(con: duckdb.DuckDBPyConnection, table: str, root: Path) -> str:
+    hive = table not in ("metrics",)
+    parts = {k: v for k, v in _PARTS.items() if table != "tokens" or k != "epoch"}
+    types = "{" + ", ".join(f"{_quote(k)}: {_quote(v)}" for k, v in parts.items()) + "}"
+    opts = f", hive_partitioning=true, hive_types={types}" if hive else ", hive_partitioning=false"
+    src = f"read_parquet({_quote((root / GLOBS[table]).as_posix())}, union_by_name=true, filename=true{opts})"
+    present = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
+    marker = "/metrics\\.parquet$" if table == "metrics" else f"/{table}/"
+    run_expr = f"regexp_extract(filename, {_quote('([^/]+)' + marker)}, 1)"
+    return f"SELECT {_columns(table, present, run_expr)} FROM {src}"
+
+
+def _arrow_select(con: duckdb.DuckDBPyConnection, table: str, files: list[Path], root: Path) -> str:
+    """Sandbox: one registered Arrow dataset per run, so DuckDB itself opens no file."""
+    selects = []
+    for i, run in enumerate(sorted({f.relative_to(root).parts[0] for f in files})):
+        mine = [str(f) for f in files if f.relative_to(root).parts[0] == run]
+        part = pads.partitioning(flavor="hive") if table != "metrics" else None
+        ds = pads.dataset(mine, format="parquet", partitioning=part, partition_base_dir=str(root / run / table))
+        name = f"_{table}_{i}"
+        con.register(name, ds)
+        present = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {name}").fetchall()}
+        selects.append(f"SELECT {_columns(table, present, _quote(run))} FROM {name}")
+    return " UNION ALL BY NAME ".join(selects)
+
+
+def default_runs_dir() -> str:
+    """`runs` when it exists, else the bundled `sample_runs`."""
+    return "runs" if Path("runs").is_dir() else "sample_runs"
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sql", help="run a SQL query over the recorded runs (DuckDB)",
+                              description="Views: runs, tokens, routing, probs, hidden, metrics (see docs/sql.md).")
+    p.add_argument("query", help='e.g. "SELECT run, count(*) FROM routing GROUP BY run"')
+    p.add_argument("--runs-dir", default=None, help="runs directory (default: runs, else sample_runs)")
+    p.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
+    p.add_argument("--out", default=None, help="write the result to this file (required for parquet)")
+    p.set_defaults(func=_sql_command)
+
+
+def _sql_command(args: argparse.Namespace) -> int:
+    con = connect(args.runs_dir or default_runs_dir())
+    try:
+        rel = con.sql(args.query)
+    except duckdb.Error as e:
+        raise MoeLensError(str(e).splitlines()[0]) from None
+    if rel is None:
+        return 0  # a statement without a result (SET, CREATE VIEW ...)
+    if args.format == "parquet" and not args.out:
+        raise MoeLensError("--format parquet needs --out FILE")
+    try:
+        return _emit(rel, args.format, args.out)
+    except duckdb.Error as e:
+        raise MoeLensError(str(e).splitlines()[0]) from None
+
+
+def _emit(rel: duckdb.DuckDBPyRelation, fmt: str, out: str | None) -> int:
+    if fmt == "parquet":
+        rel.write_parquet(out, compression="zstd")
+        return 0
+    if fmt == "table":
+        text = rel.df().to_string(index=False, max_rows=200)
+    elif fmt == "csv":
+        text = rel.df().to_csv(index=False)
+    else:
+        text = rel.df().to_json(orient="records", lines=True, date_format="iso")
+    if out:
+        Path(out).write_text(text if text.endswith("\n") else text + "\n")
+    else:
+        print(text.rstrip("\n"))
+    return 0
