@@ -68,6 +68,8 @@ class RunConfig:
     lora_train_base: bool = True  # False freezes the shared base MLP of LoRA experts
     capacity_factor: float | None = None  # switch: tokens per expert = cf * n / e; expert_choice: c
     noise_eps: float = 1e-2  # added to softplus(x W_noise) so the load estimator never divides by 0
+    router_init: str = "default"  # "zeros": W_g = 0 as Shazeer 2017 (ties then pick experts 0..k-1)
+    dispatch: str = "auto"  # auto | grouped | loop (see moe/layer.py)
     w_importance: float = 0.0
     w_load: float = 0.0
     w_switch: float = 0.0
@@ -95,12 +97,16 @@ class RunConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("router", self.router, ROUTERS)
         _check_choice("expert_type", self.expert_type, EXPERT_TYPES)
+        _check_choice("router_init", self.router_init, ("default", "zeros"))
+        _check_choice("dispatch", self.dispatch, ("auto", "grouped", "loop"))
         _check_min("num_experts", self.num_experts, 1)
         _check_min("top_k", self.top_k, 1)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} > num_experts={self.num_experts}; allowed: 1..{self.num_experts}")
         if self.router == "switch" and self.top_k != 1:
             raise ValueError(f"top_k={self.top_k} with router 'switch'; allowed: 1 (Switch routes each token to one expert)")
+        if self.w_load > 0 and self.router != "noisy_topk":
+            raise ValueError(f"w_load={self.w_load} with router {self.router!r}; the smooth load loss needs router 'noisy_topk'")
         _check_min("rank", self.rank, 1)
         for name in ("d_embed", "d_model", "expert_hidden", "batch_size", "bptt", "max_len", "epochs", "record_every"):
             _check_min(name, getattr(self, name), 1)

@@ -1,0 +1,159 @@
+"""The mixture-of-experts layer: route, dispatch, combine, and return the routing.
+
+    y(x) = sum_i G_i(x) E_i(x)  (+ S(x) for a shared expert)      Shazeer et al. 2017, eq. 1
+
+Shape letters (used in comments across moe_lens):
+    b  batch            t  time steps         d  model dim (the layer's input and output)
+    e  experts          k  experts per token  s  routing slots per token (k; e for expert_choice)
+    n  real tokens (padding removed)          A  (token, expert) assignments, n * s or e * C
+    h  expert hidden
+
+`MoELayer.forward(x, mask, token_ids) -> MoEOutput(y, aux_loss, routing)`. Padding never reaches
+the router: with a mask, the real tokens are gathered first (models that already hold packed
+sequences pass those and no mask), so padding cannot touch a loss or a statistic.
+
+Dispatch has two implementations, measured by benchmarks/bench_moe_layer.py:
+- `grouped`: sort the A assignments by expert, gather rows, one `grouped_mm` per expert matrix
+  with device-side offsets (no host sync), `index_add` the gate-weighted outputs back;
+- `loop`: the straightforward per-expert loop (select, run, index_add), the baseline.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from moe_lens.moe import losses
+from moe_lens.moe.experts import HAS_GROUPED_MM, build_experts
+from moe_lens.moe.routers import Routing, build_router
+
+DISPATCHES = ("auto", "grouped", "loop")
+
+
+class MoEOutput(NamedTuple):
+    y: Tensor  # same shape as x; zero at padding positions
+    aux_loss: Tensor  # () weighted sum of the auxiliary losses
+    routing: Routing
+
+
+class MoELayer(nn.Module):
+    def __init__(
+        self,
+        d: int,
+        num_experts: int = 8,
+        top_k: int = 2,
+        *,
+        router: str = "noisy_topk",
+        expert_type: str = "mlp",
+        expert_hidden: int = 128,
+        rank: int = 8,
+        lora_train_base: bool = True,
+        capacity_factor: float | None = None,
+        noise_eps: float = 1e-2,
+        router_init: str = "default",
+        w_importance: float = 0.0,
+        w_load: float = 0.0,
+        w_switch: float = 0.0,
+        w_z: float = 0.0,
+        dispatch: str = "auto",
+    ) -> None:
+        super().__init__()
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} > num_experts={num_experts}; allowed: 1..{num_experts}")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor={capacity_factor}; allowed: > 0, or None")
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"unknown dispatch {dispatch!r}; allowed: {', '.join(DISPATCHES)}")
+        if router == "dense":
+            num_experts, top_k = 1, 1
+        self.num_experts, self.top_k = num_experts, top_k
+        self.router = build_router(
+            router, d, num_experts, top_k, capacity_factor=capacity_factor, noise_eps=noise_eps, init=router_init
+        )
+        self.experts = build_experts(expert_type, d, expert_hidden, num_experts, rank=rank, train_base=lora_train_base)
+        self.weights = {"importance": w_importance, "load": w_load, "switch": w_switch, "z": w_z}
+        self.dispatch = ("grouped" if HAS_GROUPED_MM else "loop") if dispatch == "auto" else dispatch
+
+    @classmethod
+    def from_config(cls, cfg: object, d: int) -> "MoELayer":
+        """Build from a RunConfig (any object with its router/expert fields)."""
+        names = ("num_experts", "top_k", "router", "expert_type", "expert_hidden", "rank", "lora_train_base",
+                 "capacity_factor", "noise_eps", "router_init", "w_importance", "w_load", "w_switch", "w_z",
+                 "dispatch")  # fmt: skip
+        return cls(d, **{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, token_ids: Tensor | None = None) -> MoEOutput:
+        d = x.shape[-1]
+        xf = x.reshape(-1, d)  # (b*t, d)
+        keep = None
+        if mask is not None:
+            keep = mask.reshape(-1).nonzero().squeeze(1)  # (n,) real-token rows
+            xf = xf[keep]  # (n, d)
+            token_ids = token_ids.reshape(-1)[keep] if token_ids is not None else None
+        routing = self.router(xf, token_ids)
+        token, expert, gate = assignments(routing)
+        run = dispatch_grouped if self.dispatch == "grouped" else dispatch_loop
+        y = run(self.experts, xf, token, expert, gate, self.num_experts)  # (n, d)
+        shared = self.experts.shared(xf)
+        if shared is not None:
+            y = y + shared
+        aux_loss = self._statistics(routing, expert, gate)
+        if keep is not None:
+            y = y.new_zeros(x.numel() // d, d).index_copy(0, keep, y)  # padding rows stay 0
+        return MoEOutput(y.reshape(x.shape), aux_loss, routing)
+
+    def _statistics(self, r: Routing, expert: Tensor, gate: Tensor) -> Tensor:
+        """Fill r.load, r.importance, r.num_dropped, r.entropy, r.aux; return the weighted aux loss."""
+        e = self.num_experts
+        kept = gate.new_ones(gate.shape) if r.dropped is None else (~r.dropped).reshape(-1).to(gate.dtype)
+        r.load = gate.new_zeros(e).index_add(0, expert, kept)  # (e,)
+        r.importance = gate.new_zeros(e).index_add(0, expert, gate)  # (e,) differentiable in the gates
+        r.num_dropped = (kept.numel() - kept.sum()).detach()
+        r.entropy = losses.entropy(r.router_probs.detach())  # (n,)
+        load_for_loss = r.load_prob.sum(dim=0) if r.load_prob is not None else r.load
+        r.aux = {
+            "importance": losses.cv_squared(r.importance),
+            "load": losses.cv_squared(load_for_loss),
+            "switch": losses.switch_loss(r.router_probs, r.router_probs.argmax(dim=-1)),
+            "z": losses.z_loss(r.logits),
+        }
+        total = r.importance.new_zeros(())
+        for name, w in self.weights.items():
+            if w:
+                total = total + w * r.aux[name]
+        return total
+
+
+def assignments(r: Routing) -> tuple[Tensor, Tensor, Tensor]:
+    """Flatten routing into (token (A,), expert (A,), gate (A,)); empty slots (-1) are left out."""
+    if r.assign is not None:
+        return r.assign
+    n, s = r.expert_idx.shape
+    token = torch.arange(n, device=r.expert_idx.device).repeat_interleave(s)  # (n*s,)
+    return token, r.expert_idx.reshape(-1), r.gate.reshape(-1)
+
+
+def dispatch_grouped(experts: nn.Module, x: Tensor, token: Tensor, expert: Tensor, gate: Tensor, e: int) -> Tensor:
+    """Sort assignments by expert, run every expert with grouped matmuls, index_add back. (n, d)."""
+    order = expert.argsort(stable=True)  # (A,)
+    token, expert, gate = token[order], expert[order], gate[order]
+    counts = torch.zeros(e, dtype=torch.int32, device=x.device).index_add_(
+        0, expert, torch.ones_like(expert, dtype=torch.int32)
+    )
+    offs = counts.cumsum(0, dtype=torch.int32)  # (e,) group ends, stays on the device
+    out = experts.forward_grouped(x[token], offs, expert)  # (A, d)
+    out = out * gate.unsqueeze(1).to(out.dtype)
+    return out.new_zeros(x.shape[0], x.shape[1]).index_add_(0, token, out)
+
+
+def dispatch_loop(experts: nn.Module, x: Tensor, token: Tensor, expert: Tensor, gate: Tensor, e: int) -> Tensor:
+    """The per-expert loop: for each expert select its assignments, run it, index_add back. (n, d)."""
+    y = x.new_zeros(x.shape)
+    for i in range(e):
+        sel = (expert == i).nonzero().squeeze(1)  # (m,)
+        if sel.numel() == 0:
+            continue
+        tok = token[sel]
+        y = y.index_add(0, tok, experts.forward_one(i, x[tok]) * gate[sel].unsqueeze(1).to(x.dtype))
+    return y

@@ -1,0 +1,205 @@
+"""Routers: which experts each token goes to, and with what gate. Shapes as in `moe/layer.py`.
+
+Each router maps real tokens x (n, d) to a `Routing`. Formulas:
+- `naive_topk`: G = TopK(softmax(x W_g)), kept probabilities not renormalised (SAiDL 2024 report).
+- `topk_mask`: the same, renormalised to sum to 1 over the k kept experts.
+- `noisy_topk` (Shazeer et al. 2017, eq. 3-5): H = x W_g + eps * (softplus(x W_noise) + noise_eps),
+  eps ~ N(0, 1) in training only; G = softmax(KeepTopK(H, k)), i.e. softmax AFTER top-k over the
+  kept logits. Also returns the smooth load probability P(x, i) (losses.smooth_load_prob).
+- `switch` (Fedus et al. 2021): p = softmax(x W_g), expert = argmax p, gate = p[expert] (the
+  probability, never a constant 1, so the router gets task gradient). With a capacity factor cf,
+  in training each expert keeps its first ceil(cf * n / e) tokens in order; the rest are dropped
+  (gate 0, their output is the residual alone) and counted.
+- `expert_choice` (Zhou et al. 2022): S = softmax(x W_g) (n, e); each expert takes its top
+  C = ceil(c * n / e) tokens by S[:, i], gate = S[token, i]; a token may get 0..e experts.
+- `hash` (Roller et al. 2021): expert = a fixed multiplicative hash of the token id, gate 1; no
+  parameters, the no-learning baseline.
+- `dense`: one expert, gate 1 (the LSTM baseline).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_lens.moe.losses import smooth_load_prob
+
+
+@dataclass
+class Routing:
+    """What a router decided for n real tokens, s slots per token (s = k; e for expert_choice)."""
+
+    expert_idx: Tensor  # (n, s) int64 in [0, e); -1 marks an empty slot (expert_choice)
+    gate: Tensor  # (n, s) gate the expert output is weighted by; 0 for empty/dropped slots
+    router_probs: Tensor  # (n, e) the router's distribution over experts (softmax of its logits)
+    logits: Tensor  # (n, e) pre-softmax router logits (z-loss); noisy ones for noisy_topk in training
+    load_prob: Tensor | None = None  # (n, e) smooth P(x, i), noisy_topk in training only
+    dropped: Tensor | None = None  # (n, s) bool: slot overflowed its expert's capacity
+    # Assignments already sorted by expert (token (A,), expert (A,), gate (A,)); None: from expert_idx.
+    assign: tuple[Tensor, Tensor, Tensor] | None = None
+    # Filled in by MoELayer: statistics over real tokens.
+    load: Tensor | None = None  # (e,) assignments kept per expert
+    importance: Tensor | None = None  # (e,) gate mass per expert
+    num_dropped: Tensor | None = None  # () dropped (token, slot) assignments
+    entropy: Tensor | None = None  # (n,) router entropy, nats
+    aux: dict[str, Tensor] | None = None  # each unweighted aux loss by name
+
+
+class Router(nn.Module):
+    """Base: a linear gate W_g (d, e) without bias."""
+
+    def __init__(self, d: int, num_experts: int, top_k: int, init: str = "default") -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.w_gate = nn.Linear(d, num_experts, bias=False)
+        if init == "zeros":  # Shazeer et al. 2017 initialise W_g (and W_noise) to zero
+            nn.init.zeros_(self.w_gate.weight)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        raise NotImplementedError
+
+
+class TopKRouter(Router):
+    """`naive_topk` (renormalize=False) and `topk_mask` (renormalize=True): softmax, then top-k."""
+
+    def __init__(self, d: int, num_experts: int, top_k: int, renormalize: bool, init: str = "default") -> None:
+        super().__init__(d, num_experts, top_k, init)
+        self.renormalize = renormalize
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        logits = self.w_gate(x)  # (n, e)
+        probs = logits.float().softmax(dim=-1)  # (n, e)
+        gate, idx = probs.topk(self.top_k, dim=-1)  # (n, k), (n, k)
+        if self.renormalize:
+            gate = gate / gate.sum(dim=-1, keepdim=True)
+        return Routing(idx, gate, probs, logits)
+
+
+class NoisyTopKRouter(Router):
+    """Shazeer et al. 2017 noisy top-k gating with the smooth load estimator."""
+
+    def __init__(self, d: int, num_experts: int, top_k: int, noise_eps: float = 1e-2, init: str = "default") -> None:
+        super().__init__(d, num_experts, top_k, init)
+        self.w_noise = nn.Linear(d, num_experts, bias=False)
+        nn.init.zeros_(self.w_noise.weight)  # as Shazeer: noise std starts at softplus(0) + eps
+        self.noise_eps = noise_eps
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        clean = self.w_gate(x).float()  # (n, e)
+        load_prob = None
+        if self.training:
+            noise_std = F.softplus(self.w_noise(x).float()) + self.noise_eps  # (n, e)
+            noisy = clean + torch.randn_like(clean) * noise_std  # H(x), (n, e)
+            load_prob = smooth_load_prob(clean, noisy, noise_std, self.top_k)
+        else:
+            noisy = clean  # eval is deterministic
+        top_logits, idx = noisy.topk(self.top_k, dim=-1)  # (n, k) KeepTopK
+        gate = top_logits.softmax(dim=-1)  # softmax after top-k, over the kept logits
+        return Routing(idx, gate, noisy.softmax(dim=-1), noisy, load_prob=load_prob)
+
+
+class SwitchRouter(Router):
+    """Fedus et al. 2021 top-1 routing with an optional capacity factor (training only)."""
+
+    def __init__(self, d: int, num_experts: int, capacity_factor: float | None = None, init: str = "default") -> None:
+        super().__init__(d, num_experts, 1, init)
+        self.capacity_factor = capacity_factor
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        logits = self.w_gate(x)  # (n, e)
+        probs = logits.float().softmax(dim=-1)  # (n, e)
+        gate, idx = probs.max(dim=-1, keepdim=True)  # (n, 1): the gate is the probability
+        dropped = None
+        if self.training and self.capacity_factor is not None:
+            n, e = probs.shape
+            capacity = math.ceil(self.capacity_factor * n / e)
+            onehot = F.one_hot(idx[:, 0], e)  # (n, e)
+            position = (onehot.cumsum(dim=0) * onehot).sum(dim=-1, keepdim=True) - 1  # (n, 1) place in its expert's queue
+            dropped = position >= capacity  # (n, 1)
+            gate = gate.masked_fill(dropped, 0.0)
+        return Routing(idx, gate, probs, logits, dropped=dropped)
+
+
+class ExpertChoiceRouter(Router):
+    """Zhou et al. 2022: experts choose tokens; capacity C = ceil(c * n / e) tokens per expert."""
+
+    def __init__(self, d: int, num_experts: int, capacity_factor: float = 2.0, init: str = "default") -> None:
+        super().__init__(d, num_experts, num_experts, init)
+        self.capacity_factor = capacity_factor
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        logits = self.w_gate(x)  # (n, e)
+        probs = logits.float().softmax(dim=-1)  # (n, e) token-to-expert affinity S
+        n, e = probs.shape
+        capacity = min(n, math.ceil(self.capacity_factor * n / e))
+        gate_ec, token_ec = probs.t().topk(capacity, dim=-1)  # (e, C) each expert's chosen tokens
+        expert_ec = torch.arange(e, device=x.device).unsqueeze(1).expand(e, capacity)  # (e, C)
+        # Per-token view (n, e): slot j holds the token's j-th largest gate, -1 where unchosen.
+        dense = probs.new_zeros(n, e).index_put_((token_ec.reshape(-1), expert_ec.reshape(-1)), gate_ec.reshape(-1))
+        chosen = torch.zeros(n, e, dtype=torch.bool, device=x.device)
+        chosen[token_ec.reshape(-1), expert_ec.reshape(-1)] = True
+        order = torch.where(chosen, dense, torch.full_like(dense, -1.0)).argsort(dim=-1, descending=True, stable=True)
+        gate = dense.gather(1, order)  # (n, e)
+        expert_idx = torch.where(chosen.gather(1, order), order, torch.full_like(order, -1))  # (n, e)
+        assign = (token_ec.reshape(-1), expert_ec.reshape(-1), gate_ec.reshape(-1))  # sorted by expert
+        return Routing(expert_idx, gate, probs, logits, assign=assign)
+
+
+class HashRouter(Router):
+    """Roller et al. 2021: a fixed hash of the token id picks one expert; no learned parameters."""
+
+    MULTIPLIER = 2654435761  # Knuth's multiplicative hash constant
+
+    def __init__(self, d: int, num_experts: int) -> None:
+        nn.Module.__init__(self)
+        self.num_experts, self.top_k = num_experts, 1
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        if token_ids is None:
+            raise ValueError("router 'hash' needs token_ids: pass MoELayer(x, mask, token_ids=...)")
+        idx = ((token_ids.reshape(-1, 1).long() * self.MULTIPLIER) % (2**32)) % self.num_experts  # (n, 1)
+        probs = F.one_hot(idx[:, 0], self.num_experts).float()  # (n, e)
+        return Routing(idx, torch.ones_like(idx, dtype=torch.float32), probs, probs.log().clamp_min(-1e4))
+
+
+class DenseRouter(Router):
+    """One expert, gate 1: the model without routing (the LSTM baseline)."""
+
+    def __init__(self, d: int, num_experts: int = 1) -> None:
+        nn.Module.__init__(self)
+        self.num_experts, self.top_k = 1, 1
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        n = x.shape[0]
+        idx = torch.zeros(n, 1, dtype=torch.long, device=x.device)
+        ones = torch.ones(n, 1, device=x.device)
+        return Routing(idx, ones, ones, torch.zeros_like(ones))
+
+
+def build_router(
+    name: str,
+    d: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    capacity_factor: float | None = None,
+    noise_eps: float = 1e-2,
+    init: str = "default",
+) -> Router:
+    """The router named `name` (one of config.ROUTERS)."""
+    if name in ("naive_topk", "topk_mask"):
+        return TopKRouter(d, num_experts, top_k, renormalize=name == "topk_mask", init=init)
+    if name == "noisy_topk":
+        return NoisyTopKRouter(d, num_experts, top_k, noise_eps, init=init)
+    if name == "switch":
+        return SwitchRouter(d, num_experts, capacity_factor, init=init)
+    if name == "expert_choice":
+        return ExpertChoiceRouter(d, num_experts, capacity_factor or 2.0, init=init)
+    if name == "hash":
+        return HashRouter(d, num_experts)
+    if name == "dense":
+        return DenseRouter(d)
+    raise ValueError(f"unknown router {name!r}; allowed: dense, naive_topk, topk_mask, noisy_topk, switch, expert_choice, hash")
