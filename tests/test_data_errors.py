@@ -95,6 +95,7 @@ def test_cli_prints_one_line(tmp_path, capsys):
     assert "train.txt" in out and "ERROR" in out and "expected 4 columns" in out
     with pytest.raises(SystemExit):  # argparse rejects an unknown dataset name
         main(["data", "download", "nope"])
+    capsys.readouterr()
     (tmp_path / "d/squad-v1.1/dev-v1.1.json").unlink()
     assert main(["data", "download", "squad", "--data-dir", str(tmp_path / "d"),
                  "--mirror", "http://127.0.0.1:9", "--no-progress"]) == 2
