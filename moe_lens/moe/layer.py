@@ -155,5 +155,5 @@ def dispatch_loop(experts: nn.Module, x: Tensor, token: Tensor, expert: Tensor, 
         if sel.numel() == 0:
             continue
         tok = token[sel]
-        y = y.index_add(0, tok, experts.forward_one(i, x[tok]) * gate[sel].unsqueeze(1).to(x.dtype))
+        y.index_add_(0, tok, experts.forward_one(i, x[tok]) * gate[sel].unsqueeze(1).to(x.dtype))
     return y
