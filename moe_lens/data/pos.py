@@ -137,3 +137,29 @@ def pos_agreement(pred: Sequence[str], gold: Sequence[str], *, map_conventions: 
             g = normalise_tag(g)
         hits += p == g or p in g.split("|")
     return hits / len(pred)
+
+
+def conll_pos_agreement(data_dir: str | Path | None = None, split: str = "test",
+                        max_sentences: int | None = None) -> dict[str, Any]:
+    """spaCy tags on CoNLL-2003's gold tokenisation vs its gold POS column.
+
+    Returns {"tokens", "raw" (exact tag equality), "mapped" (after `normalise_tag`), "confusions"
+    (the 10 most frequent (gold, predicted) mismatches after mapping)}; None values without a tagger.
+    """
+    from collections import Counter
+
+    from moe_lens.data import conll
+    from moe_lens.data.paths import resolve_data_dir
+
+    p = conll.read_conll(conll.split_path(resolve_data_dir(data_dir), split))
+    off = p.seq_offsets[: (max_sentences or p.meta["sentences"]) + 1]
+    sents = [p.tokens[a:b] for a, b in zip(off[:-1], off[1:])]
+    gold = list(p.columns["pos_tag"][: off[-1]])
+    tags = tag_sentences(sents)
+    if tags is None:
+        return {"tokens": len(gold), "raw": None, "mapped": None, "confusions": []}
+    pred = [t for s in tags for t in s]
+    wrong = Counter((normalise_tag(g), normalise_tag(q)) for g, q in zip(gold, pred)
+                    if normalise_tag(q) not in normalise_tag(g).split("|"))
+    return {"tokens": len(gold), "raw": pos_agreement(pred, gold, map_conventions=False),
+            "mapped": pos_agreement(pred, gold), "confusions": wrong.most_common(10), "model": tagger_name()}
