@@ -75,3 +75,22 @@ def test_pos_on_slices(real_data_dir):
     tags = pos.tag_sentences([line.split() for line in lines if line.strip()])
     flat = [t for s in tags for t in s]
     assert flat.count("NNP") > 10 and flat.count("DT") > 10
+
+
+def test_cached_wikitext_train_load_under_2s(real_data_dir, monkeypatch):
+    """The cache path, timed: a fake tagger fills the cache, the second load must not tag and be fast."""
+    import time
+
+    monkeypatch.setattr(pos, "find_model", lambda: ("fake_model", "0"))
+    monkeypatch.setattr(pos, "tag_sentences", lambda sents, **k: [["NN"] * len(s) for s in sents])
+    load_split("wikitext2", "train", real_data_dir, progress=False)
+
+    def boom(*a, **k):
+        raise AssertionError("re-tagged although cached")
+
+    monkeypatch.setattr(pos, "tag_sentences", boom)
+    t0 = time.perf_counter()
+    s = load_split("wikitext2", "train", real_data_dir, progress=False)
+    elapsed = time.perf_counter() - t0
+    assert s.tokens["pos_tag"].notna().all() and int((s.tokens["pos_tag"] == "EOS").sum()) == 36718
+    assert elapsed <= 2.0, f"cached load took {elapsed:.2f} s"

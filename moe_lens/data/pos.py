@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -31,32 +33,48 @@ _EXCLUDE = ["parser", "attribute_ruler", "lemmatizer", "ner", "senter"]  # never
 
 
 @functools.lru_cache(maxsize=1)
-def load_tagger() -> Any | None:
-    """The spaCy pipeline with only tok2vec + tagger, or None (one warning) when none is installed."""
-    try:
-        import spacy
-    except ImportError:
-        warnings.warn("spaCy is not installed: pos_tag will be NULL (pip install 'moe-lens[pos]')", stacklevel=2)
+def find_model() -> tuple[str, str] | None:
+    """(module name, version) of the first installed model, without importing spaCy (cheap)."""
+    if importlib.util.find_spec("spacy") is None:
         return None
     for name in MODEL_NAMES:
-        try:
-            nlp = spacy.load(name, exclude=_EXCLUDE)
-        except (OSError, ImportError):
-            continue
-        nlp.select_pipes(enable=[p for p in _ONLY if p in nlp.pipe_names])
-        return nlp
-    warnings.warn(
-        f"no spaCy English model found (tried {', '.join(MODEL_NAMES)}): pos_tag will be NULL "
-        "(pip install 'moe-lens[pos]')", stacklevel=2)
+        if importlib.util.find_spec(name) is not None:
+            try:
+                return name, importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                return name, "?"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def load_tagger() -> Any | None:
+    """The spaCy pipeline with only tok2vec + tagger, or None (one warning) when none is installed."""
+    found = find_model()
+    if found is not None:
+        import spacy
+
+        for name in (found[0], *MODEL_NAMES):
+            try:
+                nlp = spacy.load(name, exclude=_EXCLUDE)
+            except (OSError, ImportError):
+                continue
+            nlp.select_pipes(enable=[p for p in _ONLY if p in nlp.pipe_names])
+            return nlp
+    warnings.warn(f"no spaCy English model could be loaded (tried {', '.join(MODEL_NAMES)}): pos_tag will "
+                  "be NULL (pip install 'moe-lens[pos]')", stacklevel=2)
     return None
 
 
 def tagger_name() -> str | None:
-    """e.g. 'spacy en_core_web_sm 3.8.0' (the model's own meta name), None without a tagger."""
-    nlp = load_tagger()
-    if nlp is None:
+    """e.g. 'spacy en_core_web_sm 3.8.0' (installed model and version), None without one.
+
+    Read from package metadata so a cached load never imports spaCy (about 2 s).
+    """
+    found = find_model()
+    if found is None:
+        load_tagger()  # emits the one warning
         return None
-    return f"spacy {nlp.meta.get('lang', 'en')}_{nlp.meta.get('name', '?')} {nlp.meta.get('version', '?')}"
+    return f"spacy {found[0]} {found[1]}"
 
 
 def tag_sentences(sentences: Sequence[Sequence[str]], *, progress: bool = False,
@@ -96,7 +114,8 @@ def cached_tags(cache_dir: Path, key_parts: Sequence[str], sentences: Callable[[
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: recompute and overwrite
     tags = tag_sentences(sentences(), progress=progress)
-    assert tags is not None
+    if tags is None:  # the model is installed but cannot be loaded
+        return None
     flat = [t for s in tags for t in s]
     tagset = sorted(set(flat))
     index = {t: i for i, t in enumerate(tagset)}
