@@ -48,12 +48,13 @@ class RunConfig:
     dataset: str = "wikitext2"
     data_dir: str | None = None  # None: $MOE_LENS_DATA, else ~/.cache/moe-lens/data
     vocab_size: int | None = None  # cap: most frequent N words + <unk> (None = full vocabulary)
-    max_len: int = 128  # CoNLL sentence / SQuAD segment cap, tokens
+    max_len: int | None = None  # sequence cap in tokens; None: 128 for CoNLL, 256 for SQuAD segments
+    pos_tags: bool = True  # spaCy POS tags for WikiText/SQuAD tokens (computed once, cached)
     bptt: int = 35  # WikiText-2 truncated-backprop length
     # model
     mode: str = "noisy_topk"
     d_embed: int = 256
-    d_model: int = 256  # LSTM hidden size (per direction for BiLSTMs) = the MoE layer's d
+    d_model: int = 256  # LSTM hidden size per direction; MoE d = d_model (LM) or 2 * d_model (BiLSTMs)
     dropout: float = 0.2
     tie_weights: bool = False  # LM only; needs d_embed == d_model
     embeddings: str | None = None  # GloVe text file to initialise the embedding from
@@ -108,7 +109,7 @@ class RunConfig:
         if self.w_load > 0 and self.router != "noisy_topk":
             raise ValueError(f"w_load={self.w_load} with router {self.router!r}; the smooth load loss needs router 'noisy_topk'")
         _check_min("rank", self.rank, 1)
-        for name in ("d_embed", "d_model", "expert_hidden", "batch_size", "bptt", "max_len", "epochs", "record_every"):
+        for name in ("d_embed", "d_model", "expert_hidden", "batch_size", "bptt", "epochs", "record_every"):
             _check_min(name, getattr(self, name), 1)
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor={self.capacity_factor}; allowed: > 0, or None for no capacity limit")
@@ -116,6 +117,8 @@ class RunConfig:
             raise ValueError(f"noise_eps={self.noise_eps}; allowed: > 0")
         if self.vocab_size is not None:
             _check_min("vocab_size", self.vocab_size, 2)
+        if self.max_len is not None:
+            _check_min("max_len", self.max_len, 1)
         if self.max_steps is not None:
             _check_min("max_steps", self.max_steps, 1)
         if not 0.0 <= self.dropout < 1.0:

@@ -1,0 +1,67 @@
+"""`moe-lens record RUN --dataset D --split S`: replay a trained checkpoint over any dataset's split.
+
+One model's routing can then be compared across WikiText, CoNLL and SQuAD text: the probe split's
+tokens are encoded with the run's own vocabulary, annotated as usual, and recorded under
+`dataset=D/split=S/epoch=<checkpoint epoch>` of the same run. A language model reads any split as
+a token stream; a tagger reads any split's sentences (WikiText: lines); the QA model needs SQuAD.
+Metrics of the replay (perplexity of an LM on CoNLL text, say) go to metrics.parquet under split
+`probe:D:S`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_lens import data as mdata
+from moe_lens.config import RunConfig
+from moe_lens.data.vocab import Vocab
+from moe_lens.errors import MoeLensError
+from moe_lens.models import build_model
+from moe_lens.record import Recorder, clear_partition
+from moe_lens.rundir import Metrics, latest_checkpoint
+from moe_lens.tasks import get_task
+from moe_lens.train import evaluate, hidden_sample, resolve_device
+
+
+def record_run(run_dir: str | Path, dataset: str, split: str, *, data_dir: str | None = None,
+               record_probs: bool = False, device: str = "auto") -> dict[str, float]:
+    """Record the routing of run_dir's latest checkpoint over (dataset, split); returns the replay metrics."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise MoeLensError(f"{run_dir}: not a run directory (no config.json)")
+    cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise MoeLensError(f"{run_dir}: no checkpoint yet (checkpoints/epoch-*.pt); train at least one epoch")
+    if cfg.dataset == "squad" and dataset != "squad":
+        raise MoeLensError(f"a SQuAD span-QA model needs question/context pairs; --dataset {dataset} has none")
+    dev = resolve_device(device)
+    payload = torch.load(ckpt, map_location=dev, weights_only=False)
+    vocab = Vocab.from_dict(payload["vocab"])
+    split_data = mdata.load_split(dataset, split, data_dir or cfg.data_dir, vocab=vocab, pos=cfg.pos_tags)
+    num_tags = payload["model"]["head.weight"].shape[0] if cfg.dataset == "conll2003" else 0
+    model = build_model(cfg, len(vocab), num_tags=num_tags).to(dev)
+    model.load_state_dict(payload["model"])
+    has_labels = cfg.dataset != "conll2003" or split_data.labels is not None
+    if not has_labels:  # a tagger over unlabelled text: routing only, no accuracy
+        split_data.labels = np.zeros(len(split_data), dtype=np.int64)
+    clear_partition(run_dir, dataset, split, payload["epoch"])  # a repeated probe replaces, never duplicates
+    recorder = Recorder(run_dir, record_probs=record_probs)
+    recorder.write_tokens(split_data.tokens, dataset, split)
+    keep = hidden_sample(len(split_data), cfg.hidden_sample, cfg.seed)
+    task = get_task(cfg.dataset, cfg)
+    try:
+        vm = evaluate(task, model, split_data, dev, epoch=payload["epoch"], step=payload["step"],
+                      recorder=recorder, keep=keep)  # fmt: skip
+    finally:
+        recorder.close()
+    if not has_labels:
+        vm = {}
+    metrics = Metrics(run_dir, keep_until_step=10**18)
+    metrics.rows = [r for r in metrics.rows if r["split"] != f"probe:{dataset}:{split}"]
+    metrics.add_many(payload["step"], payload["epoch"], f"probe:{dataset}:{split}", vm)
+    metrics.flush()
+    return vm

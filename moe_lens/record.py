@@ -1,0 +1,220 @@
+"""The Recorder: routing, router probabilities and sampled hidden states to Parquet, off the hot path.
+
+The layout is docs/traces.md. On the training thread `add()` only detaches tensors and starts
+their copies to (pinned, on CUDA) CPU memory with `non_blocking=True`, recording a CUDA event; it
+never synchronises. A background thread waits on that event, turns the batch into Arrow columns
+with numpy (no Python loop over tokens), buffers rows per partition, and at `flush()` (or every
+`flush_rows` rows) writes ONE COMPLETE part file per partition: zstd Parquet written to a
+temporary name, then renamed. A run killed at any moment therefore leaves only readable files
+(a `ParquetWriter` kept open for a whole run would leave a footer-less, unreadable file).
+
+`write_json_atomic` and `write_table_atomic` are the same temp-then-rename pattern for run.json,
+config.json and metrics.parquet.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from moe_lens.models import MoETrace
+
+TRACE_TABLES = ("routing", "probs", "hidden")
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start a device->host copy without waiting for it (pinned memory on CUDA)."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+class Recorder:
+    def __init__(self, run_dir: str | Path, *, record_probs: bool = False, flush_rows: int = 2_000_000) -> None:
+        self.run_dir = Path(run_dir)
+        self.record_probs = record_probs
+        self.flush_rows = flush_rows
+        self._queue: queue.Queue = queue.Queue(maxsize=32)  # bounded: back-pressure, bounded memory
+        self._buffers: dict[tuple[str, str, str, int], list[pa.Table]] = {}
+        self._rows: dict[tuple[str, str, str, int], int] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="moe-lens-recorder", daemon=True)
+        self._thread.start()
+
+    # ---- training thread -------------------------------------------------------------------
+    def write_tokens(self, tokens: pd.DataFrame, dataset: str, split: str) -> None:
+        """The annotated token table of a split, written once (skipped if already there)."""
+        path = self.run_dir / "tokens" / f"dataset={dataset}" / f"split={split}" / "part-00000.parquet"
+        if path.exists():
+            return
+        table = pa.Table.from_pandas(tokens.drop(columns=["dataset", "split"], errors="ignore"), preserve_index=False)
+        write_table_atomic(table, path)
+
+    def add(self, traces: list[MoETrace], *, dataset: str, split: str, epoch: int, step: int,
+            hidden_keep: torch.Tensor | None = None) -> None:
+        """Queue one batch's routing. `hidden_keep`: (N,) bool over the split's token_idx, the hidden sample."""
+        self._raise_if_failed()
+        items = []
+        for tr in traces:
+            r = tr.routing
+            host = {"token_idx": tr.token_idx, "expert": r.expert_idx, "gate": r.gate, "entropy": r.entropy}
+            if r.dropped is not None:
+                host["dropped"] = r.dropped
+            if self.record_probs:
+                host["probs"] = r.router_probs
+            if hidden_keep is not None:
+                host["hidden"] = tr.hidden
+            items.append((tr.layer, {k: _to_host(v) for k, v in host.items()}))
+        event = None
+        if any(tr.token_idx.is_cuda for tr in traces):
+            event = torch.cuda.Event()
+            event.record()
+        keep = hidden_keep.cpu() if hidden_keep is not None else None  # built once per split on the host
+        self._queue.put(("add", (dataset, split, epoch, step, items, event, keep)))
+
+    def flush(self) -> None:
+        """Write every buffered partition as a complete part file; returns when they are on disk."""
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        while not done.wait(0.5):
+            self._raise_if_failed()
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        self.flush()
+        self._queue.put(("stop", None))
+        self._thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"recorder failed: {self._error}") from self._error
+
+    # ---- background thread -----------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            kind, payload = self._queue.get()
+            try:
+                if kind == "stop":
+                    return
+                if kind == "flush":
+                    self._write_all()
+                    payload.set()
+                    continue
+                self._ingest(*payload)
+            except BaseException as e:  # surfaced on the training thread at its next call
+                self._error = e
+                if kind == "flush":
+                    payload.set()
+
+    def _ingest(self, dataset: str, split: str, epoch: int, step: int, items: list, event: Any,
+                keep: torch.Tensor | None) -> None:
+        if event is not None:
+            event.synchronize()  # the copies started by add() are complete
+        for layer, host in items:
+            arrays = {k: v.numpy() for k, v in host.items()}
+            self._append("routing", dataset, split, epoch, routing_rows(arrays, step, layer))
+            token_idx = arrays["token_idx"]
+            if "probs" in arrays:
+                self._append("probs", dataset, split, epoch, _list_rows(token_idx, step, layer, "router_probs", arrays["probs"]))
+            if keep is not None:
+                sel = keep.numpy()[token_idx]  # (n,) rows whose token is in the fixed sample
+                if sel.any():
+                    rows = _list_rows(token_idx[sel], step, layer, "hidden", arrays["hidden"][sel].astype(np.float32))
+                    self._append("hidden", dataset, split, epoch, rows)
+
+    def _append(self, table: str, dataset: str, split: str, epoch: int, rows: pa.Table) -> None:
+        key = (table, dataset, split, epoch)
+        self._buffers.setdefault(key, []).append(rows)
+        self._rows[key] = self._rows.get(key, 0) + rows.num_rows
+        if self._rows[key] >= self.flush_rows:
+            self._write(key)
+
+    def _write_all(self) -> None:
+        for key in list(self._buffers):
+            self._write(key)
+
+    def _write(self, key: tuple[str, str, str, int]) -> None:
+        parts = self._buffers.pop(key, [])
+        self._rows.pop(key, None)
+        if not parts:
+            return
+        table, dataset, split, epoch = key
+        directory = self.run_dir / table / f"dataset={dataset}" / f"split={split}" / f"epoch={epoch}"
+        first_step = int(parts[0].column("step")[0].as_py())
+        path = directory / f"part-{first_step:09d}-{uuid.uuid4().hex[:8]}.parquet"
+        write_table_atomic(pa.concat_tables(parts), path)
+
+
+def routing_rows(a: dict[str, np.ndarray], step: int, layer: int) -> pa.Table:
+    """One row per (token, slot) with an expert: (n, s) routing -> columns of docs/traces.md."""
+    expert = a["expert"]  # (n, s)
+    n, s = expert.shape
+    valid = (expert >= 0).reshape(-1)  # (n*s,) expert_choice leaves empty slots
+    dropped = a["dropped"].reshape(-1) if "dropped" in a else np.zeros(n * s, dtype=bool)
+    cols = {
+        "step": np.full(n * s, step, dtype=np.int64),
+        "token_idx": np.repeat(a["token_idx"].astype(np.int64), s),
+        "layer": np.full(n * s, layer, dtype=np.int16),
+        "rank": np.tile(np.arange(s, dtype=np.int8), n),
+        "expert": expert.reshape(-1).astype(np.int16),
+        "gate": a["gate"].reshape(-1).astype(np.float32),
+        "entropy": np.repeat(a["entropy"].astype(np.float32), s),
+        "dropped": dropped,
+    }
+    return pa.table({k: v[valid] for k, v in cols.items()})
+
+
+def _list_rows(token_idx: np.ndarray, step: int, layer: int, name: str, values: np.ndarray) -> pa.Table:
+    n, width = values.shape
+    flat = pa.array(values.astype(np.float32).reshape(-1))
+    return pa.table({
+        "step": np.full(n, step, dtype=np.int64),
+        "token_idx": token_idx.astype(np.int64),
+        "layer": np.full(n, layer, dtype=np.int16),
+        name: pa.FixedSizeListArray.from_arrays(flat, width).cast(pa.list_(pa.float32())),
+    })
+
+
+def clear_traces_after(run_dir: Path, epoch: int) -> None:
+    """Delete trace partitions of epochs > `epoch` (a resumed run rewrites them: no duplicate rows)."""
+    for table in TRACE_TABLES:
+        for part in (run_dir / table).glob("dataset=*/split=*/epoch=*"):
+            if int(part.name.split("=", 1)[1]) > epoch:
+                for f in part.iterdir():
+                    f.unlink()
+                part.rmdir()
+
+
+def clear_partition(run_dir: Path, dataset: str, split: str, epoch: int) -> None:
+    """Delete one (dataset, split, epoch) partition of every trace table before it is recorded again."""
+    for table in TRACE_TABLES:
+        part = run_dir / table / f"dataset={dataset}" / f"split={split}" / f"epoch={epoch}"
+        if part.is_dir():
+            for f in part.iterdir():
+                f.unlink()
+            part.rmdir()

@@ -1,0 +1,135 @@
+"""The run directory: config.json, run.json, metrics.parquet and checkpoints (docs/traces.md).
+
+`config.json` is written before step 0 (minGPT's `setup_logging`), so a crashed run still
+describes itself. `run.json` says how far the run got; it is rewritten atomically. A checkpoint
+holds {"model", "optimizer", "scheduler", "config", "vocab", "step", "epoch"}; never the pickled model.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from moe_lens.errors import MoeLensError
+from moe_lens.record import write_json_atomic, write_table_atomic
+
+METRIC_SCHEMA = pa.schema([("step", pa.int64()), ("epoch", pa.int32()), ("split", pa.string()), ("name", pa.string()),
+                           ("layer", pa.int16()), ("expert", pa.int16()), ("value", pa.float64())])  # fmt: skip
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def make_run_dir(runs_dir: str, run_name: str | None, dataset: str, mode: str, *, resume: bool) -> Path:
+    """Create (or, with resume, find) the run directory; a clear error if it cannot be written."""
+    name = run_name or f"{dataset}-{mode}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path = Path(runs_dir).expanduser() / name
+    if resume:
+        if not (path / "config.json").is_file():
+            raise MoeLensError(f"--resume: no run at {path} (give the same --runs-dir and --run-name)")
+        return path
+    if path.exists() and any(path.iterdir()):
+        raise MoeLensError(f"run directory {path} already exists; choose another --run-name or pass --resume")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise MoeLensError(f"runs directory {runs_dir} is not writable ({e.strerror}); pass --runs-dir DIR") from e
+    return path
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    versions = {}
+    for pkg in ("moe-lens", "torch", "numpy", "pyarrow", "duckdb", "spacy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        git_commit = commit.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git_commit = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"versions": versions, "device": f"{device} ({name})", "git_commit": git_commit,
+            "python": platform.python_version(), "host": socket.gethostname()}  # fmt: skip
+
+
+@dataclass
+class RunState:
+    """run.json, kept in memory and rewritten atomically at each `save()`."""
+
+    path: Path
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, run_dir: Path, *, resume: bool) -> "RunState":
+        state = cls(run_dir / "run.json")
+        if resume and state.path.is_file():
+            import json
+
+            state.data = json.loads(state.path.read_text())
+        state.data.update(status="running", pid=os.getpid(), updated_at=now(), error=None, finished_at=None)
+        state.data.setdefault("started_at", now())
+        state.data.setdefault("step", 0)
+        state.data.setdefault("epoch", -1)
+        state.save()
+        return state
+
+    def save(self, **fields: Any) -> None:
+        self.data.update(fields, updated_at=now())
+        write_json_atomic(self.data, self.path)
+
+
+class Metrics:
+    """Long-format scalars; metrics.parquet is rewritten atomically at each `flush()`."""
+
+    def __init__(self, run_dir: Path, *, keep_until_step: int | None = None) -> None:
+        self.path = run_dir / "metrics.parquet"
+        self.rows: list[dict[str, Any]] = []
+        if keep_until_step is not None and self.path.is_file():  # resume: drop what the checkpoint lost
+            old = pd.read_parquet(self.path)
+            self.rows = old[old["step"] <= keep_until_step].to_dict("records")
+
+    def add(self, step: int, epoch: int, split: str, name: str, value: float, *, layer: int | None = None,
+            expert: int | None = None) -> None:
+        self.rows.append(dict(step=step, epoch=epoch, split=split, name=name, layer=layer, expert=expert,
+                              value=float(value)))  # fmt: skip
+
+    def add_many(self, step: int, epoch: int, split: str, values: dict[str, float]) -> None:
+        for name, v in values.items():
+            self.add(step, epoch, split, name, v)
+
+    def flush(self) -> None:
+        table = pa.Table.from_pylist(self.rows, schema=METRIC_SCHEMA)
+        write_table_atomic(table, self.path)
+
+
+def checkpoint_path(run_dir: Path, epoch: int) -> Path:
+    return run_dir / "checkpoints" / f"epoch-{epoch}.pt"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    return found[-1] if found else None
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,35 @@
+"""What differs per task: batching, the model's head and loss, the evaluation metric.
+
+Each task implements the `Task` interface used by the one training loop (`moe_lens.train`):
+
+    batches(split, train, seed)        -> iterator of CPU tensor dicts; "ntokens" = real tokens
+    forward(model, batch, state)       -> Forward(loss, aux_loss, traces, state)   (on the device)
+    eval_update(acc, batch, fwd)       -> accumulate device tensors, no host sync
+    eval_metrics(acc, split)           -> {"loss": ..., "ppl" | "accuracy", "f1" | "em", "f1", ...}
+
+Batches of variable-length sequences are bucketed by length (sorted, chunked, batch order
+shuffled), so padding is minimal, and the BiLSTMs pack them, so no compute is spent on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class Forward:
+    loss: Tensor  # () task loss, mean over real tokens / examples
+    aux: Tensor  # () weighted auxiliary loss of the MoE layers
+    traces: list  # [MoETrace]
+    state: Any = None  # recurrent state carried across batches (LM), else None
+    out: Any = None  # task outputs for evaluation (logits, ...)
+
+
+def get_task(dataset: str, cfg: Any):
+    from moe_lens.tasks.lm import LMTask
+    from moe_lens.tasks.ner import NERTask
+    from moe_lens.tasks.qa import QATask
+
+    return {"wikitext2": LMTask, "conll2003": NERTask, "squad": QATask}[dataset](cfg)

@@ -1,0 +1,54 @@
+"""Word-level language modelling on WikiText-2 (pytorch/examples word_language_model batching).
+
+The token stream is cut into `batch_size` contiguous rows (b, L); batches are consecutive windows
+of `bptt` steps, the LSTM state carried across windows and detached (truncated BPTT). Metric:
+perplexity exp(mean cross-entropy) over every predicted token of the split.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from moe_lens.tasks import Forward
+
+
+class LMTask:
+    name = "lm"
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def batches(self, split, *, train: bool, seed: int) -> Iterator[dict]:
+        b, bptt = self.cfg.batch_size, self.cfg.bptt
+        n = (len(split.token_ids) // b) * b
+        ids = torch.from_numpy(split.token_ids[:n].reshape(b, -1))  # (b, L) each row a contiguous stream
+        idx = torch.arange(n).reshape(b, -1)  # (b, L) token_idx of each position
+        length = ids.shape[1]
+        for i in range(0, length - 1, bptt):
+            t = min(bptt, length - 1 - i)
+            yield {"ids": ids[:, i : i + t], "target": ids[:, i + 1 : i + 1 + t], "token_idx": idx[:, i : i + t],
+                   "ntokens": b * t}  # fmt: skip
+
+    def init_state(self):
+        return None
+
+    def forward(self, model, batch: dict, state) -> Forward:
+        logits, aux, traces, state = model(batch["ids"], batch["token_idx"], state)
+        state = tuple(tuple(s.detach() for s in layer) for layer in state)  # truncated BPTT
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["target"].reshape(-1))
+        return Forward(loss, aux, traces, state, out=None)
+
+    def eval_update(self, acc: dict, batch: dict, fwd: Forward) -> None:
+        n = batch["ntokens"]
+        acc["loss_sum"] = acc.get("loss_sum", 0.0) + fwd.loss.detach() * n  # device tensor: no sync
+        acc["count"] = acc.get("count", 0) + n
+
+    def eval_metrics(self, acc: dict, split) -> dict[str, float]:
+        loss = float(acc["loss_sum"]) / max(acc["count"], 1)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+__all__ = ["LMTask"]

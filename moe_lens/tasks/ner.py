@@ -1,0 +1,69 @@
+"""Named-entity tagging on CoNLL-2003: one label per token, sentences bucketed by length.
+
+Loss: cross-entropy over real tokens (padding label -100 is ignored). Metrics: token accuracy over
+real tokens only (the SAiDL 2024 report's accuracy also counted padding) and entity-level F1.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moe_lens.tasks import Forward
+from moe_lens.tasks.batching import bucket_batches, gather_padded
+from moe_lens.tasks.metrics import entity_f1
+
+IGNORE = -100
+
+
+class NERTask:
+    name = "ner"
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.max_len = cfg.max_len or 128
+
+    def batches(self, split, *, train: bool, seed: int) -> Iterator[dict]:
+        starts = split.seq_offsets[:-1]
+        lengths = np.minimum(np.diff(split.seq_offsets), self.max_len)
+        keep = lengths > 0
+        starts, lengths = starts[keep], lengths[keep]
+        pad = split.vocab.pad_id if split.vocab.pad_id is not None else 0
+        for sel in bucket_batches(lengths, self.cfg.batch_size, shuffle=train, seed=seed):
+            s, ln = starts[sel], lengths[sel]
+            yield {
+                "ids": torch.from_numpy(gather_padded(split.token_ids, s, ln, pad)),
+                "token_idx": torch.from_numpy(gather_padded(np.arange(len(split.token_ids)), s, ln, 0)),
+                "labels": torch.from_numpy(gather_padded(split.labels, s, ln, IGNORE)),
+                "lengths": torch.from_numpy(ln.astype(np.int64)),
+                "ntokens": int(ln.sum()),
+            }
+
+    def init_state(self):
+        return None
+
+    def forward(self, model, batch: dict, state) -> Forward:
+        logits, aux, traces = model(batch["ids"], batch["token_idx"], batch["lengths"])  # (b, t, tags)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                               ignore_index=IGNORE)  # fmt: skip
+        return Forward(loss, aux, traces, None, out=logits)
+
+    def eval_update(self, acc: dict, batch: dict, fwd: Forward) -> None:
+        real = batch["labels"] != IGNORE  # (b, t)
+        acc.setdefault("pred", []).append(fwd.out.argmax(-1)[real])  # (n,) device, no sync
+        acc.setdefault("idx", []).append(batch["token_idx"][real])
+        acc["loss_sum"] = acc.get("loss_sum", 0.0) + fwd.loss.detach() * batch["ntokens"]
+        acc["count"] = acc.get("count", 0) + batch["ntokens"]
+
+    def eval_metrics(self, acc: dict, split) -> dict[str, float]:
+        idx = torch.cat(acc["idx"]).cpu().numpy()
+        pred = np.zeros(len(split.labels), dtype=np.int64)  # tokens past max_len count as predicted "O"
+        pred[idx] = torch.cat(acc["pred"]).cpu().numpy()
+        gold = split.labels
+        seq_start = np.zeros(len(gold), dtype=bool)
+        seq_start[split.seq_offsets[:-1]] = True
+        out = {"loss": float(acc["loss_sum"]) / max(acc["count"], 1), "accuracy": 100 * float((gold == pred).mean())}
+        out.update(entity_f1(gold, pred, seq_start, split.label_names))
+        return out
