@@ -147,3 +147,16 @@ def test_load_glove(tmp_path):
     assert np.allclose(emb[2], [0.1, 0.2, 0.3]) and np.allclose(emb[3], [1, 2, 3])  # lowercase fallback
     assert (emb[0] == 0).all() and cov == pytest.approx(2 / 4)
     assert 0 < np.abs(emb[4]).max() < 1  # random N(0, 0.1) for a miss
+
+
+def test_squad_eval_on_gold_spans():
+    from moe_lens.data.squad_eval import exact_match, f1, normalize_answer, span_text
+
+    assert normalize_answer("The  Denver, Broncos!") == "denver broncos"
+    assert exact_match("the Broncos", ["Broncos", "x"]) == 1.0
+    assert f1("Denver Broncos team", ["Denver Broncos"]) == pytest.approx(0.8)
+    s = load_split("squad", "train", FIX, pos=False)
+    ex = s.extras
+    for i in range(s.num_sequences):  # the gold token span scores EM 1 against its own answers
+        text = span_text(ex["contexts"][i], ex["char_offsets"][i], ex["ans_start"][i], ex["ans_end"][i])
+        assert exact_match(text, ex["answers"][i]) == 1.0

@@ -9,7 +9,8 @@ The API a trainer calls::
 Modules: paths.py (data / cache directories, strict reading), wikitext.py, conll.py, squad.py
 (readers), vocab.py (vocabularies, frequency ranks and bands), pos.py (spaCy POS on given tokens,
 cached; agreement with gold), split.py (`Split`, the `tokens` table of docs/traces.md),
-loader.py (`load_split`, `build_vocab`), glove.py, download.py and commands.py (`moe-lens data`).
+loader.py (`load_split`, `build_vocab`), squad_eval.py (EM / F1 on text), glove.py, download.py and
+commands.py (`moe-lens data`).
 See docs/data.md.
 """
 from __future__ import annotations

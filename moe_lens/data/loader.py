@@ -18,7 +18,7 @@ from moe_lens.data import conll, squad, wikitext
 from moe_lens.data.paths import resolve_cache_dir, resolve_data_dir
 from moe_lens.data.pos import cached_tags, tagger_name
 from moe_lens.data.split import Parsed, Split, make_split
-from moe_lens.data.vocab import Vocab, capped_vocab, first_appearance_vocab, freq_ranks
+from moe_lens.data.vocab import Vocab, capped_vocab, count_tokens, first_appearance_vocab, freq_ranks
 from moe_lens.errors import MoeLensError
 
 DATASET_ALIASES = {"wikitext2": "wikitext2", "wikitext-2": "wikitext2", "wikitext": "wikitext2",
@@ -86,17 +86,18 @@ def _load_wikitext(split: str, d: Path, vocab: Vocab | None, vocab_size: int | N
                    progress: bool) -> Split:
     parsed = {s: wikitext.read_wikitext(wikitext.split_path(d, s)) for s in SPLITS
               if s == split or s == "train" or (vocab is None and vocab_size is None)}
-    counts = Counter(parsed["train"].tokens)
+    counts, codes, types = count_tokens(parsed["train"].tokens)  # types: train words, first appearance
     if vocab is None:
-        vocab = (first_appearance_vocab(parsed[s].tokens for s in SPLITS) if vocab_size is None
-                 else capped_vocab(counts, vocab_size, pad=False))
+        vocab = (first_appearance_vocab([types, parsed["valid"].tokens, parsed["test"].tokens])
+                 if vocab_size is None else capped_vocab(counts, vocab_size, pad=False))
     p = parsed[split]
     tags = None
     if pos:
         got = cached_tags(resolve_cache_dir(d), ["wikitext2", p.sha256, wikitext.TOKENISER_VERSION],
                           lambda: wikitext.tagger_sentences(p), progress=progress)
         tags = wikitext.place_tags(p, *got) if got is not None else None
-    out = make_split("wikitext2", split, p, vocab, freq_ranks(counts), tags)
+    out = make_split("wikitext2", split, p, vocab, freq_ranks(counts), tags,
+                     factorized=(codes, types) if split == "train" else None)
     out.meta["pos_source"] = tagger_name() if tags is not None else None
     return out
 

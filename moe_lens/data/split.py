@@ -64,14 +64,16 @@ def _constant(n: int, value: str) -> pd.Categorical:
 
 
 def make_split(dataset: str, split: str, parsed: Parsed, vocab: Vocab, ranks: dict[str, int],
-               pos_tags: pd.Categorical | None) -> Split:
+               pos_tags: pd.Categorical | None, factorized: tuple[np.ndarray, list[str]] | None = None) -> Split:
     """Annotate `parsed` and build the Split (pos_tags: (n,) categorical, or None = NULL).
+
+    factorized: (codes, types) of `parsed.tokens` when the caller already has them (saves a pass).
 
     String columns are pandas Categoricals (codes + names: cheap for millions of rows; Parquet and
     DuckDB read them as plain strings).
     """
     n = len(parsed.tokens)
-    codes, types = pd.factorize(np.asarray(parsed.tokens, dtype=object))  # (n,), (u,): hash each token once
+    codes, types = factorized or pd.factorize(np.asarray(parsed.tokens, dtype=object))  # (n,), (u,)
     get_id, unk = vocab.stoi.get, vocab.unk_id
     token_ids = np.fromiter((get_id(w, unk) for w in types), np.int64, len(types))[codes]  # (n,)
     rank = np.fromiter((ranks.get(w, 0) for w in types), np.int32, len(types))[codes]  # (n,)

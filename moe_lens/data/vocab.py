@@ -75,18 +75,17 @@ def capped_vocab(counts: Counter, vocab_size: int | None, *, pad: bool) -> Vocab
     return Vocab(itos=[*words, UNK], pad_id=None, unk_id=len(words))
 
 
+def count_tokens(tokens: Sequence[str]) -> tuple[Counter, np.ndarray, list[str]]:
+    """(counts, codes (n,), types (u,)) with one hash pass; counts and types in first-appearance order,
+    so ``counts.most_common()`` equals ``Counter(tokens).most_common()``."""
+    codes, types = pd.factorize(np.asarray(tokens, dtype=object))
+    words = list(types)
+    return Counter(dict(zip(words, np.bincount(codes, minlength=len(words)).tolist()))), codes, words
+
+
 def freq_ranks(counts: Counter) -> dict[str, int]:
     """word -> rank in the training counts (1 = most frequent)."""
     return {w: r for r, (w, _) in enumerate(counts.most_common(), start=1)}
-
-
-def rank_tokens(tokens: Sequence[str], ranks: dict[str, int]) -> np.ndarray:
-    """(n,) int32 training-frequency rank of each token, 0 when unseen in training."""
-    if len(tokens) == 0:
-        return np.zeros(0, dtype=np.int32)
-    codes, uniques = pd.factorize(np.asarray(tokens, dtype=object))
-    get = ranks.get
-    return np.fromiter((get(u, 0) for u in uniques), np.int32, len(uniques))[codes]
 
 
 def band_codes(rank: np.ndarray) -> np.ndarray:
