@@ -160,3 +160,20 @@ def test_squad_eval_on_gold_spans():
     for i in range(s.num_sequences):  # the gold token span scores EM 1 against its own answers
         text = span_text(ex["contexts"][i], ex["char_offsets"][i], ex["ans_start"][i], ex["ans_end"][i])
         assert exact_match(text, ex["answers"][i]) == 1.0
+
+
+@pytest.mark.parametrize("dataset", ["wikitext2", "conll2003", "squad"])
+def test_tokens_table_types_in_duckdb(tmp_path, dataset):
+    """Written as the recorder does, every column has the docs/traces.md type, even when all NULL."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    s = load_split(dataset, "train", FIX, pos=False)
+    pq.write_table(pa.Table.from_pandas(s.tokens, preserve_index=False), tmp_path / "t.parquet")
+    types = dict(duckdb.sql(f"DESCRIBE SELECT * FROM '{tmp_path / 't.parquet'}'").fetchall()[i][:2]
+                 for i in range(len(TOKEN_COLUMNS)))
+    assert types == {"token_idx": "BIGINT", "token_id": "INTEGER", "token": "VARCHAR", "pos_tag": "VARCHAR",
+                     "freq_rank": "INTEGER", "freq_band": "VARCHAR", "dataset": "VARCHAR", "split": "VARCHAR",
+                     "doc_id": "INTEGER", "sent_id": "INTEGER", "position": "INTEGER", "ner_tag": "VARCHAR",
+                     "segment": "VARCHAR", "in_answer": "BOOLEAN"}

@@ -56,7 +56,8 @@ class Split:
 
 
 def _null_category(n: int) -> pd.Categorical:
-    return pd.Categorical.from_codes(np.full(n, -1, dtype=np.int8), categories=[])
+    # typed empty categories: Parquet / DuckDB then see a string column of NULLs, not a NULL-typed column
+    return pd.Categorical.from_codes(np.full(n, -1, dtype=np.int8), categories=pd.Index([], dtype="str"))
 
 
 def _constant(n: int, value: str) -> pd.Categorical:
