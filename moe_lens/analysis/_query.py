@@ -1,0 +1,79 @@
+"""Shared plumbing of the analyses: load a .sql file of `moe_lens/sql`, resolve runs, run with parameters.
+
+SQL text comes from package data (`importlib.resources`); values always travel as DuckDB named
+parameters (`$runs`, `$split`, ...), never formatted into the text.
+"""
+from __future__ import annotations
+
+import re
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from moe_lens.errors import MoeLensError
+
+Runs = list[str] | str | None
+
+
+@cache
+def sql_text(name: str) -> str:
+    """The text of `moe_lens/sql/<name>.sql`."""
+    return resources.files("moe_lens").joinpath("sql", f"{name}.sql").read_text()
+
+
+def query(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]) -> pd.DataFrame:
+    """Run `sql` with the parameters it names (extra keys are dropped, DuckDB rejects them)."""
+    used = set(re.findall(r"\$(\w+)", sql))
+    missing = used - params.keys()
+    assert not missing, f"SQL needs parameters {sorted(missing)}"
+    try:
+        return con.execute(sql, {k: v for k, v in params.items() if k in used}).df()
+    except duckdb.Error as e:
+        raise MoeLensError(f"query failed: {str(e).splitlines()[0]}") from None
+
+
+def with_cte(name: str, inner: str, outer: str) -> str:
+    """`WITH name AS (inner) outer`: composes two .sql files without touching values."""
+    body = "\n".join(line for line in outer.strip().splitlines() if not line.startswith("--"))
+    head = f"WITH {name} AS (\n{inner.strip().rstrip(';')}\n)"
+    if body[:4].upper() == "WITH":  # outer has its own CTEs: continue the list
+        return f"{head},{body[4:]}"
+    return f"{head}\n{body}"
+
+
+def resolve_runs(con: duckdb.DuckDBPyConnection, runs: Runs) -> list[str]:
+    """`runs` as a list of known run names (None = every run); unknown names raise MoeLensError."""
+    known = [r[0] for r in con.execute("SELECT run FROM runs ORDER BY run").fetchall()]
+    if runs is None:
+        return known
+    wanted = [runs] if isinstance(runs, str) else list(runs)
+    unknown = [r for r in wanted if r not in known]
+    if unknown:
+        raise MoeLensError(f"unknown run {unknown[0]!r}; available: {', '.join(known) or '(none)'}")
+    return wanted
+
+
+def check_by(by: str) -> bool:
+    """True for by='step', False for by='epoch'."""
+    if by not in ("step", "epoch"):
+        raise MoeLensError(f"by={by!r}; allowed: step, epoch")
+    return by == "step"
+
+
+def nonempty(df: pd.DataFrame, runs: list[str], what: str) -> pd.DataFrame:
+    """Raise a one-line MoeLensError when a routing analysis found no rows at all."""
+    if df.empty:
+        raise MoeLensError(f"no routing rows for run(s) {', '.join(runs)} with {what} "
+                           "(nothing recorded yet, a half-written run, or another split/layer/epoch)")
+    return df
+
+
+def last_epochs(con: duckdb.DuckDBPyConnection, runs: list[str], split: str, epoch: int | None) -> list[str]:
+    """'run|epoch' keys: `epoch` for every run, or each run's last recorded epoch in `split`."""
+    if epoch is not None:
+        return [f"{r}|{epoch}" for r in runs]
+    df = query(con, sql_text("last_epochs"), {"runs": runs, "split": split})
+    return [f"{r}|{e}" for r, e in zip(df["run"], df["epoch"])]

@@ -1,0 +1,78 @@
+"""Stability of routing: across epochs, along the token stream, and between two runs.
+
+  changed   = share of tokens whose top-1 expert differs from the previous recorded epoch
+  same_next = share of adjacent tokens of one sequence (same doc_id, sent_id) with the same top-1 expert
+  agreement = share of tokens two runs send to the same top-1 expert; expert labels are arbitrary across
+              runs, so also `matched_agreement` (after the best one-to-one relabelling, Hungarian algorithm
+              on the contingency table) and `nmi` = I(A; B) / ((H(A) + H(B)) / 2).
+"""
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from moe_lens.analysis._query import Runs, last_epochs, nonempty, query, resolve_runs, sql_text
+from moe_lens.errors import MoeLensError
+
+
+def stability(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "valid",
+              epoch: int | None = None, layer: int = 0) -> pd.DataFrame:
+    """Per (run, split, layer, epoch): `changed` (vs the previous recorded epoch, NULL for the first),
+    `tokens_compared`, `same_next` and `pairs` (adjacent same-sequence token pairs). `epoch=None`: every
+    recorded epoch; an epoch: that one only (compared with the epoch recorded before it)."""
+    names = resolve_runs(con, runs)
+    frames = []
+    for run in names:
+        epochs = query(con, sql_text("epochs"), dict(run=run, split=split))["epoch"].tolist()
+        if epoch is not None:
+            i = epochs.index(epoch) if epoch in epochs else None
+            epochs = [] if i is None else epochs[max(i - 1, 0):i + 1]
+        if epochs:
+            df = query(con, sql_text("stability"), dict(run=run, split=split, layer=layer, epochs=epochs))
+            frames.append(df if epoch is None else df[df["epoch"] == epoch])
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return nonempty(df, names, f"split={split!r}, layer={layer}, epoch={epoch}")
+
+
+def agreement(con: duckdb.DuckDBPyConnection, run_a: str, run_b: str, *, split: str = "valid",
+              epoch_a: int | None = None, epoch_b: int | None = None, layer: int = 0) -> pd.DataFrame:
+    """One row: how often runs A and B pick the same top-1 expert for the same tokens (default: each run's
+    last recorded epoch). Columns `tokens`, `agreement`, `matched_agreement`, `nmi`."""
+    (a, ea), = (k.split("|") for k in last_epochs(con, resolve_runs(con, run_a), split, epoch_a))
+    (b, eb), = (k.split("|") for k in last_epochs(con, resolve_runs(con, run_b), split, epoch_b))
+    table = query(con, sql_text("agreement"), dict(run_a=a, run_b=b, epoch_a=int(ea), epoch_b=int(eb),
+                                                     split=split, layer=layer))
+    if table.empty:
+        raise MoeLensError(f"runs {run_a!r} and {run_b!r} share no routed tokens in split={split!r}, layer={layer}")
+    return pd.DataFrame([{"run_a": a, "run_b": b, "epoch_a": int(ea), "epoch_b": int(eb),
+                          **agreement_scores(table)}])
+
+
+def agreement_scores(table: pd.DataFrame) -> dict[str, float]:
+    """Scores of a contingency table with columns expert_a, expert_b, n (small: e x e)."""
+    m = table.pivot_table(index="expert_a", columns="expert_b", values="n", fill_value=0, aggfunc="sum")
+    c = m.to_numpy(dtype=np.float64)  # (e_a, e_b)
+    total = c.sum()
+    same = sum(m.at[i, i] for i in m.index if i in m.columns)
+    pa, pb, p = c.sum(1) / total, c.sum(0) / total, c / total
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum())
+    ha, hb = (float(-(x[x > 0] * np.log(x[x > 0])).sum()) for x in (pa, pb))
+    return {"tokens": int(total), "agreement": float(same / total),
+            "matched_agreement": _matched(c) / total, "nmi": mi / ((ha + hb) / 2) if ha + hb > 0 else float("nan")}
+
+
+def _matched(c: np.ndarray) -> float:
+    """Largest sum of a one-to-one matching of rows to columns (tokens agreeing after relabelling)."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:  # greedy fallback: exact for the usual near-diagonal tables
+        c, total = c.copy(), 0.0
+        while c.size and c.max() > 0:
+            i, j = np.unravel_index(np.argmax(c), c.shape)
+            total += c[i, j]
+            c[i, :], c[:, j] = -1, -1
+        return float(total)
+    rows, cols = linear_sum_assignment(c, maximize=True)
+    return float(c[rows, cols].sum())

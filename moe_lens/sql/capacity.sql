@@ -1,0 +1,12 @@
+-- Capacity overflow per (run, split, epoch, layer), for runs whose config sets capacity_factor:
+--   dropped_rate       = #dropped routing rows / #routing rows   (token-expert assignments)
+--   dropped_top1_rate  = the same over rank-0 rows (= share of tokens dropped for top-1 routers)
+SELECT r.run, r.split, r.epoch, max(r.step) AS step, r.layer, any_value(c.capacity_factor) AS capacity_factor,
+       count(*) AS assignments,
+       avg(CAST(r.dropped AS DOUBLE)) AS dropped_rate,
+       avg(CAST(r.dropped AS DOUBLE)) FILTER (WHERE r.rank = 0) AS dropped_top1_rate
+FROM routing r JOIN runs c ON c.run = r.run
+WHERE list_contains($runs, r.run) AND r.split = $split AND r.layer = $layer
+  AND ($epoch IS NULL OR r.epoch = $epoch) AND c.capacity_factor IS NOT NULL
+GROUP BY r.run, r.split, r.epoch, r.layer
+ORDER BY r.run, r.split, r.layer, r.epoch

@@ -1,0 +1,29 @@
+-- Collapse of expert usage per group g, from per_expert (load_balance.sql), p_e = share_e:
+--   entropy            H = -sum_e p_e ln p_e  (nats; 0 ln 0 = 0)
+--   norm_entropy       H / ln(num_experts)     (NULL for one expert)
+--   effective_experts  exp(H)                  (1 = everything on one expert, num_experts = uniform)
+--   dead_experts       #{e : p_e < 1 / (10 num_experts)}
+--   collapse_step      first recorded step after which effective_experts stays < $threshold
+--                      (NULL when the last recorded step is still >= $threshold)
+WITH h AS (
+    SELECT run, split, epoch, step, layer, any_value(num_experts) AS num_experts, CAST(sum(tokens) AS BIGINT) AS tokens,
+           0.0 - sum(CASE WHEN share > 0 THEN share * ln(share) ELSE 0.0 END) AS entropy,
+           count(*) FILTER (WHERE share < 1.0 / (10 * num_experts)) AS dead_experts
+    FROM per_expert
+    GROUP BY run, split, epoch, step, layer
+),
+m AS (
+    SELECT *, CASE WHEN num_experts > 1 THEN entropy / ln(num_experts) END AS norm_entropy,
+           exp(entropy) AS effective_experts
+    FROM h
+),
+c AS (
+    SELECT *, max(CASE WHEN effective_experts >= $threshold THEN step END)
+                  OVER (PARTITION BY run, split, layer) AS last_high
+    FROM m
+)
+SELECT run, split, epoch, step, layer, num_experts, tokens, entropy, norm_entropy, effective_experts, dead_experts,
+       min(CASE WHEN last_high IS NULL OR step > last_high THEN step END)
+           OVER (PARTITION BY run, split, layer) AS collapse_step
+FROM c
+ORDER BY run, split, layer, step
