@@ -90,6 +90,8 @@ class RunConfig:
     record_every: int = 100  # record a training batch every N steps
     record_probs: bool = False  # full router probabilities (n, e) per token
     hidden_sample: int = 20000  # hidden states per split per recorded epoch
+    record_flush_rows: int = 1_000_000  # routing rows buffered per partition before a part file is written
+    max_eval_batches: int | None = None  # evaluate (and record) only the first N batches: smoke runs only
     runs_dir: str = "runs"
     run_name: str | None = None
 
@@ -109,7 +111,7 @@ class RunConfig:
         if self.w_load > 0 and self.router != "noisy_topk":
             raise ValueError(f"w_load={self.w_load} with router {self.router!r}; the smooth load loss needs router 'noisy_topk'")
         _check_min("rank", self.rank, 1)
-        for name in ("d_embed", "d_model", "expert_hidden", "batch_size", "bptt", "epochs", "record_every"):
+        for name in ("d_embed", "d_model", "expert_hidden", "batch_size", "bptt", "epochs", "record_every", "record_flush_rows"):
             _check_min(name, getattr(self, name), 1)
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor={self.capacity_factor}; allowed: > 0, or None for no capacity limit")
@@ -121,6 +123,8 @@ class RunConfig:
             _check_min("max_len", self.max_len, 1)
         if self.max_steps is not None:
             _check_min("max_steps", self.max_steps, 1)
+        if self.max_eval_batches is not None:
+            _check_min("max_eval_batches", self.max_eval_batches, 1)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}; allowed: 0 <= dropout < 1")
         for name in ("w_importance", "w_load", "w_switch", "w_z", "weight_decay", "hidden_sample"):

@@ -16,8 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from moe_lens.errors import MoeLensError
@@ -102,8 +102,8 @@ class Metrics:
         self.path = run_dir / "metrics.parquet"
         self.rows: list[dict[str, Any]] = []
         if keep_until_step is not None and self.path.is_file():  # resume: drop what the checkpoint lost
-            old = pd.read_parquet(self.path)
-            self.rows = old[old["step"] <= keep_until_step].to_dict("records")
+            old = pq.read_table(self.path)  # Arrow keeps NULL layer/expert as None (pandas would make NaN)
+            self.rows = [r for r in old.to_pylist() if r["step"] <= keep_until_step]
 
     def add(self, step: int, epoch: int, split: str, name: str, value: float, *, layer: int | None = None,
             expert: int | None = None) -> None:

@@ -8,6 +8,7 @@ validation split is recorded every epoch; a training batch every `record_every` 
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -43,14 +44,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_data(cfg: RunConfig, splits: tuple[str, ...] = ("train", "valid"), vocab=None) -> dict:
-    """The splits of cfg.dataset, sharing the training vocabulary (or `vocab`)."""
-    out = {}
-    for split in splits:
-        out[split] = mdata.load_split(cfg.dataset, split, cfg.data_dir, vocab=vocab, vocab_size=cfg.vocab_size,
-                                      pos=cfg.pos_tags, progress=True)  # fmt: skip
-        vocab = out[split].vocab
-    return out
+def load_data(cfg: RunConfig) -> dict:
+    """The train and valid splits of cfg.dataset, sharing the training vocabulary.
+
+    Cached per process, so a sweep of variants (trainers/, tests) reads and annotates once."""
+    return _load_data(cfg.dataset, cfg.data_dir, cfg.vocab_size, cfg.pos_tags)
+
+
+@functools.lru_cache(maxsize=3)
+def _load_data(dataset: str, data_dir: str | None, vocab_size: int | None, pos_tags: bool) -> dict:
+    train = mdata.load_split(dataset, "train", data_dir, vocab_size=vocab_size, pos=pos_tags, progress=True)
+    valid = mdata.load_split(dataset, "valid", data_dir, vocab=train.vocab, pos=pos_tags, progress=True)
+    return {"train": train, "valid": valid}
 
 
 def hidden_sample(n: int, size: int, seed: int) -> torch.Tensor:
@@ -75,13 +80,16 @@ def _to(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}  # fmt: skip  (pack_padded_sequence wants lengths on the CPU)
 
 
-def evaluate(task, model, split, device, *, epoch: int, step: int, recorder: Recorder | None, keep) -> dict:
-    """Metrics over the whole split; records every batch's routing when a recorder is given."""
+def evaluate(task, model, split, device, *, epoch: int, step: int, recorder: Recorder | None, keep,
+             max_batches: int | None = None) -> dict:
+    """Metrics over the whole split (or its first `max_batches`); records every batch's routing."""
     model.eval()
     acc: dict = {}
     state = task.init_state()
     with torch.no_grad(), _autocast(device):
-        for batch in task.batches(split, train=False, seed=0):
+        for i, batch in enumerate(task.batches(split, train=False, seed=0)):
+            if max_batches is not None and i >= max_batches:
+                break
             batch = _to(batch, device)
             fwd = task.forward(model, batch, state)
             state = fwd.state
@@ -134,7 +142,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Pat
                            "embedding_coverage": coverage if cfg.embeddings else None}, run_dir / "config.json")  # fmt: skip
     state = RunState.start(run_dir, resume=resume)
     metrics = Metrics(run_dir, keep_until_step=step if resume else None)
-    recorder = Recorder(run_dir, record_probs=cfg.record_probs) if cfg.record else None
+    recorder = Recorder(run_dir, record_probs=cfg.record_probs, flush_rows=cfg.record_flush_rows) if cfg.record else None
     if recorder is not None:
         recorder.write_tokens(train_split.tokens, cfg.dataset, "train")
         recorder.write_tokens(valid_split.tokens, cfg.dataset, "valid")
@@ -143,7 +151,8 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Pat
     try:
         for epoch in range(start_epoch, cfg.epochs):
             step = loop.run_epoch(train_split, epoch, step, steps_per_epoch)
-            vm = evaluate(task, model, valid_split, device, epoch=epoch, step=step, recorder=recorder, keep=keep_valid)
+            vm = evaluate(task, model, valid_split, device, epoch=epoch, step=step, recorder=recorder, keep=keep_valid,
+                          max_batches=cfg.max_eval_batches)  # fmt: skip
             metrics.add_many(step, epoch, "valid", vm)
             if recorder is not None:
                 recorder.flush()
