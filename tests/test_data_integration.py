@@ -94,3 +94,12 @@ def test_cached_wikitext_train_load_under_2s(real_data_dir, monkeypatch):
     elapsed = time.perf_counter() - t0
     assert s.tokens["pos_tag"].notna().all() and int((s.tokens["pos_tag"] == "EOS").sum()) == 36718
     assert elapsed <= 2.0, f"cached load took {elapsed:.2f} s"
+
+
+def test_glove_subset_coverage(real_data_dir):
+    from moe_lens.data import load_glove
+
+    v = build_vocab("wikitext2", real_data_dir)
+    emb, coverage = load_glove(real_data_dir / "glove" / "glove.6B.50d.subset.txt", v)
+    assert emb.shape == (33278, 50) and 0.95 < coverage < 1.0
+    assert abs(float(emb[v.stoi["the"]][0]) - 0.418) < 1e-6  # the first value of GloVe's 'the' line
