@@ -92,6 +92,15 @@ def matmul_gflops(device: str, reps: int) -> float:
     return 3 * 2 * 8192 * 512 * 1024 / sec / 1e9
 
 
+def auto_choice(device: str, d: int, h: int, e: int, k: int) -> str:
+    import torch
+
+    from moe_lens.moe import MoELayer
+
+    layer = MoELayer(d, e, k, router="switch" if k == 1 else "topk_mask", expert_hidden=h)
+    return layer.dispatch_for(torch.empty(1, d, device=device))
+
+
 def child(args: argparse.Namespace) -> None:
     spec = json.loads(args.child)
     print(json.dumps(measure_one(**spec)))
@@ -120,16 +129,18 @@ def main() -> None:
           f"median of {args.reps}")  # fmt: skip
     ceiling = matmul_gflops(args.device, args.reps)
     print(f"plain matmul: {ceiling:.1f} GFLOP/s\n")
-    print("| size | d | h | e | k | loop tok/s | grouped tok/s | speedup | grouped GFLOP/s | % of matmul | loop MB | grouped MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| size | d | h | e | k | loop tok/s | grouped tok/s | auto = | auto / loop | auto GFLOP/s | % of matmul | loop MB | grouped MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size, (d, h) in SIZES.items():
         for e in (int(v) for v in args.experts.split(",")):
             for k in (1, 2):
                 spec = dict(device=args.device, n=args.n, d=d, h=h, e=e, k=k, reps=args.reps)
                 loop, grouped = run_child({**spec, "dispatch": "loop"}), run_child({**spec, "dispatch": "grouped"})
-                print(f"| {size} | {d} | {h} | {e} | {k} | {loop['tok_s']:,.0f} | {grouped['tok_s']:,.0f} | "
-                      f"{grouped['tok_s'] / loop['tok_s']:.2f}x | {grouped['gflops']:.1f} | "
-                      f"{100 * grouped['gflops'] / ceiling:.0f}% | {loop['peak_mb']:.0f} | {grouped['peak_mb']:.0f} |",
+                choice = auto_choice(args.device, d, h, e, k)
+                auto = grouped if choice == "grouped" else loop  # the layer's `auto` runs exactly that code
+                print(f"| {size} | {d} | {h} | {e} | {k} | {loop['tok_s']:,.0f} | {grouped['tok_s']:,.0f} | {choice} | "
+                      f"{auto['tok_s'] / loop['tok_s']:.2f}x | {auto['gflops']:.1f} | "
+                      f"{100 * auto['gflops'] / ceiling:.0f}% | {loop['peak_mb']:.0f} | {grouped['peak_mb']:.0f} |",
                       flush=True)  # fmt: skip
 
 

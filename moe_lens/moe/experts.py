@@ -8,14 +8,18 @@
   study's low-rank experts).
 - `shared`: `mlp` experts plus one always-on shared MLP added to every token (DeepSeekMoE-style).
 
-Every bank exposes `forward_one(i, x)` (expert i alone: the dense reference and the per-expert
-loop) and `forward_grouped(x_sorted, offs, expert_sorted)` (all assignments sorted by expert, one
-`grouped_mm` per matrix; `offs` (e,) int32 cumulative group ends, computed on the device so the
-step needs no host sync).
+Every bank exposes `split()` (one function per expert, over `unbind` views of the stacked weights,
+whose backward writes each weight gradient once: indexing `w[i]` per expert would allocate a full
+(e, ...) gradient per expert) for the dense reference and the per-expert loop, and
+`forward_grouped(x_sorted, offs, gate_sorted)` (all assignments sorted by expert, one `grouped_mm`
+per matrix, returning gate-weighted outputs; `offs` (e,) int32 cumulative group ends, computed on
+the device so the step needs no host sync).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +35,26 @@ def gmm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
         return F.grouped_mm(x, w, offs=offs)
     counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()  # host sync: fallback path only
     return torch.cat([xs @ w[g] for g, xs in enumerate(x.split(counts))])
+
+
+def grouped_bias(b: Tensor, offs: Tensor, scale: Tensor) -> Tensor:
+    """(A, q): row r of group g gets scale[r] * b[g], as a grouped matmul [scale, 0, 0, 0] @ [b; 0; 0; 0].
+
+    Gathering b[expert] instead would make an (A, q) index whose backward is a slow scatter; here the
+    backward is a per-group matmul (a column sum), and the (A, 4) operand keeps 16-byte alignment.
+    """
+    s4 = torch.cat([scale.unsqueeze(1), scale.new_zeros(scale.shape[0], 3)], dim=1)  # (A, 4)
+    b4 = torch.cat([b.unsqueeze(1), b.new_zeros(b.shape[0], 3, b.shape[1])], dim=1)  # (e, 4, q)
+    return gmm(s4, b4, offs)
+
+
+def _mlp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, x: Tensor) -> Tensor:
+    return F.relu(x @ w1 + b1) @ w2 + b2  # (m, d)
+
+
+def _lowrank(u1: Tensor, v1: Tensor, c1: Tensor, u2: Tensor, v2: Tensor, c2: Tensor, x: Tensor) -> Tensor:
+    h = F.relu((x @ u1) @ v1 + c1)  # (m, h)
+    return (h @ u2) @ v2 + c2  # (m, d)
 
 
 def _grouped_ok(x: Tensor, w: Tensor) -> bool:
@@ -55,12 +79,12 @@ class MLPExperts(nn.Module):
         self.w1, self.b1 = _uniform((num_experts, d, hidden), d), _uniform((num_experts, hidden), d)
         self.w2, self.b2 = _uniform((num_experts, hidden, d), hidden), _uniform((num_experts, d), hidden)
 
-    def forward_one(self, i: int, x: Tensor) -> Tensor:
-        return F.relu(x @ self.w1[i] + self.b1[i]) @ self.w2[i] + self.b2[i]  # (m, d)
+    def split(self) -> list[Callable[[Tensor], Tensor]]:
+        return [partial(_mlp, *p) for p in zip(*(t.unbind(0) for t in (self.w1, self.b1, self.w2, self.b2)))]
 
-    def forward_grouped(self, x: Tensor, offs: Tensor, expert: Tensor) -> Tensor:
-        h = F.relu(gmm(x, self.w1, offs) + self.b1[expert].to(x.dtype))  # (A, h)
-        return gmm(h, self.w2, offs) + self.b2[expert].to(x.dtype)  # (A, d)
+    def forward_grouped(self, x: Tensor, offs: Tensor, gate: Tensor) -> Tensor:
+        h = F.relu(gmm(x, self.w1, offs) + grouped_bias(self.b1, offs, torch.ones_like(gate)))  # (A, h)
+        return gmm(h * gate.unsqueeze(1), self.w2, offs) + grouped_bias(self.b2, offs, gate)  # (A, d) gated
 
     def shared(self, x: Tensor) -> Tensor | None:
         return None
@@ -79,13 +103,18 @@ class LoRAExperts(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(num_experts, rank, hidden))  # zero: expert = base at init
         self.b2 = nn.Parameter(torch.zeros(num_experts, rank, d))
 
-    def forward_one(self, i: int, x: Tensor) -> Tensor:
-        h = F.relu(self.base1(x) + (x @ self.a1[i]) @ self.b1[i])  # (m, h)
-        return self.base2(h) + (h @ self.a2[i]) @ self.b2[i]  # (m, d)
+    def split(self) -> list[Callable[[Tensor], Tensor]]:
+        return [partial(self._one, *p) for p in zip(*(t.unbind(0) for t in (self.a1, self.b1, self.a2, self.b2)))]
 
-    def forward_grouped(self, x: Tensor, offs: Tensor, expert: Tensor) -> Tensor:
+    def _one(self, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, x: Tensor) -> Tensor:
+        h = F.relu(self.base1(x) + (x @ a1) @ b1)  # (m, h)
+        return self.base2(h) + (h @ a2) @ b2  # (m, d)
+
+    def forward_grouped(self, x: Tensor, offs: Tensor, gate: Tensor) -> Tensor:
         h = F.relu(self.base1(x) + gmm(gmm(x, self.a1, offs), self.b1, offs))  # (A, h)
-        return self.base2(h) + gmm(gmm(h, self.a2, offs), self.b2, offs)  # (A, d)
+        hg = h * gate.unsqueeze(1)  # the gate folded in before the last matmul: (A, h) is cheaper than (A, d)
+        base = F.linear(hg, self.base2.weight.to(hg.dtype)) + gate.unsqueeze(1) * self.base2.bias.to(hg.dtype)
+        return base + gmm(gmm(hg, self.a2, offs), self.b2, offs)  # (A, d) gated
 
     def shared(self, x: Tensor) -> Tensor | None:
         return None
@@ -101,13 +130,14 @@ class LowRankExperts(nn.Module):
         self.u2, self.v2 = _uniform((num_experts, hidden, rank), hidden), _uniform((num_experts, rank, d), rank)
         self.c1, self.c2 = _uniform((num_experts, hidden), d), _uniform((num_experts, d), hidden)
 
-    def forward_one(self, i: int, x: Tensor) -> Tensor:
-        h = F.relu((x @ self.u1[i]) @ self.v1[i] + self.c1[i])  # (m, h)
-        return (h @ self.u2[i]) @ self.v2[i] + self.c2[i]  # (m, d)
+    def split(self) -> list[Callable[[Tensor], Tensor]]:
+        params = (self.u1, self.v1, self.c1, self.u2, self.v2, self.c2)
+        return [partial(_lowrank, *p) for p in zip(*(t.unbind(0) for t in params))]
 
-    def forward_grouped(self, x: Tensor, offs: Tensor, expert: Tensor) -> Tensor:
-        h = F.relu(gmm(gmm(x, self.u1, offs), self.v1, offs) + self.c1[expert].to(x.dtype))  # (A, h)
-        return gmm(gmm(h, self.u2, offs), self.v2, offs) + self.c2[expert].to(x.dtype)  # (A, d)
+    def forward_grouped(self, x: Tensor, offs: Tensor, gate: Tensor) -> Tensor:
+        h = F.relu(gmm(gmm(x, self.u1, offs), self.v1, offs) + grouped_bias(self.c1, offs, torch.ones_like(gate)))
+        hg = h * gate.unsqueeze(1)  # (A, h)
+        return gmm(gmm(hg, self.u2, offs), self.v2, offs) + grouped_bias(self.c2, offs, gate)  # (A, d) gated
 
     def shared(self, x: Tensor) -> Tensor | None:
         return None

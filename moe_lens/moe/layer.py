@@ -12,7 +12,8 @@ Shape letters (used in comments across moe_lens):
 the router: with a mask, the real tokens are gathered first (models that already hold packed
 sequences pass those and no mask), so padding cannot touch a loss or a statistic.
 
-Dispatch has two implementations, measured by benchmarks/bench_moe_layer.py:
+Dispatch has two implementations, measured by benchmarks/bench_moe_layer.py; `auto` picks the
+faster per device and expert size (`MoELayer.dispatch_for`):
 - `grouped`: sort the A assignments by expert, gather rows, one `grouped_mm` per expert matrix
   with device-side offsets (no host sync), `index_add` the gate-weighted outputs back;
 - `loop`: the straightforward per-expert loop (select, run, index_add), the baseline.
@@ -73,7 +74,8 @@ class MoELayer(nn.Module):
         )
         self.experts = build_experts(expert_type, d, expert_hidden, num_experts, rank=rank, train_base=lora_train_base)
         self.weights = {"importance": w_importance, "load": w_load, "switch": w_switch, "z": w_z}
-        self.dispatch = ("grouped" if HAS_GROUPED_MM else "loop") if dispatch == "auto" else dispatch
+        self.dispatch = dispatch
+        self._expert_size = d * expert_hidden
 
     @classmethod
     def from_config(cls, cfg: object, d: int) -> "MoELayer":
@@ -93,7 +95,7 @@ class MoELayer(nn.Module):
             token_ids = token_ids.reshape(-1)[keep] if token_ids is not None else None
         routing = self.router(xf, token_ids)
         token, expert, gate = assignments(routing)
-        run = dispatch_grouped if self.dispatch == "grouped" else dispatch_loop
+        run = dispatch_grouped if self.dispatch_for(xf) == "grouped" else dispatch_loop
         y = run(self.experts, xf, token, expert, gate, self.num_experts)  # (n, d)
         shared = self.experts.shared(xf)
         if shared is not None:
@@ -102,6 +104,16 @@ class MoELayer(nn.Module):
         if keep is not None:
             y = y.new_zeros(x.numel() // d, d).index_copy(0, keep, y)  # padding rows stay 0
         return MoEOutput(y.reshape(x.shape), aux_loss, routing)
+
+    def dispatch_for(self, x: Tensor) -> str:
+        """The dispatch used for x. `auto` follows benchmarks/bench_moe_layer.py: grouped matmuls on
+        CUDA and for small experts on the CPU; the per-expert loop for large CPU experts (d*h > 2^17),
+        whose big per-expert matmuls run at the BLAS peak while CPU grouped_mm does not."""
+        if self.dispatch != "auto":
+            return self.dispatch
+        if not HAS_GROUPED_MM:
+            return "loop"
+        return "grouped" if x.is_cuda or self._expert_size <= 2**17 else "loop"
 
     def _statistics(self, r: Routing, expert: Tensor, gate: Tensor) -> Tensor:
         """Fill r.load, r.importance, r.num_dropped, r.entropy, r.aux; return the weighted aux loss."""
@@ -142,18 +154,17 @@ def dispatch_grouped(experts: nn.Module, x: Tensor, token: Tensor, expert: Tenso
         0, expert, torch.ones_like(expert, dtype=torch.int32)
     )
     offs = counts.cumsum(0, dtype=torch.int32)  # (e,) group ends, stays on the device
-    out = experts.forward_grouped(x[token], offs, expert)  # (A, d)
-    out = out * gate.unsqueeze(1).to(out.dtype)
+    out = experts.forward_grouped(x.index_select(0, token), offs, gate.to(x.dtype))  # (A, d), gate-weighted
     return out.new_zeros(x.shape[0], x.shape[1]).index_add_(0, token, out)
 
 
 def dispatch_loop(experts: nn.Module, x: Tensor, token: Tensor, expert: Tensor, gate: Tensor, e: int) -> Tensor:
     """The per-expert loop: for each expert select its assignments, run it, index_add back. (n, d)."""
     y = x.new_zeros(x.shape)
-    for i in range(e):
+    for i, run in enumerate(experts.split()):
         sel = (expert == i).nonzero().squeeze(1)  # (m,)
         if sel.numel() == 0:
             continue
         tok = token[sel]
-        y.index_add_(0, tok, experts.forward_one(i, x[tok]) * gate[sel].unsqueeze(1).to(x.dtype))
+        y.index_add_(0, tok, run(x[tok]) * gate[sel].unsqueeze(1).to(x.dtype))
     return y
