@@ -9,7 +9,8 @@ import torch
 from moe_lens.config import RunConfig
 from moe_lens.models import SpanQA, Tagger
 from moe_lens.tasks.batching import bucket_batches, gather_padded
-from moe_lens.tasks.metrics import entity_f1, normalize_answer, squad_scores
+from moe_lens.data.squad_eval import normalize_answer
+from moe_lens.tasks.metrics import entity_f1, squad_scores
 from moe_lens.tasks.qa import decode
 
 NAMES = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]

@@ -2,16 +2,15 @@
 
 - `entity_f1`: entity-level precision/recall/F1 with exact span match, per type and micro, as the
   CoNLL-2003 `conlleval` script counts chunks (an I-X that does not continue an X chunk starts one).
-- `squad_scores`: exact match and F1 with the official SQuAD v1.1 answer normalisation (lower case,
-  strip punctuation, drop the articles a/an/the, collapse whitespace), max over the gold answers.
+- `squad_scores`: mean exact match and F1 over examples, each scored by `data.squad_eval` (the
+  official SQuAD v1.1 normalisation, max over the gold answers).
 """
 from __future__ import annotations
 
-import re
-import string
-from collections import Counter
-
 import numpy as np
+
+from moe_lens.data.squad_eval import exact_match
+from moe_lens.data.squad_eval import f1 as token_f1
 
 
 def chunk_keys(labels: np.ndarray, seq_start: np.ndarray, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -55,25 +54,9 @@ def entity_f1(gold: np.ndarray, pred: np.ndarray, seq_start: np.ndarray, names: 
     return out
 
 
-def normalize_answer(s: str) -> str:
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def _f1(pred: str, gold: str) -> float:
-    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
-    common = sum((Counter(p) & Counter(g)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(g)
-    return 2 * precision * recall / (precision + recall)
-
-
 def squad_scores(predictions: list[str], answers: list[list[str]]) -> dict[str, float]:
     """Official SQuAD v1.1 EM and F1 (in %), each the max over an example's gold answers."""
-    em = [max(float(normalize_answer(p) == normalize_answer(g)) for g in gs) for p, gs in zip(predictions, answers)]
-    f1 = [max(_f1(p, g) for g in gs) for p, gs in zip(predictions, answers)]
+    em = [exact_match(p, gs) for p, gs in zip(predictions, answers)]
+    f1 = [token_f1(p, gs) for p, gs in zip(predictions, answers)]
     n = max(len(predictions), 1)
     return {"em": 100 * sum(em) / n, "f1": 100 * sum(f1) / n}

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moe_lens.data.squad_eval import span_text
 from moe_lens.tasks import Forward
 from moe_lens.tasks.batching import bucket_batches, gather_padded
 from moe_lens.tasks.metrics import squad_scores
@@ -79,8 +80,7 @@ class QATask:
         x = split.extras
         preds = []
         for e, a, b in zip(ex, i, j):  # one string slice per example, not per token
-            offsets = x["char_offsets"][e]
-            preds.append(x["contexts"][e][offsets[a][0] : offsets[b][1]])
+            preds.append(span_text(x["contexts"][e], x["char_offsets"][e], a, b))
         out = squad_scores(preds, [x["answers"][e] for e in ex])
         out["exact_span"] = 100 * float(torch.cat(acc["exact"]).float().mean())
         out["loss"] = float(acc["loss_sum"]) / max(acc["count"], 1)
