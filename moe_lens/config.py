@@ -92,6 +92,7 @@ class RunConfig:
     hidden_sample: int = 20000  # hidden states per split per recorded epoch
     record_flush_rows: int = 1_000_000  # routing rows buffered per partition before a part file is written
     max_eval_batches: int | None = None  # evaluate (and record) only the first N batches: smoke runs only
+    tensorboard: bool = False  # also write scalars to <run>/tensorboard (needs the tensorboard package)
     runs_dir: str = "runs"
     run_name: str | None = None
 

@@ -31,16 +31,19 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def make_run_dir(runs_dir: str, run_name: str | None, dataset: str, mode: str, *, resume: bool) -> Path:
-    """Create (or, with resume, find) the run directory; a clear error if it cannot be written."""
+def plan_run_dir(runs_dir: str, run_name: str | None, dataset: str, mode: str, *, resume: bool) -> Path:
+    """The run directory's path, checked before any work: a resumed run must exist, a new one must not."""
     name = run_name or f"{dataset}-{mode}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     path = Path(runs_dir).expanduser() / name
-    if resume:
-        if not (path / "config.json").is_file():
-            raise MoeLensError(f"--resume: no run at {path} (give the same --runs-dir and --run-name)")
-        return path
-    if path.exists() and any(path.iterdir()):
+    if resume and not (path / "config.json").is_file():
+        raise MoeLensError(f"--resume: no run at {path} (give the same --runs-dir and --run-name)")
+    if not resume and path.is_dir() and any(path.iterdir()):
         raise MoeLensError(f"run directory {path} already exists; choose another --run-name or pass --resume")
+    return path
+
+
+def create_run_dir(path: Path, runs_dir: str) -> None:
+    """Create the planned directory; a clear error if it cannot be written."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -48,7 +51,6 @@ def make_run_dir(runs_dir: str, run_name: str | None, dataset: str, mode: str, *
         probe.unlink()
     except OSError as e:
         raise MoeLensError(f"runs directory {runs_dir} is not writable ({e.strerror}); pass --runs-dir DIR") from e
-    return path
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -98,9 +100,10 @@ class RunState:
 class Metrics:
     """Long-format scalars; metrics.parquet is rewritten atomically at each `flush()`."""
 
-    def __init__(self, run_dir: Path, *, keep_until_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, *, keep_until_step: int | None = None, tensorboard: bool = False) -> None:
         self.path = run_dir / "metrics.parquet"
         self.rows: list[dict[str, Any]] = []
+        self.writer = _tensorboard_writer(run_dir) if tensorboard else None
         if keep_until_step is not None and self.path.is_file():  # resume: drop what the checkpoint lost
             old = pq.read_table(self.path)  # Arrow keeps NULL layer/expert as None (pandas would make NaN)
             self.rows = [r for r in old.to_pylist() if r["step"] <= keep_until_step]
@@ -109,6 +112,9 @@ class Metrics:
             expert: int | None = None) -> None:
         self.rows.append(dict(step=step, epoch=epoch, split=split, name=name, layer=layer, expert=expert,
                               value=float(value)))  # fmt: skip
+        if self.writer is not None:
+            tag = f"{split}/{name}" + (f"/expert{expert}" if expert is not None else "")
+            self.writer.add_scalar(tag, float(value), step)
 
     def add_many(self, step: int, epoch: int, split: str, values: dict[str, float]) -> None:
         for name, v in values.items():
@@ -117,6 +123,16 @@ class Metrics:
     def flush(self) -> None:
         table = pa.Table.from_pylist(self.rows, schema=METRIC_SCHEMA)
         write_table_atomic(table, self.path)
+        if self.writer is not None:
+            self.writer.flush()
+
+
+def _tensorboard_writer(run_dir: Path):  # noqa: ANN202 - SummaryWriter, imported only when asked for
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise MoeLensError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def checkpoint_path(run_dir: Path, epoch: int) -> Path:

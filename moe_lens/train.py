@@ -23,8 +23,8 @@ from moe_lens.config import RunConfig
 from moe_lens.errors import MoeLensError
 from moe_lens.models import build_model, count_parameters
 from moe_lens.record import Recorder, clear_traces_after, write_json_atomic
-from moe_lens.rundir import (Metrics, RunState, checkpoint_path, environment, latest_checkpoint, make_run_dir,
-                             save_checkpoint)  # fmt: skip
+from moe_lens.rundir import (Metrics, RunState, checkpoint_path, create_run_dir, environment, latest_checkpoint,
+                             plan_run_dir, save_checkpoint)  # fmt: skip
 from moe_lens.tasks import get_task
 
 LOG_EVERY = 50
@@ -108,12 +108,13 @@ def _autocast(device: torch.device):
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Path:
     """Train (and record) one run; returns its directory."""
     device = resolve_device(cfg.device)
-    run_dir = make_run_dir(cfg.runs_dir, cfg.run_name, cfg.dataset, cfg.mode, resume=resume)
+    run_dir = plan_run_dir(cfg.runs_dir, cfg.run_name, cfg.dataset, cfg.mode, resume=resume)
     seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    splits = load_data(cfg)
+    splits = load_data(cfg)  # a missing dataset fails here, before anything is written
+    create_run_dir(run_dir, cfg.runs_dir)
     train_split, valid_split = splits["train"], splits["valid"]
     emb_init = None
     if cfg.embeddings:
@@ -141,7 +142,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Pat
                            "steps_per_epoch": steps_per_epoch, "data": meta,
                            "embedding_coverage": coverage if cfg.embeddings else None}, run_dir / "config.json")  # fmt: skip
     state = RunState.start(run_dir, resume=resume)
-    metrics = Metrics(run_dir, keep_until_step=step if resume else None)
+    metrics = Metrics(run_dir, keep_until_step=step if resume else None, tensorboard=cfg.tensorboard)
     recorder = Recorder(run_dir, record_probs=cfg.record_probs, flush_rows=cfg.record_flush_rows) if cfg.record else None
     if recorder is not None:
         recorder.write_tokens(train_split.tokens, cfg.dataset, "train")

@@ -119,3 +119,70 @@ def test_sigkill_while_recording_leaves_readable_files_and_resume_has_no_duplica
     assert np.array_equal(train_steps, np.arange(1, train_steps.max() + 1))  # every step once, none lost
     metrics = pq.read_table(run / "metrics.parquet").to_pandas()
     assert not metrics.duplicated(["step", "split", "name", "expert"]).any()
+
+
+def test_nan_guard_stops_with_a_clear_message_and_keeps_what_was_written(
+    real_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moe_lens.errors import MoeLensError
+    from moe_lens.tasks.ner import NERTask
+
+    real_forward = NERTask.forward
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch, state):
+        fwd = real_forward(self, model, batch, state)
+        calls["n"] += 1
+        if calls["n"] == 60:  # a loss that went non-finite mid-epoch
+            fwd.loss = fwd.loss * float("nan")
+        return fwd
+
+    monkeypatch.setattr(NERTask, "forward", poisoned)
+    cfg = tiny_cfg(real_data_dir, tmp_path, "conll2003", "noisy_topk", max_steps=200, record_flush_rows=500)
+    with pytest.raises(MoeLensError, match="non-finite training loss .* at step 100"):
+        train(cfg, progress=False)
+    run = tmp_path / "conll2003-noisy_topk"
+    state = json.loads((run / "run.json").read_text())
+    assert state["status"] == "failed" and "non-finite" in state["error"]
+    metrics = pq.read_table(run / "metrics.parquet").to_pandas()
+    assert metrics["step"].max() == 50  # the last good log is kept
+    for f in run.rglob("*.parquet"):
+        pq.read_table(f)
+    assert len(list(run.glob("routing/**/*.parquet"))) > 0
+
+
+def test_record_replays_a_wikitext_model_over_conll_and_squad(real_data_dir: Path, tmp_path: Path) -> None:
+    from moe_lens.probe import record_run
+
+    cfg = tiny_cfg(real_data_dir, tmp_path, "wikitext2", "noisy_topk", max_steps=3, max_eval_batches=2)
+    run_dir = train(cfg, progress=False)
+    vm = record_run(run_dir, "conll2003", "valid", data_dir=str(real_data_dir))
+    assert vm["ppl"] > 1
+    record_run(run_dir, "conll2003", "valid", data_dir=str(real_data_dir))  # again: replaces, no duplicates
+    con = connect(tmp_path)
+    rows = con.execute("""SELECT dataset, count(*), count(DISTINCT (token_idx, rank)) FROM routing
+                          WHERE split = 'valid' GROUP BY dataset ORDER BY dataset""").fetchall()  # fmt: skip
+    conll = rows[0]
+    assert conll[0] == "conll2003" and conll[1] == conll[2]
+    assert conll[1] == 2 * 16 * (51_362 // 16 - 1)  # one stream cut into 16 rows; the last step is only a target
+    unjoined = con.execute("""SELECT count(*) FROM routing r ANTI JOIN tokens t USING (run, dataset, split, token_idx)
+                              WHERE r.dataset = 'conll2003'""").fetchall()[0][0]  # fmt: skip
+    assert unjoined == 0
+    ner = con.execute("SELECT count(*) FROM tokens WHERE dataset = 'conll2003' AND ner_tag IS NOT NULL").fetchall()
+    assert ner[0][0] == 51_362
+    probe = pq.read_table(run_dir / "metrics.parquet").to_pandas()
+    assert (probe["split"] == "probe:conll2003:valid").sum() == 2  # loss and ppl, once
+
+
+def test_tensorboard_mirrors_the_metrics(real_data_dir: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg(real_data_dir, tmp_path, "conll2003", "switch", max_steps=3, max_eval_batches=2, tensorboard=True)
+    run_dir = train(cfg, progress=False)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/aux_loss", "valid/f1", "valid/accuracy", "train/load/expert0"} <= tags
+    metrics = pq.read_table(run_dir / "metrics.parquet").to_pandas()
+    f1 = metrics.loc[(metrics["split"] == "valid") & (metrics["name"] == "f1"), "value"].iloc[0]
+    assert events.Scalars("valid/f1")[0].value == pytest.approx(f1, rel=1e-6)

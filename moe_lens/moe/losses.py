@@ -56,9 +56,8 @@ def smooth_load_prob(clean: Tensor, noisy: Tensor, noise_std: Tensor, k: int) ->
     thr_if_in = top[:, k : k + 1]  # (n, 1) (k+1)-th largest: threshold when i itself is in the top k
     thr_if_out = top[:, k - 1 : k]  # (n, 1) k-th largest
     is_in = noisy > thr_if_in  # (n, e)
-    normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
-    prob_if_in = normal.cdf((clean - thr_if_in) / noise_std)
-    prob_if_out = normal.cdf((clean - thr_if_out) / noise_std)
+    prob_if_in = torch.special.ndtr((clean - thr_if_in) / noise_std)  # Phi, the standard normal CDF
+    prob_if_out = torch.special.ndtr((clean - thr_if_out) / noise_std)
     return torch.where(is_in, prob_if_in, prob_if_out)
 
 
