@@ -1,0 +1,147 @@
+"""Shared plumbing of the app's pages: the runs directory, one cached DuckDB connection, cached analysis
+calls, and charts shown with their downloads. Pages call these and `moe_lens.analysis`; they hold no SQL.
+
+The runs directory comes from the sidebar, else `-- --runs-dir D` on the `streamlit run` line, else
+$MOE_LENS_RUNS_DIR, else `sample_runs/`. The "Reload runs" button opens a new connection (a new run or a
+table that appeared later needs one, docs/sql.md) and clears the cached results.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from moe_lens import analysis, store
+from moe_lens.errors import MoeLensError
+
+REPO = Path(__file__).resolve().parents[1]
+HOW_TO_MAKE_RUNS = """To make runs:
+
+```bash
+moe-lens train --dataset wikitext2 --mode noisy_topk --record --epochs 1      # a real run under ./runs
+python -c "from moe_lens.synthetic import write_synthetic_run as w; w('sample_runs', 'demo', with_hidden=True)"
+```
+then type the directory in the sidebar, or start the app with `moe-lens app --runs-dir DIR`."""
+
+
+def default_runs_dir() -> str:
+    """`--runs-dir` after `--` on the streamlit line, else $MOE_LENS_RUNS_DIR, else sample_runs/."""
+    if "--runs-dir" in sys.argv:
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("--runs-dir")
+        return parser.parse_known_args(sys.argv[1:])[0].runs_dir
+    if os.environ.get("MOE_LENS_RUNS_DIR"):
+        return os.environ["MOE_LENS_RUNS_DIR"]
+    return "sample_runs" if Path("sample_runs").is_dir() else str(REPO / "sample_runs")
+
+
+def runs_dir() -> str:
+    return str(Path(st.session_state.get("runs_dir") or default_runs_dir()).expanduser())
+
+
+def _generation() -> int:
+    return st.session_state.get("generation", 0)
+
+
+def sidebar() -> None:
+    """Runs directory, MoE layer, reload. Widget values live in session_state (shared by every page)."""
+    if "runs_dir" not in st.session_state:
+        st.session_state["runs_dir"] = default_runs_dir()
+    st.sidebar.text_input("Runs directory", key="runs_dir", help="a directory of run directories")
+    st.sidebar.number_input("MoE layer", min_value=0, max_value=63, value=0, step=1, key="layer")
+    if st.sidebar.button("Reload runs", help="new runs, new part files: reopen the connection"):
+        st.session_state["generation"] = _generation() + 1
+        st.cache_data.clear()
+
+
+def require_runs() -> None:
+    """st.error + st.stop on a missing or empty runs directory."""
+    d = Path(runs_dir())
+    if not d.is_dir():
+        st.error(f"Runs directory `{d}` does not exist.")
+        st.markdown(HOW_TO_MAKE_RUNS)
+        st.stop()
+    if not store.run_dirs(d.resolve()):
+        st.error(f"No runs in `{d}`: expected `<run>/config.json` or `<run>/routing/` directories.")
+        st.markdown(HOW_TO_MAKE_RUNS)
+        st.stop()
+    try:
+        connection()
+    except (MoeLensError, duckdb.Error, OSError) as e:
+        st.error(f"Cannot open the runs in `{d}`: {str(e).splitlines()[0]}")
+        st.stop()
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _connect(root: str, generation: int, sandbox: bool) -> tuple[duckdb.DuckDBPyConnection, threading.Lock]:
+    # One connection per directory, shared by sessions; a DuckDB connection is not for concurrent use: lock it.
+    return store.connect(root, read_only_sandbox=sandbox, threads=2), threading.Lock()
+
+
+def connection(sandbox: bool = False) -> tuple[duckdb.DuckDBPyConnection, threading.Lock]:
+    return _connect(runs_dir(), _generation(), sandbox)
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def _call(root: str, generation: int, name: str, runs: tuple[str, ...] | None, kw: tuple) -> pd.DataFrame:
+    con, lock = _connect(root, generation, False)
+    with lock:
+        if name == "runs_table":
+            return con.table("runs").df()
+        if name == "metric_curves":
+            return con.table("metrics").df()
+        if name == "hidden_keys":
+            from moe_lens import projection
+            return projection.hidden_keys(con, runs[0])
+        return getattr(analysis, name)(con, list(runs) if runs is not None else None, **dict(kw))
+
+
+def get(name: str, runs: list[str] | str | None = None, **kw: Any) -> pd.DataFrame | None:
+    """`moe_lens.analysis.<name>(con, runs, **kw)` cached; a MoeLensError shows as a warning and gives None."""
+    runs_t = (runs,) if isinstance(runs, str) else (tuple(runs) if runs is not None else None)
+    try:
+        return _call(runs_dir(), _generation(), name, runs_t, tuple(sorted(kw.items())))
+    except MoeLensError as e:
+        st.warning(str(e))
+        return None
+
+
+def runs_table() -> pd.DataFrame:
+    """The `runs` view (config + status, one row per run)."""
+    return get("runs_table")
+
+
+def metric_curves(runs: list[str]) -> pd.DataFrame:
+    """Scalar metrics (layer and expert NULL) of `runs`, long format, from metrics.parquet (a small file)."""
+    m = get("metric_curves")
+    return m[m["run"].isin(runs) & m["layer"].isna() & m["expert"].isna()]
+
+
+def pick_runs(label: str = "Runs", key: str = "runs", limit: int | None = 4) -> list[str]:
+    names = runs_table()["run"].tolist()
+    chosen = st.multiselect(label, names, default=names[:limit], key=key)
+    if not chosen:
+        st.info("Choose at least one run.")
+        st.stop()
+    return chosen
+
+
+def layer() -> int:
+    return int(st.session_state.get("layer", 0))
+
+
+def show(fig: go.Figure, key: str) -> None:
+    """The chart (its modebar saves a PNG) and a self-contained HTML download, built only when clicked."""
+    fig.update_layout(margin=dict(l=10, r=10, t=40, b=10))
+    st.plotly_chart(fig, key=key, config={"toImageButtonOptions": {"format": "png", "filename": key, "scale": 2},
+                                          "displaylogo": False})
+    st.download_button("Download chart (HTML)", data=lambda: fig.to_html(include_plotlyjs=True, full_html=True),
+                       file_name=f"{key}.html", mime="text/html", key=f"download-{key}", on_click="ignore")

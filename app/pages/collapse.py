@@ -1,0 +1,30 @@
+"""Collapse: effective experts exp(H) and dead experts over training, the collapse step marked, gating
+variants compared (`analysis.collapse`; top-1 usage by default)."""
+from __future__ import annotations
+
+import plotly.express as px
+import streamlit as st
+
+import lens_ui as ui
+
+st.title("Collapse")
+runs = ui.pick_runs(key="runs_collapse", limit=None)
+c1, c2 = st.columns(2)
+split = c1.selectbox("Split", ["train", "valid", "test"], key="collapse_split")
+threshold = c2.number_input("Collapsed below exp(H) =", min_value=1.0, value=2.0, step=0.5, key="collapse_threshold")
+by = "step" if split == "train" else "epoch"
+df = ui.get("collapse", runs, split=split, by=by, layer=ui.layer(), threshold=float(threshold))
+if df is None:
+    st.stop()
+modes = ui.runs_table().set_index("run")["mode"]
+df = df.assign(mode=df["run"].map(modes)).sort_values(["run", by])
+steps = df.groupby("run", as_index=False)[["mode", "collapse_step"]].first()
+st.dataframe(steps, hide_index=True, key="collapse_steps")
+
+for col, title in (("effective_experts", "Effective experts exp(H)"), ("dead_experts", "Dead experts (share < 1/(10e))")):
+    fig = px.line(df, x=by, y=col, color="run", hover_data=["mode"], title=title)
+    for _, r in steps.dropna(subset=["collapse_step"]).iterrows() if by == "step" else []:
+        fig.add_vline(x=float(r["collapse_step"]), line_dash="dash", annotation_text=f"collapse {r['run']}")
+    if col == "effective_experts":
+        fig.add_hline(y=float(threshold), line_dash="dot", line_color="grey")
+    ui.show(fig, f"collapse-{col}")

@@ -1,0 +1,39 @@
+"""Runs: one row per run (config, status, final metrics) and the training curves overlaid."""
+from __future__ import annotations
+
+import plotly.express as px
+import streamlit as st
+
+import lens_ui as ui
+
+st.title("Runs")
+table = ui.runs_table()
+cols = [c for c in ("run", "dataset", "mode", "num_experts", "top_k", "num_params", "status", "epoch", "step")
+        if c in table.columns]
+fm = ui.get("final_metrics")
+if fm is not None and not fm.empty:
+    wide = fm.assign(col=fm["split"] + " " + fm["name"]).pivot(index="run", columns="col", values="value")
+    table = table[cols].merge(wide.reset_index(), on="run", how="left")
+else:
+    table = table[cols]
+st.dataframe(table, hide_index=True, key="runs_table")
+bad = table[~table["status"].isin(["finished", "running"])]
+for _, r in bad.iterrows():
+    st.warning(f"Run `{r['run']}` has status `{r['status']}` (a half-written, failed or interrupted run): "
+               "its traces may be partial.")
+
+st.subheader("Training curves")
+runs = ui.pick_runs(key="runs_curves", limit=None)
+curves = ui.metric_curves(runs)
+if curves.empty:
+    st.info("No scalar metrics recorded for these runs yet (metrics.parquet is written at the first log).")
+    st.stop()
+wanted = [("train", "loss", "task loss"), ("train", "aux_loss", "aux loss"), ("valid", "ppl", "perplexity"),
+          ("valid", "f1", "F1"), ("valid", "em", "EM"), ("valid", "loss", "valid loss")]
+shown = [(s, n, t) for s, n, t in wanted if ((curves["split"] == s) & (curves["name"] == n)).any()]
+grid = st.columns(2)
+for i, (split, name, title) in enumerate(shown):
+    df = curves[(curves["split"] == split) & (curves["name"] == name)].sort_values(["run", "step"])
+    fig = px.line(df, x="step", y="value", color="run", markers=split != "train", title=f"{title} ({split})")
+    with grid[i % 2]:
+        ui.show(fig, f"curve-{split}-{name}")

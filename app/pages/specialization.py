@@ -1,0 +1,62 @@
+"""Specialization: expert x POS / frequency band / dataset (share P(e|v) or lift), NMI per run against its
+shuffled and analytic chance baselines, and for one expert its top tokens with example contexts
+(`analysis.specialization`)."""
+from __future__ import annotations
+
+import html
+
+import plotly.express as px
+import streamlit as st
+
+import lens_ui as ui
+import queries
+
+st.title("Specialization")
+names = ui.runs_table()["run"].tolist()
+c1, c2, c3, c4 = st.columns(4)
+run = c1.selectbox("Run", names, key="spec_run")
+attribute = c2.selectbox("Attribute", ["pos_tag", "freq_band", "dataset", "ner_tag", "position_band"], key="spec_attr")
+value = c3.radio("Colour", ["share", "lift"], horizontal=True, key="spec_value",
+                 help="share = P(expert | value); lift = P(expert | value) / P(expert)")
+split = c4.selectbox("Split", ["valid", "train", "test"], key="spec_split")
+kw = dict(split=split, layer=ui.layer())
+
+df = ui.get("specialization", run, attribute=attribute, **kw)
+if df is not None:
+    col = "p_expert_given_value" if value == "share" else "lift"
+    z = df.pivot_table(index="expert", columns="value", values=col, aggfunc="sum").fillna(0.0)
+    z = z[sorted(z.columns, key=lambda v: -df[df["value"] == v]["n_value"].iloc[0])]  # frequent values first
+    fig = px.imshow(z, aspect="auto", origin="lower", color_continuous_scale="Viridis",
+                    labels=dict(x=attribute, y="expert", color=value), title=f"{run}: expert x {attribute} ({value})")
+    ui.show(fig, "spec-heatmap")
+
+st.subheader("NMI per run against chance")
+nmi = ui.get("specialization", names, attribute=attribute, summary=True, **kw)
+if nmi is not None:
+    long = nmi.melt(id_vars=["run"], value_vars=["nmi", "nmi_shuffled", "nmi_chance"], var_name="measure")
+    fig = px.bar(long, x="run", y="value", color="measure", barmode="group",
+                 title=f"NMI(expert; {attribute}) vs shuffled and analytic chance")
+    ui.show(fig, "spec-nmi")
+
+st.subheader("One expert: top tokens and contexts")
+if df is None:
+    st.stop()
+experts = sorted(df["expert"].unique().tolist())
+e1, e2 = st.columns(2)
+expert = e1.selectbox("Expert", experts, key="spec_expert")
+min_count = e2.number_input("Min. occurrences", min_value=1, value=5, key="spec_min_count")
+top = ui.get("specialization", run, attribute="token", top=15, order_by="lift", min_count=int(min_count), **kw)
+if top is None or top[top["expert"] == expert].empty:
+    st.info(f"Expert {expert} has no token seen at least {min_count} times.")
+    st.stop()
+mine = top[top["expert"] == expert].sort_values("lift", ascending=False)
+st.dataframe(mine[["value", "n", "n_value", "p_expert_given_value", "lift"]].rename(columns={"value": "token"}),
+             hide_index=True, key="spec_top_tokens")
+token = st.selectbox("Token", mine["value"].tolist(), key="spec_token")
+con, lock = ui.connection()
+with lock:
+    ctx = queries.contexts(con, run, split=split, layer=ui.layer(), expert=int(expert), token=token)
+for hit, rows in ctx.groupby("hit"):
+    words = [f"<mark><b>{html.escape(t)}</b></mark>" if i == hit else html.escape(t)
+             for i, t in zip(rows["token_idx"], rows["token"])]
+    st.markdown(f"`{hit}` … " + " ".join(words) + " …", unsafe_allow_html=True)

@@ -1,0 +1,37 @@
+"""SQL: a read-only console over the views (runs, tokens, routing, probs, hidden, metrics). The connection
+is `store.connect(..., read_only_sandbox=True)`: it reads no file outside the views and writes none."""
+from __future__ import annotations
+
+import duckdb
+import streamlit as st
+
+import lens_ui as ui
+
+MAX_ROWS = 100_000
+EXAMPLE = """SELECT run, split, expert, count(*) AS n
+FROM routing WHERE rank = 0
+GROUP BY ALL ORDER BY run, split, expert"""
+
+st.title("SQL")
+st.caption("Views: `runs`, `tokens`, `routing`, `probs`, `hidden`, `metrics` (docs/sql.md). Read-only: "
+           f"the connection cannot open or write files. At most {MAX_ROWS:,} rows are fetched.")
+query = st.text_area("Query", value=EXAMPLE, height=160, key="sql_query")
+if st.button("Run", type="primary", key="sql_run"):
+    con, lock = ui.connection(sandbox=True)
+    try:
+        with lock:
+            rel = con.sql(query)
+            st.session_state["sql_result"] = rel.limit(MAX_ROWS).df() if rel is not None else None
+    except duckdb.Error as e:
+        st.session_state.pop("sql_result", None)
+        st.error(f"Query failed: {str(e).splitlines()[0]}")
+        st.stop()
+if "sql_result" in st.session_state:
+    df = st.session_state["sql_result"]
+    if df is None:
+        st.success("Done (the statement returned no rows).")
+    else:
+        st.write(f"{len(df):,} rows" + (" (truncated)" if len(df) == MAX_ROWS else ""))
+        st.dataframe(df, hide_index=True, key="sql_table")
+        st.download_button("Download CSV", data=lambda: df.to_csv(index=False), file_name="query.csv",
+                           mime="text/csv", key="sql_csv", on_click="ignore")
