@@ -1,0 +1,218 @@
+"""The Streamlit app through `streamlit.testing.v1.AppTest`: every page on a generated runs directory (and on
+sample_runs/ when present) renders without an exception or error, and its charts carry the numbers that
+`moe_lens.analysis` returns for the same runs."""
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from moe_lens import analysis, projection, store  # noqa: E402
+from moe_lens.synthetic import write_synthetic_run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = str(ROOT / "app" / "main.py")
+PAGES = ["runs", "load_balance", "collapse", "specialization", "clusters", "compare", "sql"]
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two complete runs with hidden states, a run with no traces and a half-written one."""
+    d = tmp_path_factory.mktemp("runs")
+    write_synthetic_run(d, "a-noisy", num_tokens=3000, with_hidden=True, skew=0.5)
+    write_synthetic_run(d, "b-switch", num_tokens=3000, with_hidden=True, seed=1, top_k=1, mode="switch",
+                        collapse_step=12)
+    (d / "c-empty").mkdir()
+    (d / "c-empty" / "config.json").write_text(json.dumps({"mode": "load", "dataset": "wikitext2"}))
+    write_synthetic_run(d, "d-half", num_tokens=500, seed=2, status="running")
+    (d / "d-half" / "run.json").write_text('{"status": "runn')  # cut mid-write
+    return d
+
+
+def app(runs_dir: Path, page: str, **state) -> AppTest:
+    at = AppTest.from_file(MAIN, default_timeout=60)
+    at.session_state["runs_dir"] = str(runs_dir)
+    at.session_state["clusters_method"] = "PCA"  # UMAP only in the slow test
+    for k, v in state.items():
+        at.session_state[k] = v
+    at.run()
+    if page != "runs":
+        at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def _decode(v):
+    """Plotly JSON typed arrays ({'dtype', 'bdata', 'shape'}) back to numpy."""
+    if isinstance(v, dict) and "bdata" in v:
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        return a.reshape([int(s) for s in str(v["shape"]).split(",")]) if "shape" in v else a
+    return np.asarray(v)
+
+
+def figure(at: AppTest, key: str) -> dict:
+    charts = {c.key: c for c in at.get("plotly_chart")}
+    assert key in charts, sorted(k for k in charts if k)
+    return json.loads(charts[key].proto.spec)
+
+
+def traces(fig: dict) -> dict[str, dict]:
+    return {t.get("name", ""): {k: _decode(v) for k, v in t.items() if k in ("x", "y", "z")} for t in fig["data"]}
+
+
+def first(fig: dict) -> dict:
+    return next(iter(traces(fig).values()))
+
+
+def con(runs_dir: Path):
+    return store.connect(runs_dir)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders(runs_dir: Path, page: str) -> None:
+    at = app(runs_dir, page)
+    assert at.title[0].value
+
+
+def test_sample_runs_every_page() -> None:
+    sample = ROOT / "sample_runs"
+    if not sample.is_dir() or not store.run_dirs(sample):
+        pytest.skip("sample_runs/ not present yet")
+    for page in PAGES:
+        app(sample, page)
+
+
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_missing_or_empty_runs_dir_is_an_error_not_a_traceback(tmp_path: Path, state: str) -> None:
+    d = tmp_path / "nothing" if state == "missing" else tmp_path
+    at = AppTest.from_file(MAIN, default_timeout=30)
+    at.session_state["runs_dir"] = str(d)
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1 and str(d) in at.error[0].value
+    assert "moe-lens train" in at.markdown[0].value
+
+
+def test_runs_page_numbers(runs_dir: Path) -> None:
+    at = app(runs_dir, "runs")
+    table = at.dataframe[0].value.set_index("run")
+    fm = analysis.final_metrics(con(runs_dir))
+    ppl = fm[(fm["split"] == "valid") & (fm["name"] == "ppl")].set_index("run")["value"]
+    assert np.allclose(table.loc[ppl.index, "valid ppl"], ppl)
+    assert table.loc["d-half", "status"] == "unknown" and table.loc["c-empty", "status"] == "unknown"
+    assert any("d-half" in w.value for w in at.warning)
+    loss = traces(figure(at, "curve-train-loss"))["a-noisy"]
+    m = pd.read_parquet(runs_dir / "a-noisy" / "metrics.parquet")
+    m = m[(m["split"] == "train") & (m["name"] == "loss")].sort_values("step")
+    assert np.allclose(loss["x"], m["step"]) and np.allclose(loss["y"], m["value"])
+
+
+def test_load_balance_numbers(runs_dir: Path) -> None:
+    at = app(runs_dir, "load_balance", runs_balance=["a-noisy", "b-switch"])
+    per = analysis.load_balance(con(runs_dir), "a-noisy", split="train", by="step", per_expert=True)
+    want = per.pivot_table(index="expert", columns="step", values="share").fillna(0.0)
+    heat = first(figure(at, "balance-heat-a-noisy"))
+    assert np.allclose(heat["z"], want.to_numpy()) and np.allclose(heat["x"], want.columns)
+    assert np.allclose(heat["z"].sum(axis=0), 1.0)  # shares sum to 1 at every step
+    cv2 = analysis.load_balance(con(runs_dir), ["a-noisy", "b-switch"], split="train", by="step")
+    got = traces(figure(at, "balance-cv2"))
+    for run in ("a-noisy", "b-switch"):
+        assert np.allclose(got[run]["y"], cv2[cv2["run"] == run].sort_values("step")["cv2_load"])
+
+
+def test_collapse_numbers(runs_dir: Path) -> None:
+    at = app(runs_dir, "collapse", runs_collapse=["a-noisy", "b-switch"])
+    want = analysis.collapse(con(runs_dir), ["a-noisy", "b-switch"])
+    fig = figure(at, "collapse-effective_experts")
+    got = traces(fig)
+    for run in ("a-noisy", "b-switch"):
+        assert np.allclose(got[run]["y"], want[want["run"] == run].sort_values("step")["effective_experts"])
+    steps = at.dataframe[0].value.set_index("run")["collapse_step"]
+    assert steps["b-switch"] == want[want["run"] == "b-switch"]["collapse_step"].iloc[0]
+    assert any(s.get("x0") == steps["b-switch"] for s in fig["layout"]["shapes"])  # the marked step
+
+
+def test_specialization_numbers(runs_dir: Path) -> None:
+    at = app(runs_dir, "specialization", spec_run="a-noisy")
+    c = con(runs_dir)
+    spec = analysis.specialization(c, "a-noisy", attribute="pos_tag")
+    heat = first(figure(at, "spec-heatmap"))
+    want = spec.pivot_table(index="expert", columns="value", values="p_expert_given_value").fillna(0.0)
+    want = want[list(heat["x"])]
+    assert np.allclose(heat["z"], want.to_numpy())
+    nmi = analysis.specialization(c, ["a-noisy", "b-switch"], attribute="pos_tag", summary=True)
+    bars = traces(figure(at, "spec-nmi"))
+    assert np.allclose(bars["nmi"]["y"][:2], nmi.set_index("run").loc[list(bars["nmi"]["x"][:2]), "nmi"], equal_nan=True)
+    top = at.dataframe[0].value  # the chosen expert's top tokens; one context per occurrence, token marked
+    assert len(top) and all("<mark>" in m.value for m in at.markdown if "…" in m.value)
+    assert any("<mark>" in m.value for m in at.markdown)
+
+
+def test_clusters_pca_numbers_and_cache(runs_dir: Path) -> None:
+    at = app(runs_dir, "clusters", clusters_run="a-noisy")
+    c = con(runs_dir)
+    keys = projection.hidden_keys(c, "a-noisy")
+    key = keys[keys["split"] == "valid"].iloc[0]
+    key = dict(dataset=key["dataset"], split="valid", epoch=int(key["epoch"]), layer=0)
+    x, labels = projection.hidden_sample(c, "a-noisy", **key)
+    xc = x - x.mean(0)
+    pts = pd.concat([pd.DataFrame({k: v for k, v in t.items() if k in "xy"}) for t in traces(figure(at, "clusters-scatter")).values()])
+    assert len(pts) == len(x) == len(labels)
+    # the two coordinates are the top-2 principal components: their variances are the top squared singular values
+    s = np.linalg.svd(xc, compute_uv=False)
+    assert np.allclose(np.sort(pts.var(ddof=0).to_numpy())[::-1], s[:2] ** 2 / len(x), rtol=1e-3)
+    path = projection.cache_path(runs_dir / "a-noisy", **key, method="pca")
+    assert path.exists()
+    mtime = path.stat().st_mtime_ns
+    app(runs_dir, "clusters", clusters_run="a-noisy", clusters_colour="gate")
+    assert path.stat().st_mtime_ns == mtime  # the reload read the cache
+
+
+def test_clusters_without_hidden_states(runs_dir: Path) -> None:
+    at = app(runs_dir, "clusters", clusters_run="d-half")
+    assert any("no recorded hidden states" in i.value for i in at.info)
+
+
+def test_compare_numbers(runs_dir: Path) -> None:
+    at = app(runs_dir, "compare", runs_compare=["a-noisy", "b-switch"], compare_table=True)
+    want = analysis.collapse(con(runs_dir), ["a-noisy", "b-switch"], split="train", by="step")
+    for i, run in enumerate(["a-noisy", "b-switch"]):
+        line = first(figure(at, f"compare-{i}"))
+        assert np.allclose(line["y"], want[want["run"] == run].sort_values("step")["effective_experts"])
+    summary = at.dataframe[0].value.set_index("run")
+    ref = analysis.compare(con(runs_dir), ["a-noisy", "b-switch"]).set_index("run")
+    assert np.allclose(summary["cv2_load"], ref["cv2_load"])
+
+
+def test_sql_console_reads_and_cannot_write(runs_dir: Path, tmp_path: Path) -> None:
+    at = app(runs_dir, "sql")
+    at.text_area(key="sql_query").input("SELECT run, count(*) AS n FROM routing GROUP BY run ORDER BY run")
+    at.button(key="sql_run").click().run()
+    assert not at.exception and not at.error
+    got = at.dataframe[0].value
+    want = con(runs_dir).execute("SELECT run, count(*) AS n FROM routing GROUP BY run ORDER BY run").df()
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_dtype=False)
+    target = tmp_path / "leak.csv"
+    at.text_area(key="sql_query").input(f"COPY (SELECT 1) TO '{target}'")
+    at.button(key="sql_run").click().run()
+    assert not at.exception and len(at.error) == 1 and not target.exists()
+
+
+def test_app_command_binds_localhost(tmp_path: Path) -> None:
+    from moe_lens import app_cli
+    from moe_lens.cli import build_parser
+
+    cmd = app_cli.streamlit_command(str(tmp_path), port=9999)
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[-2:] == ["--runs-dir", str(tmp_path.resolve())] and Path(cmd[4]).name == "main.py"
+    args = build_parser().parse_args(["app", "--runs-dir", str(tmp_path)])
+    assert args.func is app_cli._app_command and args.address == "127.0.0.1"
