@@ -74,7 +74,9 @@ if df is None:
 
 plot = df.assign(expert=df["expert"].astype("Int64").astype(str).replace("<NA>", "none"))
 fig = px.scatter(plot, x="x", y="y", color=colour, hover_data=["token", "expert", "pos_tag", "freq_band", "gate"],
-                 color_continuous_scale="Viridis", title=f"{run}: {shown.upper()} of {len(df)} hidden states, "
+                 color_continuous_scale="Viridis",
+                 category_orders={c: sorted(plot[c].dropna().unique(), key=lambda v: (len(str(v)), str(v)))
+                                  for c in ("expert", "pos_tag", "freq_band")}, title=f"{run}: {shown.upper()} of {len(df)} hidden states, "
                  f"{key['dataset']}/{key['split']} epoch {key['epoch']} layer {key['layer']}, by {colour}")
 fig.update_traces(marker=dict(size=4, opacity=0.7))
 ui.show(fig, "clusters-scatter")
