@@ -21,7 +21,10 @@ value = c3.radio("Colour", ["share", "lift"], horizontal=True, key="spec_value",
 split = c4.selectbox("Split", ["valid", "train", "test"], key="spec_split")
 kw = dict(split=split, layer=ui.layer())
 
-df = ui.get("specialization", run, attribute=attribute, **kw)
+full = ui.get("specialization", names, attribute=attribute, **kw)  # one query serves the heatmap and the NMI
+df = None if full is None or full[full["run"] == run].empty else full[full["run"] == run]
+if df is None and full is not None:
+    st.info(f"Run `{run}` has no routing rows with a {attribute} in {split}.")
 if df is not None:
     col = "p_expert_given_value" if value == "share" else "lift"
     z = df.pivot_table(index="expert", columns="value", values=col, aggfunc="sum").fillna(0.0)
@@ -31,8 +34,8 @@ if df is not None:
     ui.show(fig, "spec-heatmap")
 
 st.subheader("NMI per run against chance")
-nmi = ui.get("specialization", names, attribute=attribute, summary=True, **kw)
-if nmi is not None:
+if full is not None:
+    nmi = full.drop_duplicates(["run", "layer"])[["run", "nmi", "nmi_shuffled", "nmi_chance"]]
     long = nmi.melt(id_vars=["run"], value_vars=["nmi", "nmi_shuffled", "nmi_chance"], var_name="measure")
     fig = px.bar(long, x="run", y="value", color="measure", barmode="group",
                  title=f"NMI(expert; {attribute}) vs shuffled and analytic chance")
