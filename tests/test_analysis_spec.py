@@ -150,3 +150,46 @@ def test_compare_across_modes_and_missing_columns(tmp_path: Path) -> None:
     assert seg["num_values"].iloc[0] == 2
     fm = A.final_metrics(con, "w", split="valid").set_index("name")
     assert np.isclose(np.exp(fm.loc["loss", "value"]), fm.loc["ppl", "value"])
+
+
+@SETTINGS
+@given(e=st.integers(1, 9), n=st.integers(1, 200), epochs=st.integers(1, 4), keep=st.sampled_from([1.0, 0.9, 0.5]),
+       seed=st.integers(0, 99))
+def test_stability_packed_equals_sorted_with_gaps(e: int, n: int, epochs: int, keep: float, seed: int) -> None:
+    """The packed (no sort) stability.sql gives exactly the numbers of the lag-window stability_sorted.sql, also
+    when tokens miss epochs (expert-choice routing) and runs of complete and incomplete tokens alternate."""
+    import pyarrow.parquet as pq
+    from moe_lens.analysis.stability import _stability_sql
+    from moe_lens.analysis._query import query, sql_text
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_synthetic_run(tmp, "r", num_experts=e, top_k=1, num_tokens=n, epochs=epochs, seed=seed)
+        rng = np.random.default_rng(seed)
+        for f in sorted((root / "routing").rglob("part-*.parquet")):
+            t = pq.read_table(f)
+            pq.write_table(t.filter(pa_mask(rng.random(t.num_rows) < keep)), f)
+        con = connect(tmp)
+        if con.execute("SELECT count(*) FROM routing").fetchall()[0][0] == 0:
+            return
+        for ep in [None, epochs - 1]:
+            try:
+                got = A.stability(con, "r", epoch=ep)
+            except MoeLensError:  # nothing left at rank 0 in the valid split
+                got = pd.DataFrame()
+            epochs_list = query(con, sql_text("epochs"), dict(run="r", split="valid"))["epoch"].tolist()
+            if ep is not None:
+                i = epochs_list.index(ep) if ep in epochs_list else None
+                epochs_list = [] if i is None else epochs_list[max(i - 1, 0):i + 1]
+            params = dict(run="r", split="valid", layer=0, epochs=epochs_list)
+            if got.empty:
+                ref = query(con, sql_text("stability_sorted"), params) if epochs_list else pd.DataFrame()
+                assert ref.empty or (ep is not None and not (ref["epoch"] == ep).any())
+                continue
+            assert _stability_sql(con, params) == "stability"
+            ref = query(con, sql_text("stability_sorted"), params)
+            ref = ref if ep is None else ref[ref["epoch"] == ep]
+            pd.testing.assert_frame_equal(got.reset_index(drop=True), ref.reset_index(drop=True), check_exact=True)
+
+
+def pa_mask(values: np.ndarray):
+    import pyarrow as pa
+    return pa.array(values)

@@ -29,10 +29,20 @@ def stability(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str =
             i = epochs.index(epoch) if epoch in epochs else None
             epochs = [] if i is None else epochs[max(i - 1, 0):i + 1]
         if epochs:
-            df = query(con, sql_text("stability"), dict(run=run, split=split, layer=layer, epochs=epochs))
+            params = dict(run=run, split=split, layer=layer, epochs=epochs)
+            df = query(con, sql_text(_stability_sql(con, params)), params)
             frames.append(df if epoch is None else df[df["epoch"] == epoch])
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return nonempty(df, names, f"split={split!r}, layer={layer}, epoch={epoch}")
+
+
+def _stability_sql(con: duckdb.DuckDBPyConnection, params: dict) -> str:
+    """`stability` (experts packed into a HUGEINT per token, no sort) when the packing fits, else
+    `stability_sorted` (lag windows over the sorted trace); both give the same numbers. Sets params["bits"]."""
+    lo, hi = con.execute("SELECT min(expert), max(expert) FROM routing WHERE run = $run AND split = $split "
+                         "AND layer = $layer AND rank = 0 AND list_contains($epochs, epoch)", params).fetchall()[0]
+    params["bits"] = bits = max(int(hi if hi is not None else 0) + 1, 1).bit_length()
+    return "stability" if (lo is None or lo >= 0) and bits * len(params["epochs"]) <= 126 else "stability_sorted"
 
 
 def agreement(con: duckdb.DuckDBPyConnection, run_a: str, run_b: str, *, split: str = "valid",
