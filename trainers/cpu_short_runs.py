@@ -2,7 +2,7 @@
 
     MOE_LENS_DATA=../shared/data python trainers/cpu_short_runs.py [--runs-dir runs-short] [--only wikitext2]
 
-WikiText-2 (10k capped vocabulary) for 4 epochs with noisy top-2 + both Shazeer losses, CoNLL-2003
+WikiText-2 (10k capped vocabulary) for 3 epochs with noisy top-2 + both Shazeer losses, CoNLL-2003
 with GloVe-initialised embeddings and the load loss for 3 epochs, SQuAD (article split of dev)
 with hybrid switch + LoRA for 2 epochs. Every run records its routing. Prints the validation
 curve of each run from metrics.parquet. No training loop here: it calls moe_lens.train.
@@ -26,7 +26,7 @@ def configs(data_dir: str) -> dict[str, RunConfig]:
     glove = str(Path(data_dir) / GLOVE)
     return {
         "wikitext2": RunConfig.for_mode("baseline", dataset="wikitext2", vocab_size=10_000, d_embed=128, batch_size=64,
-                                        epochs=4, lr=3e-3, dropout=0.2, **SMALL),  # fmt: skip
+                                        epochs=3, lr=2e-3, clip=0.25, weight_decay=0.0, dropout=0.1, **SMALL),  # fmt: skip
         "conll2003": RunConfig.for_mode("load", dataset="conll2003", embeddings=glove, d_embed=50, epochs=3,
                                         lr=2e-3, dropout=0.3, **SMALL),  # fmt: skip
         "squad": RunConfig.for_mode("hybrid", dataset="squad", embeddings=glove, d_embed=50, epochs=2, lr=2e-3,
