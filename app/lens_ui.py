@@ -96,8 +96,6 @@ def _call(root: str, generation: int, name: str, runs: tuple[str, ...] | None, k
     with lock:
         if name == "runs_table":
             return con.table("runs").df()
-        if name == "metric_curves":
-            return con.table("metrics").df()
         if name == "hidden_keys":
             from moe_lens import projection
             return projection.hidden_keys(con, runs[0])
@@ -119,10 +117,10 @@ def runs_table() -> pd.DataFrame:
     return get("runs_table")
 
 
-def metric_curves(runs: list[str]) -> pd.DataFrame:
-    """Scalar metrics (layer and expert NULL) of `runs`, long format, from metrics.parquet (a small file)."""
-    m = get("metric_curves")
-    return m[m["run"].isin(runs) & m["layer"].isna() & m["expert"].isna()]
+def metric_curves(runs: list[str], names: list[str] | None = None) -> pd.DataFrame:
+    """Scalar metric curves of `runs` (`analysis.metric_curves`): run, split, name, step, epoch, value."""
+    m = get("metric_curves", runs, names=tuple(names) if names is not None else None)
+    return m if m is not None else pd.DataFrame(columns=["run", "split", "name", "step", "epoch", "value"])
 
 
 def pick_runs(label: str = "Runs", key: str = "runs", limit: int | None = 4) -> list[str]:

@@ -24,12 +24,12 @@ for _, r in bad.iterrows():
 
 st.subheader("Training curves")
 runs = ui.pick_runs(key="runs_curves", limit=None)
-curves = ui.metric_curves(runs)
+wanted = [("train", "loss", "task loss"), ("train", "aux_loss", "aux loss"), ("valid", "ppl", "perplexity"),
+          ("valid", "f1", "F1"), ("valid", "em", "EM"), ("valid", "loss", "valid loss")]
+curves = ui.metric_curves(runs, names=sorted({n for _, n, _ in wanted}))
 if curves.empty:
     st.info("No scalar metrics recorded for these runs yet (metrics.parquet is written at the first log).")
     st.stop()
-wanted = [("train", "loss", "task loss"), ("train", "aux_loss", "aux loss"), ("valid", "ppl", "perplexity"),
-          ("valid", "f1", "F1"), ("valid", "em", "EM"), ("valid", "loss", "valid loss")]
 shown = [(s, n, t) for s, n, t in wanted if ((curves["split"] == s) & (curves["name"] == n)).any()]
 grid = st.columns(2)
 for i, (split, name, title) in enumerate(shown):

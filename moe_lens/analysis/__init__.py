@@ -12,13 +12,16 @@ Formulas are in each function's docstring, the .sql file and docs/sql.md:
 - `agreement`          top-1 agreement between two runs on the same tokens (raw, relabelled, NMI)
 - `capacity`           dropped-token rate where a capacity factor is set (Fedus et al. 2021)
 - `final_metrics`, `compare`  the last metric values, and all of the above across runs in one table
+- `metric_curves`      scalar training curves (long format), for plotting
+- `contexts`           example contexts of a token routed to an expert (the app's top-tokens view)
 """
 from __future__ import annotations
 
 from moe_lens.analysis.balance import capacity, collapse, load_balance, router_confidence
-from moe_lens.analysis.compare import compare, final_metrics
-from moe_lens.analysis.specialization import ATTRIBUTES, POSITION_BANDS, specialization
+from moe_lens.analysis.compare import compare, final_metrics, metric_curves
+from moe_lens.analysis.specialization import ATTRIBUTES, POSITION_BANDS, contexts, specialization
 from moe_lens.analysis.stability import agreement, agreement_scores, stability
 
 __all__ = ["load_balance", "collapse", "router_confidence", "capacity", "specialization", "stability",
-           "agreement", "agreement_scores", "final_metrics", "compare", "ATTRIBUTES", "POSITION_BANDS"]
+           "agreement", "agreement_scores", "final_metrics", "compare", "metric_curves", "contexts",
+           "ATTRIBUTES", "POSITION_BANDS"]

@@ -24,6 +24,14 @@ def final_metrics(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: s
     return df if split is None else df[df["split"] == split].reset_index(drop=True)
 
 
+def metric_curves(con: duckdb.DuckDBPyConnection, runs: Runs = None, *,
+                  names: list[str] | tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Scalar metric curves (layer and expert NULL) of `runs`, long format: (run, split, name, step, epoch,
+    value), one row per logged step, ordered by (run, split, name, step); `names` keeps only those metrics."""
+    params = dict(runs=resolve_runs(con, runs), names=list(names) if names is not None else None)
+    return query(con, sql_text("metric_curves"), params)
+
+
 def compare(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "valid", layer: int = 0,
             attribute: str = "pos_tag") -> pd.DataFrame:
     """One row per run: config, final `<split>_<metric>` values and the analyses at its last epoch."""
