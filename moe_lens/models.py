@@ -1,7 +1,8 @@
 """The three recurrent models, each built around one `moe.MoELayer` with a residual around it.
 
-- `LanguageModel` (WikiText-2): embedding -> LSTM -> MoE -> LSTM -> softmax, the MoE between
-  stacked LSTM layers as in Shazeer et al. 2017 (sec. 5.1); optional weight tying (Press & Wolf 2017).
+- `LanguageModel` (WikiText-2): embedding -> LSTM -> MoE (residual, LayerNorm) -> LSTM -> softmax,
+  the MoE between stacked LSTM layers as in Shazeer et al. 2017 (sec. 5.1); optional weight tying
+  (Press & Wolf 2017).
 - `Tagger` (CoNLL-2003): embedding (optionally GloVe) -> BiLSTM -> MoE -> BiLSTM -> tag head, the
   SAiDL 2024 report's NER model.
 - `SpanQA` (SQuAD 1.1): context and question through the same BiLSTM -> MoE -> BiLSTM; the question
@@ -55,6 +56,9 @@ class LanguageModel(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.lstm1 = nn.LSTM(cfg.d_embed, cfg.d_model, batch_first=True)
         self.moe = MoELayer.from_config(cfg, cfg.d_model)
+        # LayerNorm after the residual sum: without it the stacked LM stays at the unigram solution
+        # (measured: train loss flat at the unigram entropy for a whole epoch, with any residual MLP)
+        self.norm = nn.LayerNorm(cfg.d_model)
         self.lstm2 = nn.LSTM(cfg.d_model, cfg.d_model, batch_first=True)
         self.head = nn.Linear(cfg.d_model, vocab_size)
         if cfg.tie_weights:
@@ -69,7 +73,7 @@ class LanguageModel(nn.Module):
         b, t, d = h.shape
         flat = h.reshape(b * t, d)
         y, aux, routing = self.moe(flat, token_ids=ids.reshape(-1))
-        h, s2 = self.lstm2(self.drop((flat + y).reshape(b, t, d)), s2)
+        h, s2 = self.lstm2(self.drop(self.norm(flat + y).reshape(b, t, d)), s2)
         trace = MoETrace(0, token_idx.reshape(-1), routing, flat.detach())
         return self.head(self.drop(h)), aux, [trace], (s1, s2)
 
