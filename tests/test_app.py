@@ -12,8 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from streamlit.testing.v1 import AppTest  # noqa: E402  (installed by the README's ".[all]")
 
 from moe_lens import analysis, projection, store  # noqa: E402
 from moe_lens.synthetic import write_synthetic_run  # noqa: E402

@@ -25,7 +25,7 @@ PAGES = [("", "Runs", 2), ("load_balance", "Load balance", 3), ("collapse", "Col
          ("sql", "SQL", 0)]
 ERRORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
 
-webdriver = pytest.importorskip("selenium.webdriver")
+from selenium import webdriver  # noqa: E402  (installed by the README's ".[all]")
 if not (CHROMIUM.exists() and DRIVER.exists()):
     msg = "Debian chromium + chromedriver not installed (apt-get install chromium chromium-driver)"
     if os.environ.get("CI", "").lower() == "true":
