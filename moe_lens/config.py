@@ -59,6 +59,7 @@ class RunConfig:
     tie_weights: bool = False  # LM only; needs d_embed == d_model
     embeddings: str | None = None  # GloVe text file to initialise the embedding from
     freeze_embeddings: bool = False
+    case_features: bool = False  # CoNLL: add a small embedding of each token's casing (Title, UPPER, digits...)
     # router
     router: str = "noisy_topk"
     num_experts: int = 8
@@ -78,6 +79,7 @@ class RunConfig:
     # optim
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps (tests, smoke runs)
+    epoch_steps: int | None = None  # cap every epoch at its first N batches (short runs with several epochs)
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -92,6 +94,8 @@ class RunConfig:
     hidden_sample: int = 20000  # hidden states per split per recorded epoch
     record_flush_rows: int = 1_000_000  # routing rows buffered per partition before a part file is written
     max_eval_batches: int | None = None  # evaluate (and record) only the first N batches: smoke runs only
+    record_tokens: int | None = None  # keep eval traces of the first N tokens of a split only (metrics still
+    # cover the whole split); the train tokens table then holds only the tokens of recorded batches
     tensorboard: bool = False  # also write scalars to <run>/tensorboard (needs the tensorboard package)
     runs_dir: str = "runs"
     run_name: str | None = None
@@ -124,8 +128,9 @@ class RunConfig:
             _check_min("max_len", self.max_len, 1)
         if self.max_steps is not None:
             _check_min("max_steps", self.max_steps, 1)
-        if self.max_eval_batches is not None:
-            _check_min("max_eval_batches", self.max_eval_batches, 1)
+        for name in ("max_eval_batches", "epoch_steps", "record_tokens"):
+            if getattr(self, name) is not None:
+                _check_min(name, getattr(self, name), 1)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}; allowed: 0 <= dropout < 1")
         for name in ("w_importance", "w_load", "w_switch", "w_z", "weight_decay", "hidden_sample"):
