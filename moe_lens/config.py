@@ -92,6 +92,7 @@ class RunConfig:
     record_every: int = 100  # record a training batch every N steps
     record_probs: bool = False  # full router probabilities (n, e) per token
     hidden_sample: int = 20000  # hidden states per split per recorded epoch
+    hidden_bf16: bool = False  # store hidden states rounded to bfloat16 precision (about half the bytes)
     record_flush_rows: int = 1_000_000  # routing rows buffered per partition before a part file is written
     max_eval_batches: int | None = None  # evaluate (and record) only the first N batches: smoke runs only
     record_tokens: int | None = None  # keep eval traces of the first N tokens of a split only (metrics still

@@ -49,9 +49,9 @@ def record_run(run_dir: str | Path, dataset: str, split: str, *, data_dir: str |
     if not has_labels:  # a tagger over unlabelled text: routing only, no accuracy
         split_data.labels = np.zeros(len(split_data), dtype=np.int64)
     clear_partition(run_dir, dataset, split, payload["epoch"])  # a repeated probe replaces, never duplicates
-    recorder = Recorder(run_dir, record_probs=record_probs)
-    recorder.write_tokens(split_data.tokens, dataset, split)
-    keep = hidden_sample(len(split_data), cfg.hidden_sample, cfg.seed)
+    recorder = Recorder(run_dir, record_probs=record_probs, hidden_bf16=cfg.hidden_bf16)
+    recorder.write_tokens(split_data.tokens, dataset, split, limit=cfg.record_tokens)
+    keep = hidden_sample(len(split_data), cfg.hidden_sample, cfg.seed, within=cfg.record_tokens)
     task = get_task(cfg.dataset, cfg)
     try:
         vm = evaluate(task, model, split_data, dev, epoch=payload["epoch"], step=payload["step"],

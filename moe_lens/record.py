@@ -55,25 +55,44 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 class Recorder:
-    def __init__(self, run_dir: str | Path, *, record_probs: bool = False, flush_rows: int = 2_000_000) -> None:
+    def __init__(self, run_dir: str | Path, *, record_probs: bool = False, flush_rows: int = 2_000_000,
+                 hidden_bf16: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.record_probs = record_probs
+        self.hidden_bf16 = hidden_bf16  # round hidden states to bfloat16 precision (still float32 columns)
         self.flush_rows = flush_rows
         self._queue: queue.Queue = queue.Queue(maxsize=32)  # bounded: back-pressure, bounded memory
         self._buffers: dict[tuple[str, str, str, int], list[pa.Table]] = {}
         self._rows: dict[tuple[str, str, str, int], int] = {}
         self._error: BaseException | None = None
+        self._limits: dict[tuple[str, str], int] = {}  # (dataset, split) -> keep token_idx < limit
+        self._lazy: dict[tuple[str, str], tuple[pa.Table, np.ndarray]] = {}  # tokens table, rows written
         self._thread = threading.Thread(target=self._work, name="moe-lens-recorder", daemon=True)
         self._thread.start()
 
     # ---- training thread -------------------------------------------------------------------
-    def write_tokens(self, tokens: pd.DataFrame, dataset: str, split: str) -> None:
-        """The annotated token table of a split, written once (skipped if already there)."""
-        path = self.run_dir / "tokens" / f"dataset={dataset}" / f"split={split}" / "part-00000.parquet"
-        if path.exists():
-            return
+    def write_tokens(self, tokens: pd.DataFrame, dataset: str, split: str, *, limit: int | None = None,
+                     lazy: bool = False) -> None:
+        """The annotated token table of a split, written once (skipped if already there).
+
+        `limit`: only the first `limit` tokens are kept, here and in every trace of this split added later.
+        `lazy`: nothing is written now; each flush writes the rows of the tokens that recorded batches
+        referenced since the last one (never a row twice, also across `--resume`).
+        """
+        directory = self.run_dir / "tokens" / f"dataset={dataset}" / f"split={split}"
         table = pa.Table.from_pandas(tokens.drop(columns=["dataset", "split"], errors="ignore"), preserve_index=False)
-        write_table_atomic(table, path)
+        if lazy:
+            done = np.zeros(table.num_rows, dtype=bool)
+            for f in directory.glob("part-*.parquet"):
+                done[pq.read_table(f, columns=["token_idx"]).column(0).to_numpy()] = True
+            self._lazy[(dataset, split)] = (table, done)
+            return
+        if limit is not None:
+            self._limits[(dataset, split)] = limit
+            table = table.slice(0, limit)
+        path = directory / "part-00000.parquet"
+        if not path.exists():
+            write_table_atomic(table, path)
 
     def add(self, traces: list[MoETrace], *, dataset: str, split: str, epoch: int, step: int,
             hidden_keep: torch.Tensor | None = None) -> None:
@@ -135,38 +154,60 @@ class Recorder:
                 keep: torch.Tensor | None) -> None:
         if event is not None:
             event.synchronize()  # the copies started by add() are complete
+        limit = self._limits.get((dataset, split))
+        lazy = self._lazy.get((dataset, split))
         for layer, host in items:
             arrays = {k: v.numpy() for k, v in host.items()}
-            self._append("routing", dataset, split, epoch, routing_rows(arrays, step, layer))
+            if limit is not None:
+                sel = arrays["token_idx"] < limit
+                arrays = {k: v[sel] for k, v in arrays.items()}
             token_idx = arrays["token_idx"]
+            if len(token_idx) == 0:
+                continue
+            if lazy is not None:
+                table, done = lazy
+                new = np.unique(token_idx[~done[token_idx]])
+                if len(new):
+                    done[new] = True
+                    self._append("tokens", dataset, split, None, table.take(new))
+            self._append("routing", dataset, split, epoch, routing_rows(arrays, step, layer))
             if "probs" in arrays:
                 self._append("probs", dataset, split, epoch, _list_rows(token_idx, step, layer, "router_probs", arrays["probs"]))
             if keep is not None:
                 sel = keep.numpy()[token_idx]  # (n,) rows whose token is in the fixed sample
                 if sel.any():
-                    rows = _list_rows(token_idx[sel], step, layer, "hidden", arrays["hidden"][sel].astype(np.float32))
+                    h = arrays["hidden"][sel].astype(np.float32)  # (m, d)
+                    if self.hidden_bf16:  # keep sign, exponent and 7 mantissa bits: zstd then halves the size
+                        h = (h.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+                    rows = _list_rows(token_idx[sel], step, layer, "hidden", h)
                     self._append("hidden", dataset, split, epoch, rows)
 
-    def _append(self, table: str, dataset: str, split: str, epoch: int, rows: pa.Table) -> None:
+    def _append(self, table: str, dataset: str, split: str, epoch: int | None, rows: pa.Table) -> None:
         key = (table, dataset, split, epoch)
         self._buffers.setdefault(key, []).append(rows)
         self._rows[key] = self._rows.get(key, 0) + rows.num_rows
-        if self._rows[key] >= self.flush_rows:
+        if table != "tokens" and self._rows[key] >= self.flush_rows:
             self._write(key)
 
     def _write_all(self) -> None:
-        for key in list(self._buffers):
+        for key in sorted(self._buffers, key=lambda k: k[0] != "tokens"):  # tokens first: every trace row joins
             self._write(key)
 
-    def _write(self, key: tuple[str, str, str, int]) -> None:
+    def _write(self, key: tuple[str, str, str, int | None]) -> None:
+        table, dataset, split, epoch = key
+        if table != "tokens" and ("tokens", dataset, split, None) in self._buffers:
+            self._write(("tokens", dataset, split, None))
         parts = self._buffers.pop(key, [])
         self._rows.pop(key, None)
         if not parts:
             return
-        table, dataset, split, epoch = key
-        directory = self.run_dir / table / f"dataset={dataset}" / f"split={split}" / f"epoch={epoch}"
+        directory = self.run_dir / table / f"dataset={dataset}" / f"split={split}"
+        if table == "tokens":
+            first = int(parts[0].column("token_idx")[0].as_py())
+            write_table_atomic(pa.concat_tables(parts), directory / f"part-t{first:09d}-{uuid.uuid4().hex[:8]}.parquet")
+            return
         first_step = int(parts[0].column("step")[0].as_py())
-        path = directory / f"part-{first_step:09d}-{uuid.uuid4().hex[:8]}.parquet"
+        path = directory / f"epoch={epoch}" / f"part-{first_step:09d}-{uuid.uuid4().hex[:8]}.parquet"
         write_table_atomic(pa.concat_tables(parts), path)
 
 

@@ -58,11 +58,12 @@ def _load_data(dataset: str, data_dir: str | None, vocab_size: int | None, pos_t
     return {"train": train, "valid": valid}
 
 
-def hidden_sample(n: int, size: int, seed: int) -> torch.Tensor:
-    """(n,) bool: a fixed random sample of `size` token positions of a split."""
+def hidden_sample(n: int, size: int, seed: int, within: int | None = None) -> torch.Tensor:
+    """(n,) bool: a fixed random sample of `size` token positions of a split (of its first `within`)."""
     keep = torch.zeros(n, dtype=torch.bool)
-    if size > 0 and n > 0:
-        keep[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]] = True
+    m = n if within is None else min(n, within)
+    if size > 0 and m > 0:
+        keep[torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:size]] = True
     return keep
 
 
@@ -125,6 +126,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Pat
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = sum(1 for _ in task.batches(train_split, train=True, seed=cfg.seed))
+    steps_per_epoch = min(steps_per_epoch, cfg.epoch_steps or steps_per_epoch)
     total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
     step, start_epoch = 0, 0
@@ -143,11 +145,12 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Pat
                            "embedding_coverage": coverage if cfg.embeddings else None}, run_dir / "config.json")  # fmt: skip
     state = RunState.start(run_dir, resume=resume)
     metrics = Metrics(run_dir, keep_until_step=step if resume else None, tensorboard=cfg.tensorboard)
-    recorder = Recorder(run_dir, record_probs=cfg.record_probs, flush_rows=cfg.record_flush_rows) if cfg.record else None
+    recorder = Recorder(run_dir, record_probs=cfg.record_probs, flush_rows=cfg.record_flush_rows,
+                        hidden_bf16=cfg.hidden_bf16) if cfg.record else None  # fmt: skip
     if recorder is not None:
-        recorder.write_tokens(train_split.tokens, cfg.dataset, "train")
-        recorder.write_tokens(valid_split.tokens, cfg.dataset, "valid")
-    keep_valid = hidden_sample(len(valid_split), cfg.hidden_sample, cfg.seed)
+        recorder.write_tokens(train_split.tokens, cfg.dataset, "train", lazy=cfg.record_tokens is not None)
+        recorder.write_tokens(valid_split.tokens, cfg.dataset, "valid", limit=cfg.record_tokens)
+    keep_valid = hidden_sample(len(valid_split), cfg.hidden_sample, cfg.seed, within=cfg.record_tokens)
     loop = _Loop(cfg, task, model, opt, sched, params, device, recorder, metrics, state, progress)
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -222,7 +225,7 @@ class _Loop:
                 tok_s = ntok / (time.perf_counter() - t0)
                 window.log(self.metrics, step, epoch, tok_s, self.opt.param_groups[0]["lr"], bar)
                 self.state.save(step=step)
-            if last:
+            if last or i == steps_per_epoch - 1:  # an --epoch-steps epoch ends early
                 break
         bar.close()
         return step
