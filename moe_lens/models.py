@@ -4,7 +4,8 @@
   the MoE between stacked LSTM layers as in Shazeer et al. 2017 (sec. 5.1); optional weight tying
   (Press & Wolf 2017).
 - `Tagger` (CoNLL-2003): embedding (optionally GloVe) -> BiLSTM -> MoE -> BiLSTM -> tag head, the
-  SAiDL 2024 report's NER model.
+  SAiDL 2024 report's NER model; with `cfg.case_features` a small embedding of each token's casing
+  class (tasks/ner.py) is concatenated to the word embedding before the first BiLSTM.
 - `SpanQA` (SQuAD 1.1): context and question through the same BiLSTM -> MoE -> BiLSTM; the question
   is pooled by learned attention into q (b, 2h); start/end logits are bilinear scores
   C_j W_start q and C_j W_end q over CONTEXT positions only (DrQA, Chen et al. 2017). Reading the end
@@ -25,6 +26,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from moe_lens.config import RunConfig
 from moe_lens.moe import MoELayer, Routing
+from moe_lens.tasks.ner import CASE_CLASSES
+
+CASE_DIM = 8  # width of the casing-class embedding (cfg.case_features)
 
 
 @dataclass
@@ -81,11 +85,11 @@ class LanguageModel(nn.Module):
 class _BiEncoder(nn.Module):
     """Packed BiLSTM -> MoE (residual) -> BiLSTM; shared by the tagger and the QA model."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, d_in: int | None = None) -> None:
         super().__init__()
         h = cfg.d_model
         self.drop = nn.Dropout(cfg.dropout)
-        self.lstm1 = nn.LSTM(cfg.d_embed, h, batch_first=True, bidirectional=True)
+        self.lstm1 = nn.LSTM(d_in or cfg.d_embed, h, batch_first=True, bidirectional=True)  # d_in: default d_embed
         self.moe = MoELayer.from_config(cfg, 2 * h)
         self.lstm2 = nn.LSTM(2 * h, h, batch_first=True, bidirectional=True)
 
@@ -105,12 +109,21 @@ class Tagger(nn.Module):
     def __init__(self, cfg: RunConfig, vocab_size: int, num_tags: int, embedding_init: np.ndarray | None = None):
         super().__init__()
         self.emb = _embedding(cfg, vocab_size, embedding_init)
-        self.enc = _BiEncoder(cfg)
+        # casing embedding, trainable even when the word embedding is frozen; class 0 = padding
+        self.case_emb = nn.Embedding(len(CASE_CLASSES), CASE_DIM, padding_idx=0) if cfg.case_features else None
+        self.enc = _BiEncoder(cfg, cfg.d_embed + (CASE_DIM if cfg.case_features else 0))
         self.head = nn.Linear(2 * cfg.d_model, num_tags)
 
-    def forward(self, ids: Tensor, token_idx: Tensor, lengths: Tensor):
-        """ids, token_idx (b, t), lengths (b,) -> tag logits (b, t, tags), aux_loss, [MoETrace]."""
-        p = self.enc.first(self.emb(ids), lengths)
+    def forward(self, ids: Tensor, token_idx: Tensor, lengths: Tensor, case: Tensor | None = None):
+        """ids, token_idx, case (b, t), lengths (b,) -> tag logits (b, t, tags), aux_loss, [MoETrace].
+
+        `case` (casing classes, tasks/ner.py) is required when the model was built with case_features."""
+        x = self.emb(ids)  # (b, t, d_embed)
+        if self.case_emb is not None:
+            if case is None:
+                raise ValueError("this Tagger was built with case_features=True; forward needs `case` (b, t)")
+            x = torch.cat([x, self.case_emb(case)], dim=-1)  # (b, t, d_embed + CASE_DIM)
+        p = self.enc.first(x, lengths)
         packed_ids = self.enc.pack(ids, lengths).data  # (n,) same row order as p.data
         packed_idx = self.enc.pack(token_idx, lengths).data
         y, aux, routing = self.enc.moe(p.data, token_ids=packed_ids)

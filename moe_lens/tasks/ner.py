@@ -2,12 +2,18 @@
 
 Loss: cross-entropy over real tokens (padding label -100 is ignored). Metrics: token accuracy over
 real tokens only (the SAiDL 2024 report's accuracy also counted padding) and entity-level F1.
+
+With `cfg.case_features`, each batch also carries `case` (b, t): the casing class of every token
+(`CASE_CLASSES`), the word-shape feature of neural NER taggers (Collobert et al. 2011's caps
+feature; Chiu & Nichols 2016 use similar classes). GloVe 6B is uncased, so without it a frozen
+embedding cannot tell "Apple" from "apple", and every unseen word is the same `<unk>`.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +22,36 @@ from moe_lens.tasks.batching import bucket_batches, gather_padded
 from moe_lens.tasks.metrics import entity_f1
 
 IGNORE = -100
+# casing classes; 0 is padding, so `case` pads like `ids`
+CASE_CLASSES = ("pad", "lower", "title", "upper", "mixed", "digit", "other")
+
+
+def case_classes(words) -> np.ndarray:
+    """(n,) int64 class in CASE_CLASSES of each string in `words` (a sequence of str), by the first
+    rule that applies: any digit -> digit ("1996", "3-0"); no letter -> other (",", "--");
+    >= 2 letters, all upper -> upper ("EU", "U.S."); first char upper, rest uncased or lower -> title
+    ("Paris", "I", "J."); all letters lower -> lower; else mixed ("McDonald", "iPhone")."""
+    s = pd.Series(list(words), dtype=object).astype(str)
+    low, up = s.str.lower(), s.str.upper()
+    has_upper, has_lower = (s != low).to_numpy(), (s != up).to_numpy()  # some char changes when folded
+    letters = s.str.count(r"[^\W\d_]").to_numpy()  # (n,) unicode letters
+    rest = s.str[1:]
+    title = (s.str[:1].str.isupper() & (rest == rest.str.lower())).to_numpy(dtype=bool)
+    conds = [s.str.contains(r"\d").to_numpy(dtype=bool), letters == 0, has_upper & ~has_lower & (letters >= 2),
+             title, ~has_upper]  # fmt: skip
+    out = np.select(conds, [5, 6, 3, 2, 1], default=4)
+    return out.astype(np.int64)
+
+
+def split_cases(split) -> np.ndarray:
+    """(n,) int64 casing class of every token of `split`: classified once per distinct string (the
+    `token` column is categorical) and spread to the tokens by the category codes."""
+    col = split.tokens["token"]
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = col.cat.categories
+        return case_classes(cats)[col.cat.codes.to_numpy()] if len(cats) else np.zeros(len(col), np.int64)
+    codes, uniq = pd.factorize(col.to_numpy(dtype=object))
+    return case_classes(uniq)[codes]
 
 
 class NERTask:
@@ -24,6 +60,15 @@ class NERTask:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.max_len = cfg.max_len or 128
+        self._cases: dict[int, tuple[object, np.ndarray]] = {}  # id(split) -> (split, (n,) classes)
+
+    def cases(self, split) -> np.ndarray:
+        """(n,) casing classes of `split`, computed on first use and cached on the task (the split is
+        kept in the cache too, so its id cannot be reused by another object)."""
+        hit = self._cases.get(id(split))
+        if hit is None:
+            hit = self._cases[id(split)] = (split, split_cases(split))
+        return hit[1]
 
     def batches(self, split, *, train: bool, seed: int) -> Iterator[dict]:
         starts = split.seq_offsets[:-1]
@@ -31,21 +76,26 @@ class NERTask:
         keep = lengths > 0
         starts, lengths = starts[keep], lengths[keep]
         pad = split.vocab.pad_id if split.vocab.pad_id is not None else 0
+        cases = self.cases(split) if self.cfg.case_features else None
         for sel in bucket_batches(lengths, self.cfg.batch_size, shuffle=train, seed=seed):
             s, ln = starts[sel], lengths[sel]
-            yield {
+            batch = {
                 "ids": torch.from_numpy(gather_padded(split.token_ids, s, ln, pad)),
                 "token_idx": torch.from_numpy(gather_padded(np.arange(len(split.token_ids)), s, ln, 0)),
                 "labels": torch.from_numpy(gather_padded(split.labels, s, ln, IGNORE)),
                 "lengths": torch.from_numpy(ln.astype(np.int64)),
                 "ntokens": int(ln.sum()),
             }
+            if cases is not None:
+                batch["case"] = torch.from_numpy(gather_padded(cases, s, ln, 0))  # (b, t)
+            yield batch
 
     def init_state(self):
         return None
 
     def forward(self, model, batch: dict, state) -> Forward:
-        logits, aux, traces = model(batch["ids"], batch["token_idx"], batch["lengths"])  # (b, t, tags)
+        # logits (b, t, tags); `case` is in the batch only with cfg.case_features
+        logits, aux, traces = model(batch["ids"], batch["token_idx"], batch["lengths"], batch.get("case"))
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
                                ignore_index=IGNORE)  # fmt: skip
         return Forward(loss, aux, traces, None, out=logits)
