@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "moe_lens.data.commands",  # data download / info
     "moe_lens.store",  # sql
     "moe_lens.report",  # report
+    "moe_lens.figures",  # figure
     "moe_lens.app_cli",  # app
 )
 

@@ -1,0 +1,167 @@
+"""`moe-lens figure KIND`: the standard charts of moe_lens.analysis as Plotly figures, saved as PNG or HTML.
+
+Each builder takes a connection from `moe_lens.store.connect` and returns `(figure, table)`: the table is
+the analysis DataFrame the figure plots, so every number in a figure can be printed or checked.
+
+- `collapse`        effective experts exp(H) of top-1 usage in each run's last recorded epoch, by dataset
+- `collapse-curve`  effective experts over training steps (recorded training batches)
+- `specialization`  expert x attribute-value lift heatmap of one run (POS tag, frequency band, dataset...)
+- `nmi`             NMI(expert; attribute) per run next to its shuffled-attribute chance level
+
+PNG export uses kaleido, which drives a local Chrome/Chromium (`apt-get install chromium`); `.html` needs
+nothing else (plotly.js inlined, opens offline).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from moe_lens import analysis as A
+from moe_lens.errors import MoeLensError
+from moe_lens.store import connect, default_runs_dir
+
+KINDS = ("collapse", "collapse-curve", "specialization", "nmi")
+_LAYOUT = dict(template="plotly_white", font=dict(size=13), margin=dict(l=60, r=20, t=60, b=60))
+
+
+def _run_info(con: duckdb.DuckDBPyConnection, runs: list[str] | None) -> pd.DataFrame:
+    info = con.execute("SELECT run, dataset, mode, num_experts, top_k FROM runs ORDER BY dataset, run").df()
+    if runs:
+        missing = sorted(set(runs) - set(info["run"]))
+        if missing:
+            raise MoeLensError(f"unknown run(s) {', '.join(missing)}; available: {', '.join(info['run'])}")
+        info = info[info["run"].isin(runs)]
+    return info
+
+
+def collapse_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, split: str = "valid",
+                  modes: list[str] | None = None) -> tuple[go.Figure, pd.DataFrame]:
+    """Effective experts (top-1, last recorded epoch of `split`) per run, grouped by dataset, one bar per mode."""
+    info = _run_info(con, runs)
+    info = info[info["num_experts"] > 1]
+    if modes:
+        info = info[info["mode"].isin(modes)]
+    df = A.collapse(con, info["run"].tolist(), split=split, by="epoch")
+    df = df.sort_values("epoch").groupby("run", as_index=False).last().merge(info[["run", "dataset", "mode"]], on="run")
+    order = modes or list(dict.fromkeys(info["mode"]))
+    fig = go.Figure()
+    for mode in order:
+        d = df[df["mode"] == mode]
+        fig.add_bar(name=mode, x=d["dataset"], y=d["effective_experts"], text=d["effective_experts"].round(1),
+                    textposition="outside", customdata=d[["run", "dead_experts"]],
+                    hovertemplate="%{customdata[0]}: %{y:.2f} effective, %{customdata[1]} dead<extra></extra>")  # fmt: skip
+    e = int(df["num_experts"].max()) if len(df) else 0
+    fig.add_hline(y=e, line_dash="dot", annotation_text=f"all {e} experts used equally", annotation_position="top left")
+    fig.update_layout(barmode="group", title=f"Effective experts exp(H) of top-1 routing ({split}, last epoch)",
+                      yaxis_title="effective experts", xaxis_title="dataset", legend_title="mode", **_LAYOUT)  # fmt: skip
+    return fig, df[["run", "dataset", "mode", "epoch", "step", "effective_experts", "dead_experts", "norm_entropy"]]
+
+
+def collapse_curves(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, split: str = "train",
+                    modes: list[str] | None = None) -> tuple[go.Figure, pd.DataFrame]:
+    """Effective experts of each recorded training batch against the step, one line per run."""
+    info = _run_info(con, runs)
+    info = info[info["num_experts"] > 1]
+    if modes:
+        info = info[info["mode"].isin(modes)]
+    df = A.collapse(con, info["run"].tolist(), split=split, by="step").merge(info[["run", "mode"]], on="run")
+    fig = go.Figure()
+    for run, d in df.sort_values("step").groupby("run", sort=False):
+        fig.add_scatter(x=d["step"], y=d["effective_experts"], mode="lines+markers", name=d["mode"].iloc[0] + f" ({run})")
+    fig.update_layout(title=f"Effective experts over training ({split} batches)", xaxis_title="step",
+                      yaxis_title="effective experts exp(H)", legend_title="run", **_LAYOUT)  # fmt: skip
+    return fig, df[["run", "mode", "epoch", "step", "tokens", "effective_experts", "dead_experts"]]
+
+
+def specialization_heatmap(con: duckdb.DuckDBPyConnection, run: str, *, attribute: str = "pos_tag",
+                           split: str = "valid", top_values: int = 16) -> tuple[go.Figure, pd.DataFrame]:
+    """Lift P(expert | value) / P(expert) for the `top_values` most frequent values of `attribute` (rows) x experts."""
+    df = A.specialization(con, run, attribute=attribute, split=split, shuffled=False)
+    counts = df.groupby("value")["n_value"].first().sort_values(ascending=False)
+    keep = counts.index[:top_values]
+    d = df[df["value"].isin(keep)]
+    lift = d.pivot_table(index="value", columns="expert", values="lift", fill_value=0.0).reindex(keep)
+    z = np.log2(lift.clip(lower=1 / 8).values)  # (values, experts); 0 = chance, +1 = twice as likely
+    fig = go.Figure(go.Heatmap(z=z, x=[f"e{c}" for c in lift.columns], y=[f"{v} ({counts[v]:,})" for v in keep],
+                               customdata=lift.values, colorscale="RdBu_r", zmid=0.0, zmin=-3, zmax=3,
+                               colorbar=dict(title="log2 lift", tickvals=[-3, -2, -1, 0, 1, 2, 3],
+                                             ticktext=["1/8", "1/4", "1/2", "1", "2", "4", "8"]),
+                               hovertemplate="%{y} -> %{x}: lift %{customdata:.2f}<extra></extra>"))  # fmt: skip
+    nmi = df["nmi"].iloc[0]
+    fig.update_layout(title=f"{run}: expert x {attribute} lift ({split}, top-1; NMI {nmi:.3f})", xaxis_title="expert",
+                      yaxis=dict(autorange="reversed"), height=120 + 28 * len(keep), **_LAYOUT)  # fmt: skip
+    return fig, d[["run", "value", "expert", "n", "n_value", "p_expert_given_value", "p_expert", "lift"]]
+
+
+def nmi_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, attribute: str = "pos_tag",
+             split: str = "valid") -> tuple[go.Figure, pd.DataFrame]:
+    """NMI(top-1 expert; attribute) per run, with the shuffled-attribute NMI (chance) beside it."""
+    info = _run_info(con, runs)
+    info = info[info["num_experts"] > 1]
+    df = A.specialization(con, info["run"].tolist(), attribute=attribute, split=split, summary=True)
+    df = df.merge(info[["run", "dataset", "mode"]], on="run").sort_values(["dataset", "run"])
+    fig = go.Figure()
+    fig.add_bar(name="NMI", x=df["run"], y=df["nmi"])
+    fig.add_bar(name="NMI, attribute shuffled (chance)", x=df["run"], y=df["nmi_shuffled"])
+    fig.update_layout(barmode="group", title=f"How much the top-1 expert says about {attribute} ({split})",
+                      yaxis_title="NMI(expert; attribute)", **_LAYOUT)  # fmt: skip
+    return fig, df[["run", "dataset", "mode", "rows", "nmi", "nmi_shuffled", "nmi_chance"]]
+
+
+def save(fig: go.Figure, path: str | Path, *, width: int = 1000, height: int | None = None) -> Path:
+    """Write `fig` as .png (kaleido + a local Chromium) or .html (standalone)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".html":
+        fig.write_html(path, include_plotlyjs=True)
+    elif path.suffix == ".png":
+        try:
+            fig.write_image(path, width=width, height=height or fig.layout.height or 520, scale=1)
+        except (ImportError, ValueError, RuntimeError) as e:
+            raise MoeLensError(f"{path}: PNG export needs kaleido and a local Chrome/Chromium ({str(e).splitlines()[0]}); "
+                               "write .html instead") from e  # fmt: skip
+    else:
+        raise MoeLensError(f"{path}: unknown figure format {path.suffix!r}; allowed: .png, .html")
+    return path
+
+
+def build(con: duckdb.DuckDBPyConnection, kind: str, runs: list[str] | None, *, split: str | None = None,
+          attribute: str = "pos_tag", modes: list[str] | None = None) -> tuple[go.Figure, pd.DataFrame]:
+    """The figure `kind` (one of KINDS) and the table behind it."""
+    if kind == "collapse":
+        return collapse_bars(con, runs, split=split or "valid", modes=modes)
+    if kind == "collapse-curve":
+        return collapse_curves(con, runs, split=split or "train", modes=modes)
+    if kind == "nmi":
+        return nmi_bars(con, runs, attribute=attribute, split=split or "valid")
+    if kind == "specialization":
+        if not runs or len(runs) != 1:
+            raise MoeLensError("figure specialization needs exactly one run: --runs RUN")
+        return specialization_heatmap(con, runs[0], attribute=attribute, split=split or "valid")
+    raise MoeLensError(f"unknown figure {kind!r}; allowed: {', '.join(KINDS)}")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("figure", help="export a standard chart (PNG/HTML) and print the numbers behind it")
+    p.add_argument("kind", choices=KINDS)
+    p.add_argument("--runs-dir", default=None, help="runs directory (default: runs, else sample_runs)")
+    p.add_argument("--runs", nargs="*", default=None, metavar="RUN", help="runs to include (default: all)")
+    p.add_argument("--modes", nargs="*", default=None, help="only these modes, in this order")
+    p.add_argument("--split", default=None, help="split (default: valid; train for collapse-curve)")
+    p.add_argument("--attribute", default="pos_tag", choices=A.ATTRIBUTES)
+    p.add_argument("--out", required=True, help="output file, .png or .html")
+    p.set_defaults(func=_figure_command)
+
+
+def _figure_command(args: argparse.Namespace) -> int:
+    con = connect(args.runs_dir or default_runs_dir())
+    fig, table = build(con, args.kind, args.runs, split=args.split, attribute=args.attribute, modes=args.modes)
+    with pd.option_context("display.width", 200, "display.max_rows", 200):
+        print(table.round(4).to_string(index=False))
+    print(f"wrote {save(fig, args.out)}")
+    return 0
