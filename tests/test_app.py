@@ -146,7 +146,7 @@ def test_collapse_numbers(runs_dir: Path) -> None:
 
 
 def test_specialization_numbers(runs_dir: Path) -> None:
-    at = app(runs_dir, "specialization", spec_run="a-noisy")
+    at = app(runs_dir, "specialization", spec_run="a-noisy", spec_top=True, spec_shuffled=True)
     c = con(runs_dir)
     spec = analysis.specialization(c, "a-noisy", attribute="pos_tag")
     heat = first(figure(at, "spec-heatmap"))
@@ -159,6 +159,8 @@ def test_specialization_numbers(runs_dir: Path) -> None:
     top = at.dataframe[0].value  # the chosen expert's top tokens; one context per occurrence, token marked
     assert len(top) and all("<mark>" in m.value for m in at.markdown if "…" in m.value)
     assert any("<mark>" in m.value for m in at.markdown)
+    bare = app(runs_dir, "specialization", spec_run="a-noisy")  # the defaults: analytic chance, no top tokens
+    assert set(traces(figure(bare, "spec-nmi"))) == {"nmi", "nmi_chance"} and not bare.dataframe
 
 
 def test_clusters_pca_numbers_and_cache(runs_dir: Path) -> None:

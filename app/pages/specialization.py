@@ -20,8 +20,11 @@ value = c3.radio("Colour", ["share", "lift"], horizontal=True, key="spec_value",
                  help="share = P(expert | value); lift = P(expert | value) / P(expert)")
 split = c4.selectbox("Split", ["valid", "train", "test"], key="spec_split")
 kw = dict(split=split, layer=ui.layer())
+shuffled = st.toggle("Shuffled-attribute baseline for the NMI (a second pass over the traces: slower on big runs)",
+                     value=False, key="spec_shuffled")  # fmt: skip
 
-full = ui.get("specialization", names, attribute=attribute, **kw)  # one query serves the heatmap and the NMI
+# one query serves the heatmap and the NMI; without the shuffled baseline it is one join of routing with tokens
+full = ui.get("specialization", names, attribute=attribute, shuffled=shuffled, **kw)
 df = None if full is None or full[full["run"] == run].empty else full[full["run"] == run]
 if df is None and full is not None:
     st.info(f"Run `{run}` has no routing rows with a {attribute} in {split}.")
@@ -35,14 +38,16 @@ if df is not None:
 
 st.subheader("NMI per run against chance")
 if full is not None:
-    nmi = full.drop_duplicates(["run", "layer"])[["run", "nmi", "nmi_shuffled", "nmi_chance"]]
-    long = nmi.melt(id_vars=["run"], value_vars=["nmi", "nmi_shuffled", "nmi_chance"], var_name="measure")
+    measures = ["nmi", "nmi_shuffled", "nmi_chance"] if shuffled else ["nmi", "nmi_chance"]
+    nmi = full.drop_duplicates(["run", "layer"])[["run", *measures]]
+    long = nmi.melt(id_vars=["run"], value_vars=measures, var_name="measure")
     fig = px.bar(long, x="run", y="value", color="measure", barmode="group",
-                 title=f"NMI(expert; {attribute}) vs shuffled and analytic chance")
+                 title=f"NMI(expert; {attribute}) vs {'shuffled and ' if shuffled else ''}analytic chance")
     ui.show(fig, "spec-nmi")
 
 st.subheader("One expert: top tokens and contexts")
-if df is None:
+if df is None or not st.toggle("Show the top tokens of an expert (one more pass over the traces)", value=False,
+                               key="spec_top"):  # fmt: skip
     st.stop()
 experts = sorted(df["expert"].unique().tolist())
 e1, e2 = st.columns(2)
