@@ -94,7 +94,7 @@ def specialization_heatmap(con: duckdb.DuckDBPyConnection, run: str, *, attribut
                                hovertemplate="%{y} -> %{x}: lift %{customdata:.2f}<extra></extra>"))  # fmt: skip
     nmi = df["nmi"].iloc[0]
     fig.update_layout(title=f"{run}: expert x {attribute} lift ({split}, top-1; NMI {nmi:.3f})", xaxis_title="expert",
-                      yaxis=dict(autorange="reversed"), height=120 + 28 * len(keep), **_LAYOUT)  # fmt: skip
+                      yaxis=dict(autorange="reversed"), height=max(340, 120 + 28 * len(keep)), **_LAYOUT)  # fmt: skip
     return fig, d[["run", "value", "expert", "n", "n_value", "p_expert_given_value", "p_expert", "lift"]]
 
 

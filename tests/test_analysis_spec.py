@@ -193,3 +193,16 @@ def test_stability_packed_equals_sorted_with_gaps(e: int, n: int, epochs: int, k
 def pa_mask(values: np.ndarray):
     import pyarrow as pa
     return pa.array(values)
+
+
+def test_dataset_attribute_has_no_shuffled_baseline(tmp_path: Path) -> None:
+    """The shuffle permutes within each (run, dataset): for attribute='dataset' it would just copy nmi."""
+    from moe_lens.analysis import specialization
+    from moe_lens.store import connect
+    from moe_lens.synthetic import write_synthetic_run
+
+    write_synthetic_run(tmp_path, "r", dataset="wikitext2", num_tokens=400)
+    con = connect(tmp_path)
+    out = specialization(con, "r", attribute="dataset", summary=True)
+    assert out["nmi_shuffled"].isna().all() and out["nmi_chance"].notna().all()
+    assert specialization(con, "r", attribute="pos_tag", summary=True)["nmi_shuffled"].notna().all()

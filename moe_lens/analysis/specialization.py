@@ -33,6 +33,8 @@ def specialization(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, attribu
     `attribute` is one of ATTRIBUTES; position_band buckets `position` into POSITION_BANDS.
     `shuffled=False` skips the shuffled baseline (`nmi_shuffled` NULL; every other column unchanged), about
     half the work: for callers that only read counts, shares and lift (the app's top-tokens table).
+    For attribute='dataset' the permutation runs within each (run, dataset) and cannot break the association,
+    so `nmi_shuffled` is NULL there (never a misleading copy of `nmi`); compare with `nmi_chance`.
     """
     if attribute not in ATTRIBUTES:
         raise MoeLensError(f"unknown attribute {attribute!r}; allowed: {', '.join(ATTRIBUTES)}")
@@ -41,7 +43,7 @@ def specialization(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, attribu
     names = resolve_runs(con, runs)
     params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch), split=split, layer=layer,
                   all_ranks=all_ranks, attribute=attribute, seed=seed, top=top, by_lift=order_by == "lift",
-                  min_count=min_count, shuffled=bool(shuffled))
+                  min_count=min_count, shuffled=bool(shuffled) and attribute != "dataset")
     df = query(con, sql_text("specialization"), params)
     nonempty(df, names, f"split={split!r}, layer={layer}, epoch={epoch} and a non-NULL {attribute}")
     if summary:

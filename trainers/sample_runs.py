@@ -1,0 +1,123 @@
+"""The committed `sample_runs/`: small real recorded runs of eight gating variants on the three datasets.
+
+    MOE_LENS_DATA=../shared/data python trainers/sample_runs.py [--out sample_runs] [--jobs 2]
+        [--only conll2003 ...] [--modes load switch ...] [--epochs N] [--epoch-steps N]
+
+Eight modes (dense, naive_topk, topk_mask, noisy_topk, importance, load, switch, hybrid) x three
+datasets (WikiText-2 with a 10k capped vocabulary, CoNLL-2003, SQuAD's dev file split by article),
+seed 0, d_model 128, 8 experts of hidden 128 (dense: one). Every epoch is the first `epoch_steps`
+batches of that epoch's shuffle (WikiText-2: the first 150 x 35-token windows of each stream), so each
+run has a few short epochs (CoNLL 3, WikiText-2 and SQuAD 2), each followed by a full validation pass. Then `moe-lens record` replays the WikiText-2 `load` model over CoNLL-2003 and
+SQuAD validation text (the expert x dataset view).
+
+What is kept, to stay under 30 MB in git: the valid traces of the first `record_tokens` tokens of
+each split (metrics cover the whole split), a training batch every `record_every` steps with just the
+tokens it references, hidden states (bfloat16 precision) of 300 valid tokens in the last epoch only, no checkpoints
+(deleted at the end; `--keep-checkpoints` keeps them). About 30 minutes on a 2-core CPU with `--jobs 2`.
+No training loop here: it calls moe_lens.train.train and moe_lens.probe.record_run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from moe_lens.config import RunConfig
+
+MODES = ("dense", "naive_topk", "topk_mask", "noisy_topk", "importance", "load", "switch", "hybrid")
+DATASETS = ("wikitext2", "conll2003", "squad")
+PROBE_RUN, PROBE_SPLITS = "wikitext2-load", (("conll2003", "valid"), ("squad", "valid"))
+GLOVE = "glove/glove.6B.50d.subset.txt"
+COMMON = dict(d_model=128, expert_hidden=128, num_experts=8, seed=0, warmup_steps=50, record=True, record_every=25,
+              record_tokens=8000, hidden_sample=300, hidden_bf16=True)  # fmt: skip
+PER_DATASET = {
+    "wikitext2": dict(vocab_size=10_000, d_embed=128, batch_size=32, lr=2e-3, clip=0.25, weight_decay=0.0,
+                      dropout=0.1, epochs=2, epoch_steps=150),  # fmt: skip
+    "conll2003": dict(embeddings=GLOVE, d_embed=50, lr=2e-3, dropout=0.3, epochs=3, epoch_steps=150, record_every=30),
+    "squad": dict(embeddings=GLOVE, d_embed=50, lr=2e-3, dropout=0.2, epochs=2, epoch_steps=25),
+}
+
+
+def sample_config(dataset: str, mode: str, data_dir: str, out: str, **overrides) -> RunConfig:
+    """The RunConfig of one sample run (`overrides` on top: tests shrink it)."""
+    kw = {**COMMON, **PER_DATASET[dataset], **overrides}
+    if "embeddings" in kw and kw["embeddings"] == GLOVE:
+        kw["embeddings"] = str(Path(data_dir) / GLOVE)
+    if mode == "dense":
+        kw["num_experts"] = 1
+    return RunConfig.for_mode(mode, dataset=dataset, data_dir=data_dir, runs_dir=out, run_name=f"{dataset}-{mode}", **kw)
+
+
+def _train_one(cfg_dict: dict, threads: int) -> tuple[str, float]:
+    import torch
+
+    from moe_lens.train import train
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    run_dir = train(RunConfig.from_dict(cfg_dict), progress=False)
+    _keep_last_hidden(run_dir)
+    return run_dir.name, time.perf_counter() - t0
+
+
+def _probe(run_dir: str, data_dir: str, threads: int) -> list[str]:
+    import torch
+
+    from moe_lens.probe import record_run
+
+    torch.set_num_threads(threads)
+    out = []
+    for dataset, split in PROBE_SPLITS:
+        vm = record_run(run_dir, dataset, split, data_dir=data_dir, device="cpu")
+        out.append(f"probe {Path(run_dir).name} over {dataset}/{split}: {vm}")
+    _keep_last_hidden(Path(run_dir))
+    return out
+
+
+def _keep_last_hidden(run_dir: Path) -> None:
+    """Hidden states of the last recorded epoch only (the Clusters page's default view)."""
+    for split_dir in (run_dir / "hidden").glob("dataset=*/split=*"):
+        epochs = sorted(split_dir.glob("epoch=*"), key=lambda p: int(p.name.split("=")[1]))
+        for old in epochs[:-1]:
+            shutil.rmtree(old)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="sample_runs")
+    p.add_argument("--data-dir", default=os.environ.get("MOE_LENS_DATA"))
+    p.add_argument("--only", nargs="*", choices=DATASETS, default=list(DATASETS))
+    p.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once (each on cores // jobs threads)")
+    p.add_argument("--epochs", type=int, default=None, help="override every run's epochs (tests)")
+    p.add_argument("--epoch-steps", type=int, default=None, help="override every run's epoch_steps (tests)")
+    p.add_argument("--no-probe", action="store_true", help="skip the cross-dataset `moe-lens record` replay")
+    p.add_argument("--keep-checkpoints", action="store_true")
+    args = p.parse_args(argv)
+    if not args.data_dir:
+        p.error("--data-dir (or $MOE_LENS_DATA) is required: the directory holding the datasets")
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("epoch_steps", args.epoch_steps)) if v is not None}
+    cfgs = [sample_config(d, m, args.data_dir, args.out, **overrides) for d in args.only for m in args.modes]
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {c.run_name: pool.submit(_train_one, c.to_dict(), threads) for c in cfgs}
+        probe = None
+        if not args.no_probe and PROBE_RUN in futures:
+            futures[PROBE_RUN].result()  # the probe needs the trained WikiText-2 checkpoint
+            probe = pool.submit(_probe, str(Path(args.out) / PROBE_RUN), args.data_dir, threads)
+        for name, f in futures.items():
+            print(f"{name}: {f.result()[1]:.0f} s", flush=True)
+        if probe is not None:
+            print("\n".join(probe.result()), flush=True)
+    if not args.keep_checkpoints:
+        for c in cfgs:
+            shutil.rmtree(Path(args.out) / c.run_name / "checkpoints", ignore_errors=True)
+    print(f"{len(cfgs)} runs in {time.perf_counter() - t0:.0f} s -> {args.out}/")
+
+
+if __name__ == "__main__":
+    main()
