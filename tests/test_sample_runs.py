@@ -75,4 +75,37 @@ def test_readme_sql_examples_run_on_sample_runs(capsys: pytest.CaptureFixture) -
     for line in lines:
         argv = shlex.split(re.sub(r"\s+#.*$", "", line))[1:]
         assert main([*argv[:2], str(SAMPLE), *argv[3:]]) == 0, line
-        assert "conll2003-load" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "conll2003" in out and "wikitext2" in out, line
+
+
+def test_readme_findings_numbers() -> None:
+    """The numbers the README's "What the sample runs show" quotes, recomputed from the committed traces."""
+    from moe_lens import analysis as A
+
+    con = connect(SAMPLE)
+    last = A.collapse(con, split="valid", by="epoch").sort_values("epoch").groupby("run").last()
+    eff, dead = last["effective_experts"].round(2), last["dead_experts"]
+    # 1. WikiText-2: collapse without a balancing loss
+    assert eff[["wikitext2-naive_topk", "wikitext2-topk_mask", "wikitext2-noisy_topk"]].tolist() == [1.33, 1.42, 1.29]
+    assert eff[["wikitext2-importance", "wikitext2-load", "wikitext2-switch"]].tolist() == [7.85, 7.21, 7.77]
+    curve = A.collapse(con, ["wikitext2-naive_topk", "wikitext2-topk_mask", "wikitext2-noisy_topk"], split="train")
+    at = curve.pivot_table(index="step", columns="run", values="effective_experts").round(2)
+    assert at.loc[50, "wikitext2-naive_topk"] == 1.00 and at.loc[50, "wikitext2-topk_mask"] == 1.03
+    assert at.loc[100, "wikitext2-noisy_topk"] == 1.00
+    # 2. CoNLL-2003: the SAiDL collapse and its cure
+    assert eff[["conll2003-naive_topk", "conll2003-topk_mask", "conll2003-noisy_topk"]].tolist() == [3.03, 3.00, 1.74]
+    assert dead[["conll2003-naive_topk", "conll2003-topk_mask", "conll2003-noisy_topk"]].tolist() == [4, 2, 3]
+    assert eff[["conll2003-importance", "conll2003-load", "conll2003-switch"]].tolist() == [7.54, 6.40, 7.37]
+    # 3. POS experts
+    s = A.specialization(con, ["wikitext2-importance", "wikitext2-noisy_topk"], attribute="pos_tag", summary=True)
+    s = s.set_index("run").round(4)
+    assert (s.loc["wikitext2-importance", "nmi"], s.loc["wikitext2-importance", "nmi_shuffled"]) == (0.3962, 0.0092)
+    assert (s.loc["wikitext2-noisy_topk", "nmi"], round(s.loc["wikitext2-noisy_topk", "mi"], 2)) == (0.7444, 0.19)
+    pos = A.specialization(con, "wikitext2-importance", attribute="pos_tag").set_index(["value", "expert"])
+    assert round(pos.loc[(".", 0), "p_expert_given_value"], 2) == 0.98 and pos.loc[("TO", 6), "p_expert_given_value"] == 1.0
+    # 4. the cross-dataset replay
+    d = A.specialization(con, "wikitext2-load", attribute="dataset").set_index(["value", "expert"])
+    assert round(d.loc[("conll2003", 0), "p_expert_given_value"], 3) == 0.267
+    assert round(d.loc[("wikitext2", 0), "p_expert_given_value"], 3) == 0.107
+    assert round(d["nmi"].iloc[0], 3) == 0.011
