@@ -54,7 +54,7 @@ def _schema(run_dir: Path) -> dict[str, object]:
 def test_regenerated_run_has_the_committed_schema(real_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "regen"
     cmd = [sys.executable, str(REPO / "trainers" / "sample_runs.py"), "--out", str(out), "--data-dir", str(real_data_dir),
-           "--only", "conll2003", "--modes", "naive_topk", "--epochs", "1", "--epoch-steps", "4", "--no-probe",
+           "--only", "conll2003", "--modes", "naive_topk", "--epochs", "1", "--epoch-steps", "4", "--no-probe", "--no-projections",
            "--jobs", "1"]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     fresh, committed = _schema(out / "conll2003-naive_topk"), _schema(SAMPLE / "conll2003-naive_topk")
