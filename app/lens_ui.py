@@ -124,12 +124,30 @@ def metric_curves(runs: list[str], names: list[str] | None = None) -> pd.DataFra
 
 
 def pick_runs(label: str = "Runs", key: str = "runs", limit: int | None = 4) -> list[str]:
-    names = runs_table()["run"].tolist()
-    chosen = st.multiselect(label, names, default=names[:limit], key=key)
+    """A run multiselect; by default the first `limit` runs of the first dataset (one task's variants side by side)."""
+    table = runs_table()
+    names = table["run"].tolist()
+    datasets = table["dataset"] if "dataset" in table else None
+    if datasets is not None and datasets.notna().any():
+        first = datasets.dropna().iloc[0]
+        default = [r for r, d in zip(names, datasets) if d == first][:limit]
+    else:
+        default = names[:limit]
+    chosen = st.multiselect(label, names, default=default, key=key)
     if not chosen:
         st.info("Choose at least one run.")
         st.stop()
     return chosen
+
+
+def first_routed(names: list[str]) -> int:
+    """Index of the first run in `names` with more than one expert (a dense run has nothing to show), else 0."""
+    table = runs_table().set_index("run")
+    for i, name in enumerate(names):
+        e = table["num_experts"].get(name) if "num_experts" in table else None
+        if e is not None and pd.notna(e) and e > 1:
+            return i
+    return 0
 
 
 def layer() -> int:

@@ -82,17 +82,26 @@ def test_every_page_renders(runs_dir: Path, page: str) -> None:
     assert at.title[0].value
 
 
-def test_sample_runs_every_page() -> None:
-    """With sample_runs/ every page renders on it; without (a clone before sample_runs exist) the
-    default app says so with one clear error instead of a traceback."""
+@pytest.mark.parametrize("page", PAGES)
+def test_sample_runs_every_page(page: str) -> None:
+    """The committed sample_runs/ is what the app opens by default: every page renders on it."""
+    at = app(ROOT / "sample_runs", page)
+    assert at.title[0].value
+
+
+def test_sample_runs_charts_carry_the_sql_numbers() -> None:
     sample = ROOT / "sample_runs"
-    if sample.is_dir() and store.run_dirs(sample):
-        for page in PAGES:
-            app(sample, page)
-        return
-    at = AppTest.from_file(MAIN, default_timeout=30)
-    at.run()
-    assert not at.exception and len(at.error) == 1
+    runs = ["conll2003-naive_topk", "conll2003-load"]
+    at = app(sample, "collapse", runs_collapse=runs)
+    want = analysis.collapse(con(sample), runs)
+    got = traces(figure(at, "collapse-effective_experts"))
+    for run in runs:
+        assert np.allclose(got[run]["y"], want[want["run"] == run].sort_values("step")["effective_experts"])
+    at = app(sample, "specialization", spec_run="wikitext2-importance")
+    spec = analysis.specialization(con(sample), "wikitext2-importance", attribute="pos_tag", shuffled=False)
+    heat = first(figure(at, "spec-heatmap"))
+    want = spec.pivot_table(index="expert", columns="value", values="p_expert_given_value").fillna(0.0)
+    assert np.allclose(heat["z"], want[list(heat["x"])].to_numpy())
 
 
 @pytest.mark.parametrize("state", ["missing", "empty"])

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from moe_lens.synthetic import write_synthetic_run
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +40,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    runs = tmp_path_factory.mktemp("runs")
-    write_synthetic_run(runs, "a-noisy", num_tokens=3000, with_hidden=True, skew=0.5)
-    write_synthetic_run(runs, "b-switch", num_tokens=3000, with_hidden=True, seed=1, top_k=1, mode="switch",
-                        collapse_step=12)
+    runs = tmp_path_factory.mktemp("browser") / "sample_runs"  # what a fresh clone opens; a copy: no cache writes
+    shutil.copytree(ROOT / "sample_runs", runs)
     port = _free_port()
     log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"),

@@ -14,7 +14,7 @@ from moe_lens import analysis
 st.title("Specialization")
 names = ui.runs_table()["run"].tolist()
 c1, c2, c3, c4 = st.columns(4)
-run = c1.selectbox("Run", names, key="spec_run")
+run = c1.selectbox("Run", names, index=ui.first_routed(names), key="spec_run")
 attribute = c2.selectbox("Attribute", ["pos_tag", "freq_band", "dataset", "ner_tag", "position_band"], key="spec_attr")
 value = c3.radio("Colour", ["share", "lift"], horizontal=True, key="spec_value",
                  help="share = P(expert | value); lift = P(expert | value) / P(expert)")

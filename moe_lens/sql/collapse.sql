@@ -4,7 +4,8 @@
 --   effective_experts  exp(H)                  (1 = everything on one expert, num_experts = uniform)
 --   dead_experts       #{e : p_e < 1 / (10 num_experts)}
 --   collapse_step      first recorded step after which effective_experts stays < $threshold
---                      (NULL when the last recorded step is still >= $threshold)
+--                      (NULL when the last recorded step is still >= $threshold, and for a run with one expert,
+--                      whose exp(H) = 1 by construction: nothing collapsed)
 WITH h AS (
     SELECT run, split, epoch, step, layer, any_value(num_experts) AS num_experts, CAST(sum(tokens) AS BIGINT) AS tokens,
            0.0 - sum(CASE WHEN share > 0 THEN share * ln(share) ELSE 0.0 END) AS entropy,
@@ -23,7 +24,7 @@ c AS (
     FROM m
 )
 SELECT run, split, epoch, step, layer, num_experts, tokens, entropy, norm_entropy, effective_experts, dead_experts,
-       min(CASE WHEN last_high IS NULL OR step > last_high THEN step END)
+       min(CASE WHEN num_experts > 1 AND (last_high IS NULL OR step > last_high) THEN step END)
            OVER (PARTITION BY run, split, layer) AS collapse_step
 FROM c
 ORDER BY run, split, layer, step
