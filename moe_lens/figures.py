@@ -29,23 +29,23 @@ KINDS = ("collapse", "collapse-curve", "specialization", "nmi")
 _LAYOUT = dict(template="plotly_white", font=dict(size=13), margin=dict(l=60, r=20, t=60, b=60))
 
 
-def _run_info(con: duckdb.DuckDBPyConnection, runs: list[str] | None) -> pd.DataFrame:
+def _routed_runs(con: duckdb.DuckDBPyConnection, runs: list[str] | None,
+                 modes: list[str] | None = None) -> pd.DataFrame:
+    """run, dataset, mode, num_experts of `runs` (default: all) with more than one expert, of `modes` if given."""
     info = con.execute("SELECT run, dataset, mode, num_experts, top_k FROM runs ORDER BY dataset, run").df()
     if runs:
         missing = sorted(set(runs) - set(info["run"]))
         if missing:
             raise MoeLensError(f"unknown run(s) {', '.join(missing)}; available: {', '.join(info['run'])}")
         info = info[info["run"].isin(runs)]
-    return info
+    info = info[info["num_experts"] > 1]  # one expert: nothing routed, nothing to plot
+    return info[info["mode"].isin(modes)] if modes else info
 
 
 def collapse_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, split: str = "valid",
                   modes: list[str] | None = None) -> tuple[go.Figure, pd.DataFrame]:
     """Effective experts (top-1, last recorded epoch of `split`) per run, grouped by dataset, one bar per mode."""
-    info = _run_info(con, runs)
-    info = info[info["num_experts"] > 1]
-    if modes:
-        info = info[info["mode"].isin(modes)]
+    info = _routed_runs(con, runs, modes)
     df = A.collapse(con, info["run"].tolist(), split=split, by="epoch")
     df = df.sort_values("epoch").groupby("run", as_index=False).last().merge(info[["run", "dataset", "mode"]], on="run")
     order = modes or list(dict.fromkeys(info["mode"]))
@@ -65,10 +65,7 @@ def collapse_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None,
 def collapse_curves(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, split: str = "train",
                     modes: list[str] | None = None) -> tuple[go.Figure, pd.DataFrame]:
     """Effective experts of each recorded training batch against the step, one line per run."""
-    info = _run_info(con, runs)
-    info = info[info["num_experts"] > 1]
-    if modes:
-        info = info[info["mode"].isin(modes)]
+    info = _routed_runs(con, runs, modes)
     df = A.collapse(con, info["run"].tolist(), split=split, by="step").merge(info[["run", "mode"]], on="run")
     fig = go.Figure()
     for run, d in df.sort_values("step").groupby("run", sort=False):
@@ -101,8 +98,7 @@ def specialization_heatmap(con: duckdb.DuckDBPyConnection, run: str, *, attribut
 def nmi_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, attribute: str = "pos_tag",
              split: str = "valid") -> tuple[go.Figure, pd.DataFrame]:
     """NMI(top-1 expert; attribute) per run, with the shuffled-attribute NMI (chance) beside it."""
-    info = _run_info(con, runs)
-    info = info[info["num_experts"] > 1]
+    info = _routed_runs(con, runs)
     df = A.specialization(con, info["run"].tolist(), attribute=attribute, split=split, summary=True)
     df = df.merge(info[["run", "dataset", "mode"]], on="run").sort_values(["dataset", "run"])
     fig = go.Figure()

@@ -80,6 +80,11 @@ class Recorder:
         referenced since the last one (never a row twice, also across `--resume`).
         """
         directory = self.run_dir / "tokens" / f"dataset={dataset}" / f"split={split}"
+        path = directory / "part-00000.parquet"
+        if limit is not None:
+            self._limits[(dataset, split)] = limit
+        if path.exists() and not lazy:  # written by an earlier start of this run (--resume)
+            return
         table = pa.Table.from_pandas(tokens.drop(columns=["dataset", "split"], errors="ignore"), preserve_index=False)
         if lazy:
             done = np.zeros(table.num_rows, dtype=bool)
@@ -87,12 +92,7 @@ class Recorder:
                 done[pq.read_table(f, columns=["token_idx"]).column(0).to_numpy()] = True
             self._lazy[(dataset, split)] = (table, done)
             return
-        if limit is not None:
-            self._limits[(dataset, split)] = limit
-            table = table.slice(0, limit)
-        path = directory / "part-00000.parquet"
-        if not path.exists():
-            write_table_atomic(table, path)
+        write_table_atomic(table.slice(0, limit) if limit is not None else table, path)
 
     def add(self, traces: list[MoETrace], *, dataset: str, split: str, epoch: int, step: int,
             hidden_keep: torch.Tensor | None = None) -> None:
@@ -190,7 +190,7 @@ class Recorder:
             self._write(key)
 
     def _write_all(self) -> None:
-        for key in sorted(self._buffers, key=lambda k: k[0] != "tokens"):  # tokens first: every trace row joins
+        for key in list(self._buffers):  # _write puts a split's pending tokens before its traces
             self._write(key)
 
     def _write(self, key: tuple[str, str, str, int | None]) -> None:
