@@ -1,25 +1,34 @@
-"""MoE layer forward+backward: grouped dispatch vs the per-expert loop, in one run.
+"""MoE layer forward+backward: the layer's dispatch (`auto`) vs the per-expert loop, in one run.
 
 For n tokens, k in {1, 2}, e in {8, 32, 64}, two expert sizes (small: d=256, h=128, the size of
-the published LSTM-MoE studies; large: d=512, h=1024) it reports tokens/s of each dispatch, their
-ratio, peak extra memory, and the achieved GFLOP/s of the layer next to the plain matmul GFLOP/s
-of this machine measured in the same run (the ceiling no dispatch can pass).
+the published LSTM-MoE studies; large: d=512, h=1024) it reports tokens/s of the per-expert loop
+and of the grouped dispatch, their ratio, the dispatch `auto` picks, peak extra memory, and the
+achieved GFLOP/s of the layer next to the plain matmul GFLOP/s of this machine measured in the
+same run on the same shapes (the ceiling no dispatch can pass).
 
-FLOPs counted: expert matmuls only, 2*d*h multiply-adds per matrix per assignment, two matrices,
-x3 for forward + backward = 12 * d * h * n * k; the router adds ~1%. Each configuration runs in a
-fresh subprocess so peak RSS belongs to it alone (CPU) or uses max_memory_allocated (CUDA).
+- Timing: both dispatches live in one process and their steps alternate, so a noisy neighbour or
+  the allocator's state hits both alike; each figure is the median of `--reps` steps. A step is
+  the layer's forward and backward from a fixed upstream gradient (no loss ops are timed), with the
+  input's gradient computed, as under an LSTM.
+- Memory: each dispatch runs alone in a fresh subprocess (peak RSS on the CPU, max_memory_allocated
+  on CUDA), beyond the inputs and weights.
+- FLOPs counted: every matmul of the layer: the experts' 2 * d * h multiply-adds per matrix per
+  assignment, two matrices, x3 for forward + backward (12 * d * h * k per token), and the router's
+  6 * d * e per token.
 
-    python benchmarks/bench_moe_layer.py [--device cpu|cuda] [--n 8192] [--reps 5]
+    python benchmarks/bench_moe_layer.py [--device cpu|cuda] [--n 8192] [--reps 7]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"small": (256, 128), "large": (512, 1024)}
 
 
@@ -42,72 +51,112 @@ def _median_time(fn, reps: int, device: str) -> float:
     return statistics.median(times)
 
 
-def measure_one(device: str, n: int, d: int, h: int, e: int, k: int, dispatch: str, reps: int) -> dict:
-    """Runs in a child process: time one (size, e, k, dispatch) and its peak memory."""
-    import resource
-
+def _layer(device: str, d: int, h: int, e: int, k: int, dispatch: str):
     import torch
 
     from moe_lens.moe import MoELayer
 
     torch.manual_seed(0)
     router = "switch" if k == 1 else "topk_mask"
-    layer = MoELayer(d, e, k, router=router, expert_hidden=h, dispatch=dispatch).to(device).train()
-    x = torch.randn(n, d, device=device, requires_grad=True)
-    dtype = torch.bfloat16 if device.startswith("cuda") else None
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return MoELayer(d, e, k, router=router, expert_hidden=h, dispatch=dispatch).to(device).train()
+
+
+def _stepper(layer, x, grad):
+    import torch
+
+    device = x.device.type
+    dtype = torch.bfloat16 if device == "cuda" else None
 
     def step() -> None:
-        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-            out = layer(x)
-        out.y.float().square().mean().backward()
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            y = layer(x).y
+        y.backward(grad)
         layer.zero_grad(set_to_none=True)
         x.grad = None
 
+    return step
+
+
+def flops_per_token(d: int, h: int, e: int, k: int) -> int:
+    return 12 * d * h * k + 6 * d * e
+
+
+def time_both(device: str, n: int, d: int, h: int, e: int, k: int, reps: int) -> dict:
+    """Runs in a child process: loop and grouped steps alternate; median seconds of each."""
+    import torch
+
+    torch.manual_seed(1)
+    x = torch.randn(n, d, device=device, requires_grad=True)
+    grad = torch.randn(n, d, device=device) / n
+    steps = {name: _stepper(_layer(device, d, h, e, k, name), x, grad) for name in ("loop", "grouped")}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step in steps.values():
+        step()  # warm-up
+    for _ in range(reps):
+        for name, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_memory(device: str, n: int, d: int, h: int, e: int, k: int, dispatch: str) -> dict:
+    """Runs in a child process: peak extra memory (MB) of two steps of one dispatch."""
+    import resource
+
+    import torch
+
+    layer = _layer(device, d, h, e, k, dispatch)
+    x = torch.randn(n, d, device=device, requires_grad=True)
+    step = _stepper(layer, x, torch.randn(n, d, device=device) / n)
     if device.startswith("cuda"):
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    sec = _median_time(step, reps, device)
-    if device.startswith("cuda"):
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    gflops = 12 * d * h * n * k / sec / 1e9
-    return {"sec": sec, "tok_s": n / sec, "gflops": gflops, "peak_mb": peak_mb}
+        base = torch.cuda.memory_allocated()
+        step(), step()
+        return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(), step()
+    return {"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024}
 
 
-def matmul_gflops(device: str, reps: int) -> float:
-    """Plain fp32 (bf16 on CUDA) matmul rate of this machine, forward+backward shaped like the layer."""
+def matmul_gflops(device: str, n: int, d: int, h: int, reps: int) -> float:
+    """The plain matmul rate of this machine on the layer's own shapes: the six matmuls of one dense
+    d -> h -> d MLP over all n tokens, forward (X W1, H W2) and backward (dH = dY W2^T, dW2 = H^T dY,
+    dX = dH W1^T, dW1 = X^T dH), into preallocated outputs: no autograd, no allocation, no routing.
+    fp32 on the CPU, bf16 on CUDA."""
     import torch
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    a = torch.randn(8192, 512, device=device, dtype=dtype, requires_grad=True)
-    w = torch.randn(512, 1024, device=device, dtype=dtype, requires_grad=True)
-
-    grad = torch.randn(8192, 1024, device=device, dtype=dtype)
+    r = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+    x, w1, w2, hid, dy = r(n, d), r(d, h), r(h, d), r(n, h), r(n, d)
+    out_h, out_y, out_w1, out_w2, out_x = r(n, h), r(n, d), r(d, h), r(h, d), r(n, d)
 
     def step() -> None:
-        (a @ w).backward(grad)
+        torch.mm(x, w1, out=out_h), torch.mm(hid, w2, out=out_y)
+        torch.mm(dy, w2.t(), out=out_h), torch.mm(hid.t(), dy, out=out_w2)
+        torch.mm(out_h, w1.t(), out=out_x), torch.mm(x.t(), out_h, out=out_w1)
 
-    sec = _median_time(step, reps, device)
-    return 3 * 2 * 8192 * 512 * 1024 / sec / 1e9
+    return 12 * n * d * h / _median_time(step, max(reps, 11), device) / 1e9
 
 
 def auto_choice(device: str, d: int, h: int, e: int, k: int) -> str:
     import torch
 
-    from moe_lens.moe import MoELayer
-
-    layer = MoELayer(d, e, k, router="switch" if k == 1 else "topk_mask", expert_hidden=h)
-    return layer.dispatch_for(torch.empty(1, d, device=device))
+    return _layer("cpu", d, h, e, k, "auto").dispatch_for(torch.empty(1, d, device=device))
 
 
 def child(args: argparse.Namespace) -> None:
     spec = json.loads(args.child)
-    print(json.dumps(measure_one(**spec)))
+    fn = {"time": time_both, "memory": peak_memory}[spec.pop("what")]
+    print(json.dumps(fn(**spec)))
 
 
 def run_child(spec: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -117,8 +166,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, default=8192)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=7)
     p.add_argument("--experts", default="8,32,64")
+    p.add_argument("--sizes", default="small,large")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -126,22 +176,26 @@ def main() -> None:
     import torch
 
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} n={args.n} "
-          f"median of {args.reps}")  # fmt: skip
-    ceiling = matmul_gflops(args.device, args.reps)
-    print(f"plain matmul: {ceiling:.1f} GFLOP/s\n")
+          f"median of {args.reps} alternating steps")  # fmt: skip
+    sizes = args.sizes.split(",")
+    ceiling = {size: matmul_gflops(args.device, args.n, *SIZES[size], args.reps) for size in sizes}
+    print("plain matmul (a dense MLP's six matmuls over all n tokens): "
+          + ", ".join(f"{size} {rate:.1f} GFLOP/s" for size, rate in ceiling.items()) + "\n")  # fmt: skip
     print("| size | d | h | e | k | loop tok/s | grouped tok/s | auto = | auto / loop | auto GFLOP/s | % of matmul | loop MB | grouped MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for size, (d, h) in SIZES.items():
+    for size in sizes:
+        d, h = SIZES[size]
         for e in (int(v) for v in args.experts.split(",")):
             for k in (1, 2):
-                spec = dict(device=args.device, n=args.n, d=d, h=h, e=e, k=k, reps=args.reps)
-                loop, grouped = run_child({**spec, "dispatch": "loop"}), run_child({**spec, "dispatch": "grouped"})
+                spec = dict(device=args.device, n=args.n, d=d, h=h, e=e, k=k)
+                sec = run_child({**spec, "what": "time", "reps": args.reps})
+                mem = {name: run_child({**spec, "what": "memory", "dispatch": name}) for name in ("loop", "grouped")}
                 choice = auto_choice(args.device, d, h, e, k)
-                auto = grouped if choice == "grouped" else loop  # the layer's `auto` runs exactly that code
-                print(f"| {size} | {d} | {h} | {e} | {k} | {loop['tok_s']:,.0f} | {grouped['tok_s']:,.0f} | {choice} | "
-                      f"{auto['tok_s'] / loop['tok_s']:.2f}x | {auto['gflops']:.1f} | "
-                      f"{100 * auto['gflops'] / ceiling:.0f}% | {loop['peak_mb']:.0f} | {grouped['peak_mb']:.0f} |",
-                      flush=True)  # fmt: skip
+                auto = sec[choice]  # the layer's `auto` runs exactly that code
+                gflops = flops_per_token(d, h, e, k) * args.n / auto / 1e9
+                print(f"| {size} | {d} | {h} | {e} | {k} | {args.n / sec['loop']:,.0f} | {args.n / sec['grouped']:,.0f} | "
+                      f"{choice} | {sec['loop'] / auto:.2f}x | {gflops:.1f} | {100 * gflops / ceiling[size]:.0f}% | "
+                      f"{mem['loop']['peak_mb']:.0f} | {mem['grouped']['peak_mb']:.0f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

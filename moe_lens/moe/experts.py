@@ -11,15 +11,29 @@
 Every bank exposes `split()` (one function per expert, over `unbind` views of the stacked weights,
 whose backward writes each weight gradient once: indexing `w[i]` per expert would allocate a full
 (e, ...) gradient per expert) for the dense reference and the per-expert loop, and
-`forward_grouped(x_sorted, offs, gate_sorted)` (all assignments sorted by expert, one `grouped_mm`
-per matrix, returning gate-weighted outputs; `offs` (e,) int32 cumulative group ends, computed on
-the device so the step needs no host sync).
+`forward_grouped(x_sorted, groups, gate_sorted)` (all assignments sorted by expert, one grouped
+matmul per matrix, returning gate-weighted outputs).
+
+Grouped matmuls (`grouped_linear`) take `Groups`: `offs` (e,) int32 cumulative group ends computed
+on the device, so a CUDA step needs no host sync and runs `F.grouped_mm`; on the CPU, where reading
+the group sizes costs nothing, `counts` holds them on the host and `_CPUGroupedLinear` runs each
+group as one fused `addmm` written straight into its rows of the output (bias and gate folded in,
+no (A, q) temporaries), with a hand-written backward of the same kind. ATen's CPU `grouped_mm` is
+itself a loop of `mm` per group, so this does the same matmuls minus the bias matmuls and the extra
+passes over (A, q) (benchmarks/bench_moe_layer.py).
+
+MLP banks (`mlp`, `shared`) also have `combine_cpu(x, token, gate, counts)`: the whole gated bank as
+one autograd function (`_CPUGroupedMLP`) from x (n, d) to y (n, d), gathering, running and
+scattering one expert group at a time, so nothing of size (A, d) is made. `dispatch_grouped` uses it
+on the CPU; both hand-written backward passes are checked by gradcheck (tests/test_grouped_cpu.py).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +60,158 @@ def grouped_bias(b: Tensor, offs: Tensor, scale: Tensor) -> Tensor:
     s4 = torch.cat([scale.unsqueeze(1), scale.new_zeros(scale.shape[0], 3)], dim=1)  # (A, 4)
     b4 = torch.cat([b.unsqueeze(1), b.new_zeros(b.shape[0], 3, b.shape[1])], dim=1)  # (e, 4, q)
     return gmm(s4, b4, offs)
+
+
+class Groups(NamedTuple):
+    """How the A sorted assignment rows split into the e experts' groups."""
+
+    offs: Tensor  # (e,) int32 cumulative group ends, on x's device
+    counts: tuple[int, ...] | None  # the e group sizes on the host (CPU), None where reading them would sync
+
+
+def make_groups(expert_sorted: Tensor, e: int) -> Groups:
+    """Groups of assignments already sorted by expert: (A,) int64 expert ids -> offsets (and host sizes on CPU)."""
+    counts = torch.zeros(e, dtype=torch.int32, device=expert_sorted.device).index_add_(
+        0, expert_sorted, torch.ones_like(expert_sorted, dtype=torch.int32)
+    )
+    host = tuple(counts.tolist()) if expert_sorted.device.type == "cpu" else None
+    return Groups(counts.cumsum(0, dtype=torch.int32), host)
+
+
+def grouped_linear(x: Tensor, w: Tensor, b: Tensor | None, groups: Groups, scale: Tensor | None = None) -> Tensor:
+    """(A, q): row r of group g is x[r] @ w[g] + scale[r] * b[g] (scale 1 if None; no bias if b is None)."""
+    w = w.to(x.dtype)
+    b = b.to(x.dtype) if b is not None else None
+    if groups.counts is not None and not torch.is_autocast_enabled("cpu"):
+        return _CPUGroupedLinear.apply(x, w, b, scale, groups.counts)
+    y = gmm(x, w, groups.offs)
+    if b is None:
+        return y
+    return y + grouped_bias(b, groups.offs, scale if scale is not None else x.new_ones(x.shape[0]))
+
+
+class _CPUGroupedLinear(torch.autograd.Function):
+    """Per group g: y_g = x_g w_g + s_g b_g^T as one addmm into y's rows; backward the same way.
+
+    Gradients: dx_g = dy_g w_g^T, dw_g = x_g^T dy_g, db_g = s_g^T dy_g (column sums when s = 1),
+    ds_g = dy_g b_g. A Python loop over the e groups (not over tokens): each iteration is one BLAS call.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, scale, counts):  # type: ignore[override]
+        ctx.save_for_backward(x, w, b, scale)
+        ctx.counts = counts
+        y = x.new_empty(x.shape[0], w.shape[-1])
+        for g, (xg, yg, sg) in enumerate(zip(x.split(counts), y.split(counts), _split(scale, counts))):
+            if b is None:
+                torch.mm(xg, w[g], out=yg)
+            elif sg is None:
+                torch.addmm(b[g], xg, w[g], out=yg)
+            else:
+                torch.outer(sg, b[g], out=yg).addmm_(xg, w[g])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, w, b, scale = ctx.saved_tensors
+        counts = ctx.counts
+        need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
+        dy = dy.contiguous()
+        dx = x.new_empty(x.shape) if need_x else None
+        dw = torch.empty_like(w) if need_w else None
+        db = torch.empty_like(b) if need_b else None
+        ds = torch.empty_like(scale) if need_s else None
+        parts = zip(x.split(counts), dy.split(counts), _split(dx, counts), _split(scale, counts), _split(ds, counts))
+        for g, (xg, dyg, dxg, sg, dsg) in enumerate(parts):
+            if need_x:
+                torch.mm(dyg, w[g].t(), out=dxg)
+            if need_w:
+                torch.mm(xg.t(), dyg, out=dw[g])
+            if need_b:
+                torch.sum(dyg, 0, out=db[g]) if sg is None else torch.mv(dyg.t(), sg, out=db[g])
+            if need_s:
+                torch.mv(dyg, b[g], out=dsg)
+        return dx, dw, db, ds, None
+
+
+class _CPUGroupedMLP(torch.autograd.Function):
+    """The whole gated MLP bank on the CPU, one expert group at a time, straight from x (n, d) to y (n, d).
+
+    Per group g with assignment rows `tok_g` and gates s_g (all from `dispatch_grouped`, sorted by expert):
+        h = relu(x[tok_g] W1_g + b1_g)    z = h W2_g + b2_g    y[tok_g] += s_g * z
+    so s * (h W2 + b2) = (s h) W2 + s b2, the gate-weighted expert output. Nothing of size (A, d) is
+    ever made: each group's gathered rows, hidden and output are small and stay in cache, and the
+    gather / gate / scatter passes that a chain of grouped matmuls makes over (A, d) disappear. Only
+    the hidden activations h (A, h) are kept for backward:
+        dz = s dy   dW2 = h^T dz   db2 = sum dz   u = dy W2^T   ds = rowsum(u * h) + dy b2
+        dpre = (s u) * [h > 0]   dW1 = x^T dpre   db1 = sum dpre   dx[tok_g] += dpre W1^T
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, gate, token, counts):  # type: ignore[override]
+        hidden = x.new_empty(token.shape[0], w1.shape[-1])  # (A, h)
+        y = x.new_zeros(x.shape)  # (n, d)
+        parts = zip(counts, token.split(counts), hidden.split(counts), gate.unsqueeze(1).split(counts),
+                    w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0))  # fmt: skip
+        for m, tok, h, s, w1g, b1g, w2g, b2g in parts:
+            if m:
+                torch.addmm(b1g, x.index_select(0, tok), w1g, out=h).relu_()
+                y.index_add_(0, tok, torch.addmm(b2g, h, w2g).mul_(s))
+        ctx.save_for_backward(x, w1, b1, w2, b2, gate, token, hidden)
+        ctx.counts = counts
+        return y
+
+    @staticmethod
+    def backward(ctx, dy_all):  # type: ignore[override]
+        x, w1, b1, w2, b2, gate, token, hidden = ctx.saved_tensors
+        counts = ctx.counts
+        need_x, need_w1, need_b1, need_w2, need_b2, need_gate = ctx.needs_input_grad[:6]
+        dy_all = dy_all.contiguous()
+        dx = torch.zeros_like(x) if need_x else None
+        dw1, db1, dw2, db2 = (_grad_like(t, counts) if need else None
+                              for t, need in zip((w1, b1, w2, b2), (need_w1, need_b1, need_w2, need_b2)))  # fmt: skip
+        dgate = torch.empty_like(gate) if need_gate else None
+        parts = zip(counts, token.split(counts), hidden.split(counts), gate.unsqueeze(1).split(counts),
+                    _split(dgate, counts), w1.transpose(1, 2).unbind(0), w2.transpose(1, 2).unbind(0), b2.unbind(0),
+                    _unbind(dw1), _unbind(db1), _unbind(dw2), _unbind(db2))  # fmt: skip
+        for m, tok, h, s, ds, w1t, w2t, b2g, dw1g, db1g, dw2g, db2g in parts:
+            if not m:
+                continue
+            dy = dy_all.index_select(0, tok)  # (m, d)
+            if dw2g is not None or db2g is not None:
+                dz = dy * s
+                if dw2g is not None:
+                    torch.mm(h.t(), dz, out=dw2g)
+                if db2g is not None:
+                    torch.sum(dz, 0, out=db2g)
+            u = torch.mm(dy, w2t)  # (m, h)
+            if ds is not None:
+                torch.addmv(torch.linalg.vecdot(u, h), dy, b2g, out=ds)
+            dpre = torch.ops.aten.threshold_backward(u.mul_(s), h, 0)  # (m, h)
+            if dw1g is not None:
+                torch.mm(x.index_select(0, tok).t(), dpre, out=dw1g)
+            if db1g is not None:
+                torch.sum(dpre, 0, out=db1g)
+            if dx is not None:
+                dx.index_add_(0, tok, torch.mm(dpre, w1t))
+        return dx, dw1, db1, dw2, db2, dgate, None, None
+
+
+def _grad_like(w: Tensor, counts: tuple[int, ...]) -> Tensor:
+    """An uninitialised gradient for stacked expert weights w (e, ...), zero where a group is empty."""
+    grad = torch.empty_like(w)
+    for g, c in enumerate(counts):
+        if c == 0:
+            grad[g].zero_()
+    return grad
+
+
+def _unbind(t: Tensor | None) -> tuple:
+    return t.unbind(0) if t is not None else itertools.repeat(None)
+
+
+def _split(t: Tensor | None, counts: tuple[int, ...]) -> tuple:
+    return t.split(counts) if t is not None else (None,) * len(counts)
 
 
 def _mlp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, x: Tensor) -> Tensor:
@@ -82,9 +248,14 @@ class MLPExperts(nn.Module):
     def split(self) -> list[Callable[[Tensor], Tensor]]:
         return [partial(_mlp, *p) for p in zip(*(t.unbind(0) for t in (self.w1, self.b1, self.w2, self.b2)))]
 
-    def forward_grouped(self, x: Tensor, offs: Tensor, gate: Tensor) -> Tensor:
-        h = F.relu(gmm(x, self.w1, offs) + grouped_bias(self.b1, offs, torch.ones_like(gate)))  # (A, h)
-        return gmm(h * gate.unsqueeze(1), self.w2, offs) + grouped_bias(self.b2, offs, gate)  # (A, d) gated
+    def combine_cpu(self, x: Tensor, token: Tensor, gate: Tensor, counts: tuple[int, ...]) -> Tensor:
+        """sum over assignments of gate * E_expert(x[token]), (n, d), fused per expert group (CPU only)."""
+        params = (p.to(x.dtype) for p in (self.w1, self.b1, self.w2, self.b2))
+        return _CPUGroupedMLP.apply(x, *params, gate, token, counts)
+
+    def forward_grouped(self, x: Tensor, groups: Groups, gate: Tensor) -> Tensor:
+        h = F.relu(grouped_linear(x, self.w1, self.b1, groups), inplace=True)  # (A, h)
+        return grouped_linear(h * gate.unsqueeze(1), self.w2, self.b2, groups, scale=gate)  # (A, d) gated
 
     def shared(self, x: Tensor) -> Tensor | None:
         return None
@@ -110,11 +281,12 @@ class LoRAExperts(nn.Module):
         h = F.relu(self.base1(x) + (x @ a1) @ b1)  # (m, h)
         return self.base2(h) + (h @ a2) @ b2  # (m, d)
 
-    def forward_grouped(self, x: Tensor, offs: Tensor, gate: Tensor) -> Tensor:
-        h = F.relu(self.base1(x) + gmm(gmm(x, self.a1, offs), self.b1, offs))  # (A, h)
+    def forward_grouped(self, x: Tensor, groups: Groups, gate: Tensor) -> Tensor:
+        lora1 = grouped_linear(grouped_linear(x, self.a1, None, groups), self.b1, None, groups)  # (A, h)
+        h = F.relu(self.base1(x) + lora1)  # (A, h)
         hg = h * gate.unsqueeze(1)  # the gate folded in before the last matmul: (A, h) is cheaper than (A, d)
         base = F.linear(hg, self.base2.weight.to(hg.dtype)) + gate.unsqueeze(1) * self.base2.bias.to(hg.dtype)
-        return base + gmm(gmm(hg, self.a2, offs), self.b2, offs)  # (A, d) gated
+        return base + grouped_linear(grouped_linear(hg, self.a2, None, groups), self.b2, None, groups)  # (A, d) gated
 
     def shared(self, x: Tensor) -> Tensor | None:
         return None
@@ -134,10 +306,10 @@ class LowRankExperts(nn.Module):
         params = (self.u1, self.v1, self.c1, self.u2, self.v2, self.c2)
         return [partial(_lowrank, *p) for p in zip(*(t.unbind(0) for t in params))]
 
-    def forward_grouped(self, x: Tensor, offs: Tensor, gate: Tensor) -> Tensor:
-        h = F.relu(gmm(gmm(x, self.u1, offs), self.v1, offs) + grouped_bias(self.c1, offs, torch.ones_like(gate)))
+    def forward_grouped(self, x: Tensor, groups: Groups, gate: Tensor) -> Tensor:
+        h = F.relu(grouped_linear(grouped_linear(x, self.u1, None, groups), self.v1, self.c1, groups), inplace=True)
         hg = h * gate.unsqueeze(1)  # (A, h)
-        return gmm(gmm(hg, self.u2, offs), self.v2, offs) + grouped_bias(self.c2, offs, gate)  # (A, d) gated
+        return grouped_linear(grouped_linear(hg, self.u2, None, groups), self.v2, self.c2, groups, scale=gate)  # (A, d)
 
     def shared(self, x: Tensor) -> Tensor | None:
         return None

@@ -12,10 +12,13 @@ Shape letters (used in comments across moe_lens):
 the router: with a mask, the real tokens are gathered first (models that already hold packed
 sequences pass those and no mask), so padding cannot touch a loss or a statistic.
 
-Dispatch has two implementations, measured by benchmarks/bench_moe_layer.py; `auto` picks the
-faster per device and expert size (`MoELayer.dispatch_for`):
-- `grouped`: sort the A assignments by expert, gather rows, one `grouped_mm` per expert matrix
-  with device-side offsets (no host sync), `index_add` the gate-weighted outputs back;
+Dispatch has two implementations, measured by benchmarks/bench_moe_layer.py (docs/moe.md); `auto`
+is `grouped`, which was at least as fast as the loop in every measured configuration:
+- `grouped`: sort the A assignments by expert (device-side offsets, no host sync on CUDA), then
+  - CUDA: gather rows, one `grouped_mm` per expert matrix, `index_add` the gate-weighted outputs back;
+  - CPU: the group sizes are read on the host (free there) and each expert group runs as fused BLAS
+    calls straight from x to y (`experts._CPUGroupedMLP` for MLP and shared experts; the other
+    expert types chain `experts.grouped_linear`), with hand-written backward passes;
 - `loop`: the straightforward per-expert loop (select, run, index_add), the baseline.
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_lens.moe import losses
-from moe_lens.moe.experts import HAS_GROUPED_MM, build_experts
+from moe_lens.moe.experts import HAS_GROUPED_MM, build_experts, make_groups
 from moe_lens.moe.routers import Routing, build_router
 
 DISPATCHES = ("auto", "grouped", "loop")
@@ -106,14 +109,14 @@ class MoELayer(nn.Module):
         return MoEOutput(y.reshape(x.shape), aux_loss, routing)
 
     def dispatch_for(self, x: Tensor) -> str:
-        """The dispatch used for x. `auto` follows benchmarks/bench_moe_layer.py: grouped matmuls on
-        CUDA and for small experts on the CPU; the per-expert loop for large CPU experts (d*h > 2^17),
-        whose big per-expert matmuls run at the BLAS peak while CPU grouped_mm does not."""
+        """The dispatch used for x: `grouped` under `auto` (benchmarks/bench_moe_layer.py: never slower
+        than the loop on the CPU, small or large experts); `loop` where there is no grouped matmul on
+        CUDA (torch without F.grouped_mm)."""
         if self.dispatch != "auto":
             return self.dispatch
-        if not HAS_GROUPED_MM:
+        if x.is_cuda and not HAS_GROUPED_MM:
             return "loop"
-        return "grouped" if x.is_cuda or self._expert_size <= 2**17 else "loop"
+        return "grouped"
 
     def _statistics(self, r: Routing, expert: Tensor, gate: Tensor) -> Tensor:
         """Fill r.load, r.importance, r.num_dropped, r.entropy, r.aux; return the weighted aux loss."""
@@ -150,11 +153,10 @@ def dispatch_grouped(experts: nn.Module, x: Tensor, token: Tensor, expert: Tenso
     """Sort assignments by expert, run every expert with grouped matmuls, index_add back. (n, d)."""
     order = expert.argsort(stable=True)  # (A,)
     token, expert, gate = token[order], expert[order], gate[order]
-    counts = torch.zeros(e, dtype=torch.int32, device=x.device).index_add_(
-        0, expert, torch.ones_like(expert, dtype=torch.int32)
-    )
-    offs = counts.cumsum(0, dtype=torch.int32)  # (e,) group ends, stays on the device
-    out = experts.forward_grouped(x.index_select(0, token), offs, gate.to(x.dtype))  # (A, d), gate-weighted
+    groups = make_groups(expert, e)  # device offsets; host sizes on the CPU only (no CUDA sync)
+    if groups.counts is not None and hasattr(experts, "combine_cpu") and not torch.is_autocast_enabled("cpu"):
+        return experts.combine_cpu(x, token, gate.to(x.dtype), groups.counts)  # (n, d), fused per group
+    out = experts.forward_grouped(x.index_select(0, token), groups, gate.to(x.dtype))  # (A, d), gate-weighted
     return out.new_zeros(x.shape[0], x.shape[1]).index_add_(0, token, out)
 
 
