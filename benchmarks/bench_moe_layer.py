@@ -17,6 +17,7 @@ same run on the same shapes (the ceiling no dispatch can pass).
   6 * d * e per token.
 
     python benchmarks/bench_moe_layer.py [--device cpu|cuda] [--n 8192] [--reps 7]
+    python benchmarks/bench_moe_layer.py --profile small,64,2    # where each dispatch's step goes
 """
 from __future__ import annotations
 
@@ -142,6 +143,27 @@ def matmul_gflops(device: str, n: int, d: int, h: int, reps: int) -> float:
     return 12 * n * d * h / _median_time(step, max(reps, 11), device) / 1e9
 
 
+def profile(device: str, n: int, size: str, e: int, k: int, dispatch: str, reps: int) -> None:
+    """Where one dispatch's step goes: self time per op name, per step, from torch.profiler."""
+    import torch
+    from torch.profiler import profile as torch_profile
+
+    d, h = SIZES[size]
+    x = torch.randn(n, d, device=device, requires_grad=True)
+    step = _stepper(_layer(device, d, h, e, k, dispatch), x, torch.randn(n, d, device=device) / n)
+    step()
+    with torch_profile() as prof:
+        for _ in range(reps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda ev: -ev.self_cpu_time_total)
+    total = sum(ev.self_cpu_time_total for ev in events) / reps / 1e3
+    mm = sum(ev.self_cpu_time_total for ev in events if ev.key in ("aten::mm", "aten::addmm")) / reps / 1e3
+    print(f"{dispatch} {size} e={e} k={k}: {total:.1f} ms/step under the profiler; its matmuls (experts and router, "
+          f"mm/addmm) {mm:.1f} ms = {flops_per_token(d, h, e, k) * n / mm / 1e6:.1f} GFLOP/s")  # fmt: skip
+    for ev in events[:15]:
+        print(f"  {ev.key:36s} {ev.self_cpu_time_total / reps / 1e3:8.2f} ms/step  {ev.count // reps:6d} calls/step")
+
+
 def auto_choice(device: str, d: int, h: int, e: int, k: int) -> str:
     import torch
 
@@ -169,10 +191,16 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--experts", default="8,32,64")
     p.add_argument("--sizes", default="small,large")
+    p.add_argument("--profile", metavar="SIZE,E,K", help="profile one configuration (both dispatches) instead")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.profile:
+        size, e, k = args.profile.split(",")
+        for dispatch in ("loop", "grouped"):
+            profile(args.device, args.n, size, int(e), int(k), dispatch, 3)
+        return None
     import torch
 
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} n={args.n} "
