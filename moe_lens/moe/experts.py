@@ -66,7 +66,9 @@ class Groups(NamedTuple):
     """How the A sorted assignment rows split into the e experts' groups."""
 
     offs: Tensor  # (e,) int32 cumulative group ends, on x's device
-    counts: tuple[int, ...] | None  # the e group sizes on the host (CPU), None where reading them would sync
+    # The e group sizes on the host, which selects the CPU kernels: None on CUDA (reading them would
+    # sync) and under CPU autocast (the kernels write into fp32 outputs), where F.grouped_mm runs.
+    counts: tuple[int, ...] | None
 
 
 def make_groups(expert_sorted: Tensor, e: int) -> Groups:
@@ -74,7 +76,8 @@ def make_groups(expert_sorted: Tensor, e: int) -> Groups:
     counts = torch.zeros(e, dtype=torch.int32, device=expert_sorted.device).index_add_(
         0, expert_sorted, torch.ones_like(expert_sorted, dtype=torch.int32)
     )
-    host = tuple(counts.tolist()) if expert_sorted.device.type == "cpu" else None
+    cpu_kernels = expert_sorted.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+    host = tuple(counts.tolist()) if cpu_kernels else None
     return Groups(counts.cumsum(0, dtype=torch.int32), host)
 
 
@@ -82,7 +85,7 @@ def grouped_linear(x: Tensor, w: Tensor, b: Tensor | None, groups: Groups, scale
     """(A, q): row r of group g is x[r] @ w[g] + scale[r] * b[g] (scale 1 if None; no bias if b is None)."""
     w = w.to(x.dtype)
     b = b.to(x.dtype) if b is not None else None
-    if groups.counts is not None and not torch.is_autocast_enabled("cpu"):
+    if groups.counts is not None:
         return _CPUGroupedLinear.apply(x, w, b, scale, groups.counts)
     y = gmm(x, w, groups.offs)
     if b is None:

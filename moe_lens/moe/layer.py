@@ -78,7 +78,6 @@ class MoELayer(nn.Module):
         self.experts = build_experts(expert_type, d, expert_hidden, num_experts, rank=rank, train_base=lora_train_base)
         self.weights = {"importance": w_importance, "load": w_load, "switch": w_switch, "z": w_z}
         self.dispatch = dispatch
-        self._expert_size = d * expert_hidden
 
     @classmethod
     def from_config(cls, cfg: object, d: int) -> "MoELayer":
@@ -153,8 +152,8 @@ def dispatch_grouped(experts: nn.Module, x: Tensor, token: Tensor, expert: Tenso
     """Sort assignments by expert, run every expert with grouped matmuls, index_add back. (n, d)."""
     order = expert.argsort(stable=True)  # (A,)
     token, expert, gate = token[order], expert[order], gate[order]
-    groups = make_groups(expert, e)  # device offsets; host sizes on the CPU only (no CUDA sync)
-    if groups.counts is not None and hasattr(experts, "combine_cpu") and not torch.is_autocast_enabled("cpu"):
+    groups = make_groups(expert, e)  # device offsets; host sizes (the CPU kernels) on the CPU only
+    if groups.counts is not None and hasattr(experts, "combine_cpu"):
         return experts.combine_cpu(x, token, gate.to(x.dtype), groups.counts)  # (n, d), fused per group
     out = experts.forward_grouped(x.index_select(0, token), groups, gate.to(x.dtype))  # (A, d), gate-weighted
     return out.new_zeros(x.shape[0], x.shape[1]).index_add_(0, token, out)
