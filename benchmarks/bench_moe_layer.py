@@ -6,12 +6,14 @@ and of the grouped dispatch, their ratio, the dispatch `auto` picks, peak extra 
 achieved GFLOP/s of the layer next to the plain matmul GFLOP/s of this machine measured in the
 same run on the same shapes (the ceiling no dispatch can pass).
 
-- Timing: both dispatches live in one process and their steps alternate, so a noisy neighbour or
-  the allocator's state hits both alike; each figure is the median of `--reps` steps. A step is
+- Timing: both dispatches and the matmul ceiling live in one process and their steps alternate, so
+  a noisy neighbour or the allocator's state hits all three alike, and "% of matmul" is a ratio
+  from the same minutes; each figure is the median of `--reps` steps. A step is
   the layer's forward and backward from a fixed upstream gradient (no loss ops are timed), with the
   input's gradient computed, as under an LSTM.
-- Memory: each dispatch runs alone in a fresh subprocess (peak RSS on the CPU, max_memory_allocated
-  on CUDA), beyond the inputs and weights.
+- Memory: each dispatch runs alone in a fresh subprocess: the peak RSS of two steps above the RSS
+  before them on the CPU (the kernel's VmHWM, reset first through /proc/self/clear_refs), the peak
+  of max_memory_allocated above the inputs and weights on CUDA.
 - FLOPs counted: every matmul of the layer: the experts' 2 * d * h multiply-adds per matrix per
   assignment, two matrices, x3 for forward + backward (12 * d * h * k per token), and the router's
   6 * d * e per token.
@@ -30,6 +32,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # runs from a checkout without `pip install -e .`
 SIZES = {"small": (256, 128), "large": (512, 1024)}
 
 
@@ -38,18 +41,6 @@ def _sync(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _median_time(fn, reps: int, device: str) -> float:
-    fn()  # warm-up
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _layer(device: str, d: int, h: int, e: int, k: int, dispatch: str):
@@ -82,14 +73,50 @@ def flops_per_token(d: int, h: int, e: int, k: int) -> int:
     return 12 * d * h * k + 6 * d * e
 
 
+def grouped_ceiling_step(layer, x):
+    """The same six matmuls per expert group, at the group sizes the layer's router gives x, on
+    preallocated operands into preallocated outputs: what per-expert BLAS calls can reach on this
+    machine before any gather, scatter, routing or autograd. A dispatch that runs one matmul per
+    expert group cannot pass it; the gap between it and the dense ceiling is the cost of small
+    matmuls, not of the dispatch."""
+    import torch
+
+    from moe_lens.moe.layer import assignments
+
+    with torch.no_grad():
+        _, expert, _ = assignments(layer.router(x, None))
+    counts = torch.bincount(expert, minlength=layer.num_experts).tolist()
+    d, h = layer.experts.w1.shape[1:]
+    dtype = torch.bfloat16 if x.is_cuda else torch.float32
+    r = lambda *shape: torch.randn(*shape, device=x.device, dtype=dtype)  # noqa: E731
+    groups = []
+    for m in counts:
+        if m:
+            x_, hid, dy = r(m, d), r(m, h), r(m, d)
+            groups.append((x_, r(d, h), r(h, d), hid, dy, r(m, h), r(m, d), r(d, h), r(h, d), r(m, d)))
+
+    def step() -> None:
+        for x_, w1, w2, hid, dy, out_h, out_y, out_w1, out_w2, out_x in groups:
+            torch.mm(x_, w1, out=out_h), torch.mm(hid, w2, out=out_y)
+            torch.mm(dy, w2.t(), out=out_h), torch.mm(hid.t(), dy, out=out_w2)
+            torch.mm(out_h, w1.t(), out=out_x), torch.mm(x_.t(), out_h, out=out_w1)
+
+    return step, sum(counts)
+
+
 def time_both(device: str, n: int, d: int, h: int, e: int, k: int, reps: int) -> dict:
-    """Runs in a child process: loop and grouped steps alternate; median seconds of each."""
+    """Runs in a child process: loop, grouped, the dense matmul ceiling and the per-expert matmul
+    ceiling alternate step by step, so all four see the same machine; median seconds of each (and
+    the number of routed assignments the per-expert ceiling ran)."""
     import torch
 
     torch.manual_seed(1)
     x = torch.randn(n, d, device=device, requires_grad=True)
     grad = torch.randn(n, d, device=device) / n
-    steps = {name: _stepper(_layer(device, d, h, e, k, name), x, grad) for name in ("loop", "grouped")}
+    layers = {name: _layer(device, d, h, e, k, name) for name in ("loop", "grouped")}
+    steps = {name: _stepper(layer, x, grad) for name, layer in layers.items()}
+    steps["ceiling"] = ceiling_step(device, n, d, h)
+    steps["per_expert"], routed = grouped_ceiling_step(layers["grouped"], x.detach())
     times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():
         step()  # warm-up
@@ -100,7 +127,7 @@ def time_both(device: str, n: int, d: int, h: int, e: int, k: int, reps: int) ->
             step()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {**{name: statistics.median(t) for name, t in times.items()}, "routed": routed}
 
 
 def peak_memory(device: str, n: int, d: int, h: int, e: int, k: int, dispatch: str) -> dict:
@@ -118,16 +145,35 @@ def peak_memory(device: str, n: int, d: int, h: int, e: int, k: int, dispatch: s
         base = torch.cuda.memory_allocated()
         step(), step()
         return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if _reset_peak_rss():  # Linux: the peak RSS of just these two steps, above the RSS before them
+        base = _status_kb("VmRSS")
+        step(), step()
+        return {"peak_mb": (_status_kb("VmHWM") - base) / 1024}
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: growth of the lifetime peak
     step(), step()
     return {"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024}
 
 
-def matmul_gflops(device: str, n: int, d: int, h: int, reps: int) -> float:
-    """The plain matmul rate of this machine on the layer's own shapes: the six matmuls of one dense
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def ceiling_step(device: str, n: int, d: int, h: int):
+    """The plain matmul work of this machine on the layer's own shapes: the six matmuls of one dense
     d -> h -> d MLP over all n tokens, forward (X W1, H W2) and backward (dH = dY W2^T, dW2 = H^T dY,
     dX = dH W1^T, dW1 = X^T dH), into preallocated outputs: no autograd, no allocation, no routing.
-    fp32 on the CPU, bf16 on CUDA."""
+    fp32 on the CPU, bf16 on CUDA. Its rate is 12 * n * d * h FLOPs per call."""
     import torch
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -140,7 +186,7 @@ def matmul_gflops(device: str, n: int, d: int, h: int, reps: int) -> float:
         torch.mm(dy, w2.t(), out=out_h), torch.mm(hid.t(), dy, out=out_w2)
         torch.mm(out_h, w1.t(), out=out_x), torch.mm(x.t(), out_h, out=out_w1)
 
-    return 12 * n * d * h / _median_time(step, max(reps, 11), device) / 1e9
+    return step
 
 
 def profile(device: str, n: int, size: str, e: int, k: int, dispatch: str, reps: int) -> None:
@@ -206,11 +252,12 @@ def main() -> None:
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} n={args.n} "
           f"median of {args.reps} alternating steps")  # fmt: skip
     sizes = args.sizes.split(",")
-    ceiling = {size: matmul_gflops(args.device, args.n, *SIZES[size], args.reps) for size in sizes}
-    print("plain matmul (a dense MLP's six matmuls over all n tokens): "
-          + ", ".join(f"{size} {rate:.1f} GFLOP/s" for size, rate in ceiling.items()) + "\n")  # fmt: skip
-    print("| size | d | h | e | k | loop tok/s | grouped tok/s | auto = | auto / loop | auto GFLOP/s | % of matmul | loop MB | grouped MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("matmul = the plain matmul rate on the same shapes (a dense MLP's six matmuls over all n tokens into "
+          "preallocated outputs); per-expert = the same six matmuls run per expert group at the routed group sizes, "
+          "preallocated. Both are timed in the same process, alternating with the two dispatches.\n")  # fmt: skip
+    print("| size | d | h | e | k | loop tok/s | grouped tok/s | auto = | auto / loop | auto GFLOP/s | matmul GFLOP/s "
+          "| % of matmul | per-expert GFLOP/s | % of per-expert | loop MB | grouped MB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
         d, h = SIZES[size]
         for e in (int(v) for v in args.experts.split(",")):
@@ -221,10 +268,12 @@ def main() -> None:
                 choice = auto_choice(args.device, d, h, e, k)
                 auto = sec[choice]  # the layer's `auto` runs exactly that code
                 gflops = flops_per_token(d, h, e, k) * args.n / auto / 1e9
+                ceiling = 12 * args.n * d * h / sec["ceiling"] / 1e9
+                per_expert = 12 * sec["routed"] * d * h / sec["per_expert"] / 1e9
                 print(f"| {size} | {d} | {h} | {e} | {k} | {args.n / sec['loop']:,.0f} | {args.n / sec['grouped']:,.0f} | "
-                      f"{choice} | {sec['loop'] / auto:.2f}x | {gflops:.1f} | {100 * gflops / ceiling[size]:.0f}% | "
+                      f"{choice} | {sec['loop'] / auto:.2f}x | {gflops:.1f} | {ceiling:.1f} | {100 * gflops / ceiling:.0f}% | "
+                      f"{per_expert:.1f} | {100 * gflops / per_expert:.0f}% | "
                       f"{mem['loop']['peak_mb']:.0f} | {mem['grouped']['peak_mb']:.0f} |", flush=True)  # fmt: skip
-
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_lens.moe.experts import Groups, LowRankExperts, MLPExperts, _CPUGroupedLinear, _CPUGroupedMLP, grouped_linear
+from moe_lens.moe.experts import (
+    Groups,
+    LowRankExperts,
+    MLPExperts,
+    ReusedMemory,
+    _CPUGroupedLinear,
+    _CPUGroupedMLP,
+    grouped_linear,
+)
 from moe_lens.moe.layer import MoELayer
 
 
@@ -38,10 +46,11 @@ def _mlp_inputs(n=9, d=5, h=6, e=4, k=2, empty=(2,), seed=0):
     return (x, w1, b1, w2, b2, gate.requires_grad_(True)), token, expert, counts
 
 
-def test_grouped_mlp_gradcheck_with_an_empty_expert() -> None:
+@pytest.mark.parametrize("memory", [None, ReusedMemory()], ids=["fresh", "reused"])
+def test_grouped_mlp_gradcheck_with_an_empty_expert(memory: ReusedMemory | None) -> None:
     tensors, token, _, counts = _mlp_inputs()
     assert 0 in counts
-    assert torch.autograd.gradcheck(lambda *t: _CPUGroupedMLP.apply(*t, token, counts), tensors)
+    assert torch.autograd.gradcheck(lambda *t: _CPUGroupedMLP.apply(*t, token, counts, memory), tensors)
 
 
 @pytest.mark.parametrize("empty", [(), (0, 3)])
@@ -49,7 +58,7 @@ def test_grouped_mlp_equals_reference_in_value_and_gradient(empty: tuple[int, ..
     tensors, token, expert, counts = _mlp_inputs(n=30, e=5, k=2, empty=empty, seed=3)
     dy = torch.randn(30, 5, dtype=torch.float64)
     grads = []
-    for fn in (lambda *t: _CPUGroupedMLP.apply(*t, token, counts), lambda *t: _mlp_reference(*t, token, expert)):
+    for fn in (lambda *t: _CPUGroupedMLP.apply(*t, token, counts, None), lambda *t: _mlp_reference(*t, token, expert)):
         y = fn(*tensors)
         grads.append((y.detach(), *torch.autograd.grad(y, tensors, dy)))
     for a, b in zip(*grads):
@@ -102,3 +111,62 @@ def test_lowrank_grouped_matches_loop_gradients() -> None:
         grads.append([p.grad for p in layer.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_reused_gradient_memory_never_overwrites_a_live_gradient() -> None:
+    """Steps with zero_grad(set_to_none=True) reuse one block; a gradient still held (param.grad, a
+    saved reference, a view) is never written over, and accumulation into a kept .grad stays exact."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 4, 2, router="topk_mask", expert_hidden=6)
+    x = torch.randn(40, 8)
+
+    def grad_of_w1() -> torch.Tensor:
+        layer(x).y.square().sum().backward()
+        return layer.experts.w1.grad
+
+    first = grad_of_w1()
+    expected, a = first.clone(), first.data_ptr()
+    layer.zero_grad(set_to_none=True)
+    second = grad_of_w1()  # `first` is still held, so its block is not reused
+    b = second.data_ptr()
+    assert b != a
+    torch.testing.assert_close(first, expected)
+    del first  # block a is free again
+    layer.zero_grad(set_to_none=True)
+    view = second[1:]  # a view keeps block b alive
+    del second
+    third = grad_of_w1()
+    assert third.data_ptr() == a
+    torch.testing.assert_close(view, expected[1:])
+    torch.testing.assert_close(third, expected)
+    del view, third
+    layer.zero_grad(set_to_none=True)
+    assert grad_of_w1().data_ptr() in (a, b)
+    assert all(len(blocks) <= 2 for blocks in layer.experts.cpu_memory._blocks.values())
+    layer.zero_grad(set_to_none=False)  # accumulate into a kept .grad: the other block is the summand
+    torch.testing.assert_close(grad_of_w1(), expected)
+    torch.testing.assert_close(grad_of_w1(), 2 * expected)
+
+
+def test_reused_hidden_memory_is_never_shared_by_two_pending_backwards() -> None:
+    """Two forwards before their backwards (gradient accumulation), then batches of other sizes:
+    every gradient equals the one the same layer gives with no reused memory at all."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 4, 2, router="topk_mask", expert_hidden=6)
+    batches = [torch.randn(n, 8) for n in (40, 40, 25, 60, 25)]
+
+    def grads(reuse: bool) -> list[torch.Tensor]:
+        layer.experts.cpu_memory = ReusedMemory() if reuse else None
+        layer.zero_grad(set_to_none=True)
+        first, second = layer(batches[0]).y, layer(batches[1]).y  # both saved hiddens pending
+        (first.square().sum() + second.pow(3).sum()).backward()
+        out = [layer.experts.w1.grad.clone(), layer.experts.w2.grad.clone()]
+        for x in batches[2:]:  # smaller, larger, smaller: kept blocks are reused or replaced
+            layer.zero_grad(set_to_none=True)
+            xg = x.clone().requires_grad_(True)
+            layer(xg).y.square().sum().backward()
+            out += [layer.experts.w1.grad.clone(), xg.grad]
+        return out
+
+    for a, b in zip(grads(reuse=True), grads(reuse=False)):
+        torch.testing.assert_close(a, b)

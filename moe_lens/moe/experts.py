@@ -151,8 +151,9 @@ class _CPUGroupedMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, gate, token, counts):  # type: ignore[override]
-        hidden = x.new_empty(token.shape[0], w1.shape[-1])  # (A, h)
+    def forward(ctx, x, w1, b1, w2, b2, gate, token, counts, memory):  # type: ignore[override]
+        shape = (token.shape[0], w1.shape[-1])
+        hidden = memory.empty(shape, x.dtype, "hidden") if memory is not None else x.new_empty(shape)  # (A, h)
         y = x.new_zeros(x.shape)  # (n, d)
         parts = zip(counts, token.split(counts), hidden.split(counts), gate.unsqueeze(1).split(counts),
                     w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0))  # fmt: skip
@@ -161,7 +162,7 @@ class _CPUGroupedMLP(torch.autograd.Function):
                 torch.addmm(b1g, x.index_select(0, tok), w1g, out=h).relu_()
                 y.index_add_(0, tok, torch.addmm(b2g, h, w2g).mul_(s))
         ctx.save_for_backward(x, w1, b1, w2, b2, gate, token, hidden)
-        ctx.counts = counts
+        ctx.counts, ctx.memory = counts, memory
         return y
 
     @staticmethod
@@ -171,8 +172,9 @@ class _CPUGroupedMLP(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2, need_gate = ctx.needs_input_grad[:6]
         dy_all = dy_all.contiguous()
         dx = torch.zeros_like(x) if need_x else None
-        dw1, db1, dw2, db2 = (_grad_like(t, counts) if need else None
-                              for t, need in zip((w1, b1, w2, b2), (need_w1, need_b1, need_w2, need_b2)))  # fmt: skip
+        dw1, db1, dw2, db2 = (_grad_like(t, counts, ctx.memory, name) if need else None
+                              for t, need, name in zip((w1, b1, w2, b2), (need_w1, need_b1, need_w2, need_b2),
+                                                       ("w1", "b1", "w2", "b2")))  # fmt: skip
         dgate = torch.empty_like(gate) if need_gate else None
         parts = zip(counts, token.split(counts), hidden.split(counts), gate.unsqueeze(1).split(counts),
                     _split(dgate, counts), w1.transpose(1, 2).unbind(0), w2.transpose(1, 2).unbind(0), b2.unbind(0),
@@ -197,12 +199,58 @@ class _CPUGroupedMLP(torch.autograd.Function):
                 torch.sum(dpre, 0, out=db1g)
             if dx is not None:
                 dx.index_add_(0, tok, torch.mm(dpre, w1t))
-        return dx, dw1, db1, dw2, db2, dgate, None, None
+        return dx, dw1, db1, dw2, db2, dgate, None, None, None
 
 
-def _grad_like(w: Tensor, counts: tuple[int, ...]) -> Tensor:
+class ReusedMemory:
+    """Memory kept from one CPU step to the next for the large buffers of an expert bank: the weight
+    gradients and the hidden activations saved for backward.
+
+    A stacked weight gradient (e, p, q) is as large as the bank's weights (128 MB for e = 64,
+    d = 512, h = 1024) and the hidden activations (A, h) are 32-64 MB at n = 8192. On the CPU fresh
+    blocks that large page-fault on every step: glibc returns them to the OS when freed, and
+    PyTorch's CPU allocator caches nothing (its CUDA allocator does, so CUDA never comes here). The
+    page faults cost up to a fifth of a step (docs/moe.md).
+
+    `empty(shape, dtype, slot)` hands out a kept block of `slot` again only when nothing but this
+    pool refers to its storage (`torch._C._storage_Use_Count`, the check Inductor's CUDA-graph trees
+    use for the same purpose) and it is large enough. A gradient still alive as `param.grad` before
+    `zero_grad()`, held by the user, or viewed, and activations still saved for a backward that has
+    not run, are never written over; a new block is made instead. Each slot keeps at most `keep`
+    blocks (two: `param.grad` kept between steps with `zero_grad(set_to_none=False)` holds one while
+    the next gradient is made in the other), a block too small for a request is replaced.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._blocks: dict[str, list] = {}
+
+    def empty(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, slot: str) -> Tensor:
+        if _USE_COUNT is None:  # torch without the use count: every buffer is fresh
+            return torch.empty(shape, dtype=dtype)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        blocks = self._blocks.setdefault(slot, [])
+        free = [i for i, st in enumerate(blocks) if _USE_COUNT(st._cdata) == 1]  # only this pool holds it
+        for i in free:
+            if blocks[i].nbytes() >= nbytes:
+                return torch.empty(0, dtype=dtype).set_(blocks[i], 0, shape)
+        out = torch.empty(shape, dtype=dtype)
+        if len(blocks) < self.keep:
+            blocks.append(out.untyped_storage())
+        elif free:  # replace a free block that was too small
+            blocks[free[0]] = out.untyped_storage()
+        return out
+
+    def __getstate__(self) -> dict:  # copies and pickles of a module start with an empty pool
+        return {"keep": self.keep, "_blocks": {}}
+
+
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _grad_like(w: Tensor, counts: tuple[int, ...], memory: ReusedMemory | None = None, slot: str = "") -> Tensor:
     """An uninitialised gradient for stacked expert weights w (e, ...), zero where a group is empty."""
-    grad = torch.empty_like(w)
+    grad = memory.empty(w.shape, w.dtype, slot) if memory is not None else torch.empty_like(w)
     for g, c in enumerate(counts):
         if c == 0:
             grad[g].zero_()
@@ -247,6 +295,7 @@ class MLPExperts(nn.Module):
         self.num_experts = num_experts
         self.w1, self.b1 = _uniform((num_experts, d, hidden), d), _uniform((num_experts, hidden), d)
         self.w2, self.b2 = _uniform((num_experts, hidden, d), hidden), _uniform((num_experts, d), hidden)
+        self.cpu_memory = ReusedMemory()  # weight gradients and hidden activations, reused across CPU steps
 
     def split(self) -> list[Callable[[Tensor], Tensor]]:
         return [partial(_mlp, *p) for p in zip(*(t.unbind(0) for t in (self.w1, self.b1, self.w2, self.b2)))]
@@ -254,7 +303,7 @@ class MLPExperts(nn.Module):
     def combine_cpu(self, x: Tensor, token: Tensor, gate: Tensor, counts: tuple[int, ...]) -> Tensor:
         """sum over assignments of gate * E_expert(x[token]), (n, d), fused per expert group (CPU only)."""
         params = (p.to(x.dtype) for p in (self.w1, self.b1, self.w2, self.b2))
-        return _CPUGroupedMLP.apply(x, *params, gate, token, counts)
+        return _CPUGroupedMLP.apply(x, *params, gate, token, counts, self.cpu_memory)
 
     def forward_grouped(self, x: Tensor, groups: Groups, gate: Tensor) -> Tensor:
         h = F.relu(grouped_linear(x, self.w1, self.b1, groups), inplace=True)  # (A, h)
