@@ -26,6 +26,8 @@ MLP banks (`mlp`, `shared`) also have `combine_cpu(x, token, gate, counts)`: the
 one autograd function (`_CPUGroupedMLP`) from x (n, d) to y (n, d), gathering, running and
 scattering one expert group at a time, so nothing of size (A, d) is made. `dispatch_grouped` uses it
 on the CPU; both hand-written backward passes are checked by gradcheck (tests/test_grouped_cpu.py).
+Its weight gradients and saved hidden activations come from `ReusedMemory`, which hands a block out
+again only once nothing else holds it, so a CPU step makes no page faults for them.
 """
 from __future__ import annotations
 
