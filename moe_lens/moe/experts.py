@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
@@ -226,25 +227,30 @@ class ReusedMemory:
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
         self._blocks: dict[str, list] = {}
+        self._lock = threading.Lock()  # two threads running the same layer never get the same block
 
     def empty(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, slot: str) -> Tensor:
         if _USE_COUNT is None:  # torch without the use count: every buffer is fresh
             return torch.empty(shape, dtype=dtype)
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        blocks = self._blocks.setdefault(slot, [])
-        free = [i for i, st in enumerate(blocks) if _USE_COUNT(st._cdata) == 1]  # only this pool holds it
-        for i in free:
-            if blocks[i].nbytes() >= nbytes:
-                return torch.empty(0, dtype=dtype).set_(blocks[i], 0, shape)
-        out = torch.empty(shape, dtype=dtype)
-        if len(blocks) < self.keep:
-            blocks.append(out.untyped_storage())
-        elif free:  # replace a free block that was too small
-            blocks[free[0]] = out.untyped_storage()
-        return out
+        nbytes = math.prod(shape) * dtype.itemsize
+        with self._lock:
+            blocks = self._blocks.setdefault(slot, [])
+            free = [i for i, st in enumerate(blocks) if _USE_COUNT(st._cdata) == 1]  # only this pool holds it
+            for i in free:
+                if blocks[i].nbytes() >= nbytes:
+                    return torch.empty(0, dtype=dtype).set_(blocks[i], 0, shape)
+            out = torch.empty(shape, dtype=dtype)
+            if len(blocks) < self.keep:
+                blocks.append(out.untyped_storage())
+            elif free:  # replace a free block that was too small
+                blocks[free[0]] = out.untyped_storage()
+            return out
 
     def __getstate__(self) -> dict:  # copies and pickles of a module start with an empty pool
-        return {"keep": self.keep, "_blocks": {}}
+        return {"keep": self.keep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["keep"])
 
 
 _USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
