@@ -6,9 +6,9 @@ and of the grouped dispatch, their ratio, the dispatch `auto` picks, peak extra 
 achieved GFLOP/s of the layer next to the plain matmul GFLOP/s of this machine measured in the
 same run on the same shapes (the ceiling no dispatch can pass).
 
-- Timing: both dispatches and the matmul ceiling live in one process and their steps alternate, so
-  a noisy neighbour or the allocator's state hits all three alike, and "% of matmul" is a ratio
-  from the same minutes; each figure is the median of `--reps` steps. A step is
+- Timing: both dispatches and the two matmul ceilings (dense, and per expert group) live in one
+  process and their steps alternate, so a noisy neighbour or the allocator's state hits all four
+  alike, and "% of matmul" is a ratio from the same minutes; each figure is the median of `--reps` steps. A step is
   the layer's forward and backward from a fixed upstream gradient (no loss ops are timed), with the
   input's gradient computed, as under an LSTM.
 - Memory: each dispatch runs alone in a fresh subprocess: the peak RSS of two steps above the RSS
@@ -74,11 +74,11 @@ def flops_per_token(d: int, h: int, e: int, k: int) -> int:
 
 
 def grouped_ceiling_step(layer, x):
-    """The same six matmuls per expert group, at the group sizes the layer's router gives x, on
-    preallocated operands into preallocated outputs: what per-expert BLAS calls can reach on this
-    machine before any gather, scatter, routing or autograd. A dispatch that runs one matmul per
-    expert group cannot pass it; the gap between it and the dense ceiling is the cost of small
-    matmuls, not of the dispatch."""
+    """The dense ceiling's six matmuls run once per expert group, at the group sizes the layer's
+    router gives x (`ceiling_step` per group): what per-expert BLAS calls can reach on this machine
+    before any gather, scatter, routing or autograd. A dispatch that runs one matmul per expert
+    group cannot pass it; the gap between it and the dense ceiling is the cost of small matmuls,
+    not of the dispatch. Returns the step and the number of routed rows it runs."""
     import torch
 
     from moe_lens.moe.layer import assignments
@@ -87,19 +87,11 @@ def grouped_ceiling_step(layer, x):
         _, expert, _ = assignments(layer.router(x, None))
     counts = torch.bincount(expert, minlength=layer.num_experts).tolist()
     d, h = layer.experts.w1.shape[1:]
-    dtype = torch.bfloat16 if x.is_cuda else torch.float32
-    r = lambda *shape: torch.randn(*shape, device=x.device, dtype=dtype)  # noqa: E731
-    groups = []
-    for m in counts:
-        if m:
-            x_, hid, dy = r(m, d), r(m, h), r(m, d)
-            groups.append((x_, r(d, h), r(h, d), hid, dy, r(m, h), r(m, d), r(d, h), r(h, d), r(m, d)))
+    groups = [ceiling_step(x.device.type, m, d, h) for m in counts if m]
 
     def step() -> None:
-        for x_, w1, w2, hid, dy, out_h, out_y, out_w1, out_w2, out_x in groups:
-            torch.mm(x_, w1, out=out_h), torch.mm(hid, w2, out=out_y)
-            torch.mm(dy, w2.t(), out=out_h), torch.mm(hid.t(), dy, out=out_w2)
-            torch.mm(out_h, w1.t(), out=out_x), torch.mm(x_.t(), out_h, out=out_w1)
+        for group in groups:
+            group()
 
     return step, sum(counts)
 
@@ -274,6 +266,7 @@ def main() -> None:
                       f"{choice} | {sec['loop'] / auto:.2f}x | {gflops:.1f} | {ceiling:.1f} | {100 * gflops / ceiling:.0f}% | "
                       f"{per_expert:.1f} | {100 * gflops / per_expert:.0f}% | "
                       f"{mem['loop']['peak_mb']:.0f} | {mem['grouped']['peak_mb']:.0f} |", flush=True)  # fmt: skip
+
 
 if __name__ == "__main__":
     main()
