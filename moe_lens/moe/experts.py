@@ -23,11 +23,12 @@ itself a loop of `mm` per group, so this does the same matmuls minus the bias ma
 passes over (A, q) (benchmarks/bench_moe_layer.py).
 
 MLP banks (`mlp`, `shared`) also have `combine_cpu(x, token, gate, counts)`: the whole gated bank as
-one autograd function (`_CPUGroupedMLP`) from x (n, d) to y (n, d), gathering, running and
-scattering one expert group at a time, so nothing of size (A, d) is made. `dispatch_grouped` uses it
-on the CPU; both hand-written backward passes are checked by gradcheck (tests/test_grouped_cpu.py).
-Its weight gradients and saved hidden activations come from `ReusedMemory`, which hands a block out
-again only once nothing else holds it, so a CPU step makes no page faults for them.
+one autograd function (`_CPUGroupedMLP`) from x (n, d) to y (n, d): one gather into expert order,
+two `addmm` per expert group straight into their rows, one gate multiply and one `index_add` back
+(three ops per group forward, eleven backward). `dispatch_grouped` uses it on the CPU; both
+hand-written backward passes are checked by gradcheck (tests/test_grouped_cpu.py). Its (A, d) and
+(A, h) buffers, weight gradients and saved activations come from `ReusedMemory`, which hands a
+block out again only once nothing else holds it, so a CPU step makes no page faults for them.
 """
 from __future__ import annotations
 
@@ -141,73 +142,82 @@ class _CPUGroupedLinear(torch.autograd.Function):
 
 
 class _CPUGroupedMLP(torch.autograd.Function):
-    """The whole gated MLP bank on the CPU, one expert group at a time, straight from x (n, d) to y (n, d).
+    """The whole gated MLP bank on the CPU, one expert group at a time, from x (n, d) to y (n, d).
 
     Per group g with assignment rows `tok_g` and gates s_g (all from `dispatch_grouped`, sorted by expert):
         h = relu(x[tok_g] W1_g + b1_g)    z = h W2_g + b2_g    y[tok_g] += s_g * z
-    so s * (h W2 + b2) = (s h) W2 + s b2, the gate-weighted expert output. Nothing of size (A, d) is
-    ever made: each group's gathered rows, hidden and output are small and stay in cache, and the
-    gather / gate / scatter passes that a chain of grouped matmuls makes over (A, d) disappear. Only
-    the hidden activations h (A, h) are kept for backward:
-        dz = s dy   dW2 = h^T dz   db2 = sum dz   u = dy W2^T   ds = rowsum(u * h) + dy b2
-        dpre = (s u) * [h > 0]   dW1 = x^T dpre   db1 = sum dpre   dx[tok_g] += dpre W1^T
+    so s * (h W2 + b2) = (s h) W2 + s b2, the gate-weighted expert output. The rows are gathered
+    once into expert order (xs, (A, d)), every group's two matmuls write straight into their rows of
+    the hidden (A, h) and output (A, d) buffers (bias folded into `addmm`), and one gate multiply and
+    one `index_add` bring the outputs back to token order: three ops per group in the forward. The
+    backward mirrors it: one gather of dy into expert order, per group
+        u = dy W2^T   ds = rowsum(u * h) + dy b2   dz = s dy   dW2 = h^T dz   db2 = sum dz
+        dpre = (s u) * [h > 0]   dW1 = xs^T dpre   db1 = sum dpre   dxs = dpre W1^T
+    and one `index_add` of dxs into dx. The (A, d) and (A, h) buffers, the weight gradients, and the
+    xs and hidden activations saved for backward all come from `memory` (`ReusedMemory`), so a step
+    allocates no large block afresh.
     """
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, gate, token, counts, memory):  # type: ignore[override]
-        shape = (token.shape[0], w1.shape[-1])
-        hidden = memory.empty(shape, x.dtype, "hidden") if memory is not None else x.new_empty(shape)  # (A, h)
-        y = x.new_zeros(x.shape)  # (n, d)
-        parts = zip(counts, token.split(counts), hidden.split(counts), gate.unsqueeze(1).split(counts),
+        a, d, h = token.shape[0], x.shape[1], w1.shape[-1]
+        xs = torch.index_select(x, 0, token, out=_empty(memory, (a, d), x.dtype, "xs"))  # (A, d) expert order
+        hidden = _empty(memory, (a, h), x.dtype, "hidden")  # (A, h)
+        z = _empty(memory, (a, d), x.dtype, "z")  # (A, d)
+        parts = zip(counts, xs.split(counts), hidden.split(counts), z.split(counts),
                     w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0))  # fmt: skip
-        for m, tok, h, s, w1g, b1g, w2g, b2g in parts:
+        for m, xg, hg, zg, w1g, b1g, w2g, b2g in parts:
             if m:
-                torch.addmm(b1g, x.index_select(0, tok), w1g, out=h).relu_()
-                y.index_add_(0, tok, torch.addmm(b2g, h, w2g).mul_(s))
-        ctx.save_for_backward(x, w1, b1, w2, b2, gate, token, hidden)
+                torch.addmm(b1g, xg, w1g, out=hg).relu_()
+                torch.addmm(b2g, hg, w2g, out=zg)
+        y = x.new_zeros(x.shape).index_add_(0, token, z.mul_(gate.unsqueeze(1)))  # (n, d)
+        ctx.save_for_backward(xs, w1, b1, w2, b2, gate, token, hidden)
         ctx.counts, ctx.memory = counts, memory
         return y
 
     @staticmethod
     def backward(ctx, dy_all):  # type: ignore[override]
-        x, w1, b1, w2, b2, gate, token, hidden = ctx.saved_tensors
-        counts = ctx.counts
+        xs, w1, b1, w2, b2, gate, token, hidden = ctx.saved_tensors
+        counts, memory = ctx.counts, ctx.memory
         need_x, need_w1, need_b1, need_w2, need_b2, need_gate = ctx.needs_input_grad[:6]
-        dy_all = dy_all.contiguous()
-        dx = torch.zeros_like(x) if need_x else None
-        dw1, db1, dw2, db2 = (_grad_like(t, counts, ctx.memory, name) if need else None
+        shape = xs.shape  # (A, d)
+        dys = torch.index_select(dy_all.contiguous(), 0, token, out=_empty(memory, shape, xs.dtype, "dys"))
+        dxs = _empty(memory, shape, xs.dtype, "z") if need_x else None  # the forward's z block is free again
+        dw1, db1, dw2, db2 = (_grad_like(t, counts, memory, name) if need else None
                               for t, need, name in zip((w1, b1, w2, b2), (need_w1, need_b1, need_w2, need_b2),
                                                        ("w1", "b1", "w2", "b2")))  # fmt: skip
         dgate = torch.empty_like(gate) if need_gate else None
-        parts = zip(counts, token.split(counts), hidden.split(counts), gate.unsqueeze(1).split(counts),
-                    _split(dgate, counts), w1.transpose(1, 2).unbind(0), w2.transpose(1, 2).unbind(0), b2.unbind(0),
-                    _unbind(dw1), _unbind(db1), _unbind(dw2), _unbind(db2))  # fmt: skip
-        for m, tok, h, s, ds, w1t, w2t, b2g, dw1g, db1g, dw2g, db2g in parts:
+        parts = zip(counts, xs.split(counts), dys.split(counts), _split(dxs, counts), hidden.split(counts),
+                    gate.unsqueeze(1).split(counts), _split(dgate, counts), w1.transpose(1, 2).unbind(0),
+                    w2.transpose(1, 2).unbind(0), b2.unbind(0), _unbind(dw1), _unbind(db1), _unbind(dw2),
+                    _unbind(db2))  # fmt: skip
+        for m, xg, dy, dxg, h, s, ds, w1t, w2t, b2g, dw1g, db1g, dw2g, db2g in parts:
             if not m:
                 continue
-            dy = dy_all.index_select(0, tok)  # (m, d)
+            u = torch.mm(dy, w2t)  # (m, h)
+            if ds is not None:
+                torch.addmv(torch.linalg.vecdot(u, h), dy, b2g, out=ds)
             if dw2g is not None or db2g is not None:
-                dz = dy * s
+                dz = dy.mul_(s)  # dys is this backward's own buffer
                 if dw2g is not None:
                     torch.mm(h.t(), dz, out=dw2g)
                 if db2g is not None:
                     torch.sum(dz, 0, out=db2g)
-            u = torch.mm(dy, w2t)  # (m, h)
-            if ds is not None:
-                torch.addmv(torch.linalg.vecdot(u, h), dy, b2g, out=ds)
             dpre = torch.ops.aten.threshold_backward(u.mul_(s), h, 0)  # (m, h)
             if dw1g is not None:
-                torch.mm(x.index_select(0, tok).t(), dpre, out=dw1g)
+                torch.mm(xg.t(), dpre, out=dw1g)
             if db1g is not None:
                 torch.sum(dpre, 0, out=db1g)
-            if dx is not None:
-                dx.index_add_(0, tok, torch.mm(dpre, w1t))
+            if dxg is not None:
+                torch.mm(dpre, w1t, out=dxg)
+        dx = torch.zeros_like(dy_all).index_add_(0, token, dxs) if need_x else None
         return dx, dw1, db1, dw2, db2, dgate, None, None, None
 
 
 class ReusedMemory:
     """Memory kept from one CPU step to the next for the large buffers of an expert bank: the weight
-    gradients and the hidden activations saved for backward.
+    gradients, the rows in expert order (A, d) and hidden activations (A, h) saved for backward,
+    and the (A, d) output and upstream-gradient buffers.
 
     A stacked weight gradient (e, p, q) is as large as the bank's weights (128 MB for e = 64,
     d = 512, h = 1024) and the hidden activations (A, h) are 32-64 MB at n = 8192. On the CPU fresh
@@ -256,9 +266,13 @@ class ReusedMemory:
 _USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 
+def _empty(memory: ReusedMemory | None, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, slot: str) -> Tensor:
+    return memory.empty(shape, dtype, slot) if memory is not None else torch.empty(shape, dtype=dtype)
+
+
 def _grad_like(w: Tensor, counts: tuple[int, ...], memory: ReusedMemory | None = None, slot: str = "") -> Tensor:
     """An uninitialised gradient for stacked expert weights w (e, ...), zero where a group is empty."""
-    grad = memory.empty(w.shape, w.dtype, slot) if memory is not None else torch.empty_like(w)
+    grad = _empty(memory, w.shape, w.dtype, slot)
     for g, c in enumerate(counts):
         if c == 0:
             grad[g].zero_()
