@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe_lens.config import MODES, RunConfig
-from moe_lens.moe import MoELayer
+from moe_lens.moe import MoELayer, losses
 from moe_lens.moe.routers import Routing
 
 D = 16
@@ -162,3 +162,27 @@ def test_switch_capacity_drops_tokens_to_the_residual_and_counts_them() -> None:
     assert torch.all(out.y[dropped] == 0)  # expert output 0: the model's residual passes x through
     assert torch.all(out.y[~dropped].abs().sum(-1) > 0)
     assert not layer.eval()(x).routing.dropped  # no capacity limit at evaluation
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("training", [False, True])
+def test_entropy_and_z_loss_match_their_direct_formulas(mode: str, training: bool) -> None:
+    """The layer reads logsumexp off the softmax at the top-1 expert (losses.logsumexp_at_top1); its
+    entropy and z-loss must equal the direct formulas on the routing it returns, in every mode."""
+    layer = make_layer(mode).train(training)
+    x, ids = inputs(60)
+    r = layer(x, token_ids=ids).routing
+    torch.testing.assert_close(r.router_probs, r.logits.float().softmax(dim=-1), atol=1e-6, rtol=1e-6)
+    if r.assign is None:  # slot 0 is the argmax, which the statistics rely on
+        torch.testing.assert_close(r.router_probs.gather(1, r.expert_idx[:, :1]).squeeze(1), r.router_probs.amax(-1))
+    torch.testing.assert_close(r.entropy, losses.entropy(r.router_probs), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(r.aux["z"], losses.z_loss(r.logits), atol=1e-6, rtol=1e-5)
+
+
+def test_z_loss_gradient_through_the_top1_identity_is_the_direct_one() -> None:
+    layer = make_layer("topk_mask", w_z=1.0).train()
+    x, _ = inputs(60)
+    out = layer(x)
+    (got,) = torch.autograd.grad(out.aux_loss, layer.router.w_gate.weight)
+    (want,) = torch.autograd.grad(losses.z_loss(layer.router.w_gate(x)), layer.router.w_gate.weight)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

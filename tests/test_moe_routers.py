@@ -121,3 +121,19 @@ def test_topk_mask_with_k1_has_constant_gates() -> None:
     """Documented consequence of renormalising one gate: it is 1.0, so the router gets no task gradient."""
     out = build_router("topk_mask", D, E, 1)(x_())
     torch.testing.assert_close(out.gate, torch.ones(50, 1))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_equals_torch_topk_in_values_indices_and_gradient(k: int) -> None:
+    from moe_lens.moe.routers import top_k
+
+    t = torch.randn(300, 9, generator=torch.Generator().manual_seed(k), requires_grad=True)
+    w = torch.randn(300, k)
+    got_v, got_i = top_k(t, k)
+    want_v, want_i = t.topk(k, dim=-1)
+    assert torch.equal(got_i, want_i)
+    torch.testing.assert_close(got_v, want_v)
+    (g1,) = torch.autograd.grad((got_v * w).sum(), t)
+    (g2,) = torch.autograd.grad((want_v * w).sum(), t)
+    torch.testing.assert_close(g1, g2)
+    assert top_k(t[:0], k)[1].shape == (0, k)

@@ -124,13 +124,16 @@ class MoELayer(nn.Module):
         r.load = gate.new_zeros(e).index_add(0, expert, kept)  # (e,)
         r.importance = gate.new_zeros(e).index_add(0, expert, gate)  # (e,) differentiable in the gates
         r.num_dropped = (kept.numel() - kept.sum()).detach()
-        r.entropy = losses.entropy(r.router_probs.detach())  # (n,)
+        # Every router but expert_choice (which sets `assign`) puts the argmax of router_probs in slot 0.
+        top1 = r.expert_idx[:, 0] if r.assign is None else r.router_probs.argmax(dim=-1)  # (n,)
+        lse = losses.logsumexp_at_top1(r.logits, r.router_probs, top1)  # (n,)
+        r.entropy = losses.entropy_from_lse(r.router_probs.detach(), r.logits.detach(), lse.detach())  # (n,)
         load_for_loss = r.load_prob.sum(dim=0) if r.load_prob is not None else r.load
         r.aux = {
             "importance": losses.cv_squared(r.importance),
             "load": losses.cv_squared(load_for_loss),
-            "switch": losses.switch_loss(r.router_probs, r.router_probs.argmax(dim=-1)),
-            "z": losses.z_loss(r.logits),
+            "switch": losses.switch_loss(r.router_probs, top1),
+            "z": losses.z_loss_from_lse(lse),
         }
         total = r.importance.new_zeros(())
         for name, w in self.weights.items():

@@ -86,6 +86,29 @@ def z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
+def logsumexp_at_top1(logits: Tensor, probs: Tensor, top1: Tensor) -> Tensor:
+    """(n,) logsumexp of each token's logits, read off its softmax at the top-1 expert j:
+    p_j = exp(l_j - lse), so lse = l_j - log p_j, with p_j >= 1/e keeping the log well conditioned.
+
+    `probs` must be softmax(logits) (every router's `router_probs` is). Two gathers instead of the
+    four passes over (n, e) of `torch.logsumexp`; differentiable (through the softmax) when the
+    z-loss is weighted. The layer feeds it to `z_loss_from_lse` and `entropy_from_lse`.
+    """
+    j = top1.reshape(-1, 1)
+    return logits.float().gather(1, j).squeeze(1) - probs.float().gather(1, j).squeeze(1).log()
+
+
+def z_loss_from_lse(lse: Tensor) -> Tensor:
+    """`z_loss` from precomputed per-token logsumexp (n,)."""
+    return lse.pow(2).mean() if lse.numel() else lse.new_zeros(())
+
+
+def entropy_from_lse(probs: Tensor, logits: Tensor, lse: Tensor) -> Tensor:
+    """(n,) entropy in nats of probs = softmax(logits): H = -sum_i p_i (l_i - lse) = lse - sum_i p_i l_i,
+    one pass over (n, e) instead of `entropy`'s three; clamped at 0 against rounding."""
+    return (lse - torch.linalg.vecdot(probs.float(), logits.float())).clamp_min(0.0)
+
+
 def entropy(probs: Tensor) -> Tensor:
     """(n, e) probabilities -> (n,) entropy in nats (0 log 0 = 0)."""
     p = probs.float()

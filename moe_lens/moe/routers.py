@@ -32,9 +32,11 @@ from moe_lens.moe.losses import smooth_load_prob
 class Routing:
     """What a router decided for n real tokens, s slots per token (s = k; e for expert_choice)."""
 
-    expert_idx: Tensor  # (n, s) int64 in [0, e); -1 marks an empty slot (expert_choice)
+    # (n, s) int64 in [0, e); -1 marks an empty slot (expert_choice). Slot 0 holds the argmax of
+    # router_probs for every router that leaves `assign` None (the layer's statistics rely on it).
+    expert_idx: Tensor
     gate: Tensor  # (n, s) gate the expert output is weighted by; 0 for empty/dropped slots
-    router_probs: Tensor  # (n, e) the router's distribution over experts (softmax of its logits)
+    router_probs: Tensor  # (n, e) the router's distribution over experts: softmax(logits), exactly
     logits: Tensor  # (n, e) pre-softmax router logits (z-loss); noisy ones for noisy_topk in training
     load_prob: Tensor | None = None  # (n, e) smooth P(x, i), noisy_topk in training only
     dropped: Tensor | None = None  # (n, s) bool: slot overflowed its expert's capacity
@@ -46,6 +48,21 @@ class Routing:
     num_dropped: Tensor | None = None  # () dropped (token, slot) assignments
     entropy: Tensor | None = None  # (n,) router entropy, nats
     aux: dict[str, Tensor] | None = None  # each unweighted aux loss by name
+
+
+def top_k(t: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`t.topk(k, dim=-1)` (values, indices), largest first. For k <= 2 the indices come from one or
+    two `argmax` passes and the values from one `gather` (whose backward is topk's scatter), a third
+    less time than `topk` forward and backward for (8192, 64); ties may pick another index of the
+    same value."""
+    if k > 2 or t.shape[-1] < 2 or t.shape[0] == 0:
+        return t.topk(k, dim=-1)
+    with torch.no_grad():
+        idx = t.argmax(dim=-1, keepdim=True)  # (n, 1)
+        if k == 2:
+            rest = t.scatter(-1, idx, float("-inf"))
+            idx = torch.cat([idx, rest.argmax(dim=-1, keepdim=True)], dim=-1)  # (n, 2)
+    return t.gather(-1, idx), idx
 
 
 class Router(nn.Module):
@@ -72,7 +89,7 @@ class TopKRouter(Router):
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
         logits = self.w_gate(x)  # (n, e)
         probs = logits.float().softmax(dim=-1)  # (n, e)
-        gate, idx = probs.topk(self.top_k, dim=-1)  # (n, k), (n, k)
+        gate, idx = top_k(probs, self.top_k)  # (n, k), (n, k)
         if self.renormalize:
             gate = gate / gate.sum(dim=-1, keepdim=True)
         return Routing(idx, gate, probs, logits)
@@ -96,7 +113,7 @@ class NoisyTopKRouter(Router):
             load_prob = smooth_load_prob(clean, noisy, noise_std, self.top_k)
         else:
             noisy = clean  # eval is deterministic
-        top_logits, idx = noisy.topk(self.top_k, dim=-1)  # (n, k) KeepTopK
+        top_logits, idx = top_k(noisy, self.top_k)  # (n, k) KeepTopK
         gate = top_logits.softmax(dim=-1)  # softmax after top-k, over the kept logits
         return Routing(idx, gate, noisy.softmax(dim=-1), noisy, load_prob=load_prob)
 
