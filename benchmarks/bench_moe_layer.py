@@ -75,25 +75,33 @@ def flops_per_token(d: int, h: int, e: int, k: int) -> int:
 
 def grouped_ceiling_step(layer, x):
     """The dense ceiling's six matmuls run once per expert group, at the group sizes the layer's
-    router gives x (`ceiling_step` per group): what per-expert BLAS calls can reach on this machine
-    before any gather, scatter, routing or autograd. A dispatch that runs one matmul per expert
-    group cannot pass it; the gap between it and the dense ceiling is the cost of small matmuls,
-    not of the dispatch. Returns the step and the number of routed rows it runs."""
+    router gives x (`ceiling_step` per group, each with its own weights), scheduled as the layer
+    schedules them (`experts.run_groups`: on worker threads, one BLAS thread each, for large
+    experts): what per-expert BLAS calls can reach on this machine before any gather, scatter,
+    routing or autograd. A dispatch that runs one matmul per expert group cannot pass it; the gap
+    between it and the dense ceiling is the cost of small matmuls, not of the dispatch. Returns the
+    step and the number of routed rows it runs."""
     import torch
 
+    from moe_lens.moe.experts import group_threads, run_groups
     from moe_lens.moe.layer import assignments
 
     with torch.no_grad():
         _, expert, _ = assignments(layer.router(x, None))
-    counts = torch.bincount(expert, minlength=layer.num_experts).tolist()
+    counts = tuple(torch.bincount(expert, minlength=layer.num_experts).tolist())
     d, h = layer.experts.w1.shape[1:]
-    groups = [ceiling_step(x.device.type, m, d, h) for m in counts if m]
+    groups = [(ceiling_step(x.device.type, m, d, h),) if m else None for m in counts]
+    threads = group_threads(d, h, counts) if x.device.type == "cpu" else 1
 
-    def step() -> None:
-        for group in groups:
-            group()
+    def step() -> None:  # the groups run as the layer runs them: on worker threads for large experts
+        run_groups(_run_each, groups, counts, threads)
 
     return step, sum(counts)
+
+
+def _run_each(groups: list[tuple]) -> None:
+    for (group,) in groups:
+        group()
 
 
 def time_both(device: str, n: int, d: int, h: int, e: int, k: int, reps: int) -> dict:

@@ -5,9 +5,12 @@ Both have hand-written backward passes, so each is checked by torch.autograd.gra
 ordinary differentiable ops, with empty expert groups and repeated tokens (expert_choice)."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
+from moe_lens.moe import experts
 from moe_lens.moe.experts import (
     Groups,
     LowRankExperts,
@@ -15,7 +18,9 @@ from moe_lens.moe.experts import (
     ReusedMemory,
     _CPUGroupedLinear,
     _CPUGroupedMLP,
+    group_threads,
     grouped_linear,
+    run_groups,
 )
 from moe_lens.moe.layer import MoELayer
 
@@ -46,15 +51,22 @@ def _mlp_inputs(n=9, d=5, h=6, e=4, k=2, empty=(2,), seed=0):
     return (x, w1, b1, w2, b2, gate.requires_grad_(True)), token, expert, counts
 
 
+@pytest.fixture(params=[1, 2], ids=["serial", "threads"])
+def threads(request, monkeypatch) -> int:
+    """Run the expert groups in this thread or on two worker threads (experts.run_groups)."""
+    monkeypatch.setattr(experts, "GROUP_THREADS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("memory", [None, ReusedMemory()], ids=["fresh", "reused"])
-def test_grouped_mlp_gradcheck_with_an_empty_expert(memory: ReusedMemory | None) -> None:
+def test_grouped_mlp_gradcheck_with_an_empty_expert(memory: ReusedMemory | None, threads: int) -> None:
     tensors, token, _, counts = _mlp_inputs()
     assert 0 in counts
     assert torch.autograd.gradcheck(lambda *t: _CPUGroupedMLP.apply(*t, token, counts, memory), tensors)
 
 
 @pytest.mark.parametrize("empty", [(), (0, 3)])
-def test_grouped_mlp_equals_reference_in_value_and_gradient(empty: tuple[int, ...]) -> None:
+def test_grouped_mlp_equals_reference_in_value_and_gradient(empty: tuple[int, ...], threads: int) -> None:
     tensors, token, expert, counts = _mlp_inputs(n=30, e=5, k=2, empty=empty, seed=3)
     dy = torch.randn(30, 5, dtype=torch.float64)
     grads = []
@@ -82,7 +94,7 @@ def test_grouped_linear_gradcheck_with_scale_bias_and_empty_group() -> None:
     torch.testing.assert_close(out, ref)
 
 
-def test_fused_cpu_path_is_the_one_auto_runs_and_matches_the_loop() -> None:
+def test_fused_cpu_path_is_the_one_auto_runs_and_matches_the_loop(threads: int) -> None:
     """`auto` on the CPU is the grouped dispatch, which runs MLP experts through _CPUGroupedMLP."""
     torch.manual_seed(0)
     x = torch.randn(50, 8, requires_grad=True)
@@ -113,7 +125,7 @@ def test_lowrank_grouped_matches_loop_gradients() -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_reused_gradient_memory_never_overwrites_a_live_gradient() -> None:
+def test_reused_gradient_memory_never_overwrites_a_live_gradient(threads: int) -> None:
     """Steps with zero_grad(set_to_none=True) reuse one block; a gradient still held (param.grad, a
     saved reference, a view) is never written over, and accumulation into a kept .grad stays exact."""
     torch.manual_seed(0)
@@ -148,7 +160,7 @@ def test_reused_gradient_memory_never_overwrites_a_live_gradient() -> None:
     torch.testing.assert_close(grad_of_w1(), 2 * expected)
 
 
-def test_reused_hidden_memory_is_never_shared_by_two_pending_backwards() -> None:
+def test_reused_hidden_memory_is_never_shared_by_two_pending_backwards(threads: int) -> None:
     """Two forwards before their backwards (gradient accumulation), then batches of other sizes:
     every gradient equals the one the same layer gives with no reused memory at all."""
     torch.manual_seed(0)
@@ -170,3 +182,31 @@ def test_reused_hidden_memory_is_never_shared_by_two_pending_backwards() -> None
 
     for a, b in zip(grads(reuse=True), grads(reuse=False)):
         torch.testing.assert_close(a, b)
+
+
+def test_groups_run_on_threads_for_large_experts_only() -> None:
+    assert group_threads(256, 128, (5, 7, 9)) == 1  # small experts: the GIL makes threads slower
+    assert group_threads(512, 1024, (5, 7, 9)) == torch.get_num_threads()
+    assert group_threads(512, 1024, (0, 12, 0)) == 1  # one non-empty group: nothing to split
+    assert group_threads(512, 1024, (1024, 1100, 0)) == 1  # groups big enough for all BLAS threads
+
+
+def test_run_groups_covers_every_non_empty_group_once_and_raises_worker_errors() -> None:
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def work(parts: list[tuple]) -> None:
+        assert not torch.is_grad_enabled()
+        with lock:
+            seen.extend(p[0] for p in parts)
+
+    counts = (4, 0, 9, 1, 0, 6)
+    with torch.no_grad():
+        run_groups(work, [(g,) for g in range(6)], counts, threads=2)
+    assert sorted(seen) == [0, 2, 3, 5]
+
+    def fail(parts: list[tuple]) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_groups(fail, [(g,) for g in range(6)], counts, threads=2)

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import NamedTuple
 
@@ -155,7 +157,8 @@ class _CPUGroupedMLP(torch.autograd.Function):
         dpre = (s u) * [h > 0]   dW1 = xs^T dpre   db1 = sum dpre   dxs = dpre W1^T
     and one `index_add` of dxs into dx. The (A, d) and (A, h) buffers, the weight gradients, and the
     xs and hidden activations saved for backward all come from `memory` (`ReusedMemory`), so a step
-    allocates no large block afresh.
+    allocates no large block afresh. The per-group work runs on worker threads for large experts
+    (`group_threads`); every group writes only its own rows and its own slices of the gradients.
     """
 
     @staticmethod
@@ -164,12 +167,9 @@ class _CPUGroupedMLP(torch.autograd.Function):
         xs = torch.index_select(x, 0, token, out=_empty(memory, (a, d), x.dtype, "xs"))  # (A, d) expert order
         hidden = _empty(memory, (a, h), x.dtype, "hidden")  # (A, h)
         z = _empty(memory, (a, d), x.dtype, "z")  # (A, d)
-        parts = zip(counts, xs.split(counts), hidden.split(counts), z.split(counts),
+        parts = zip(xs.split(counts), hidden.split(counts), z.split(counts),
                     w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0))  # fmt: skip
-        for m, xg, hg, zg, w1g, b1g, w2g, b2g in parts:
-            if m:
-                torch.addmm(b1g, xg, w1g, out=hg).relu_()
-                torch.addmm(b2g, hg, w2g, out=zg)
+        run_groups(_mlp_forward_groups, parts, counts, group_threads(d, h, counts))
         y = x.new_zeros(x.shape).index_add_(0, token, z.mul_(gate.unsqueeze(1)))  # (n, d)
         ctx.save_for_backward(xs, w1, b1, w2, b2, gate, token, hidden)
         ctx.counts, ctx.memory = counts, memory
@@ -187,31 +187,102 @@ class _CPUGroupedMLP(torch.autograd.Function):
                               for t, need, name in zip((w1, b1, w2, b2), (need_w1, need_b1, need_w2, need_b2),
                                                        ("w1", "b1", "w2", "b2")))  # fmt: skip
         dgate = torch.empty_like(gate) if need_gate else None
-        parts = zip(counts, xs.split(counts), dys.split(counts), _split(dxs, counts), hidden.split(counts),
+        parts = zip(xs.split(counts), dys.split(counts), _split(dxs, counts), hidden.split(counts),
                     gate.unsqueeze(1).split(counts), _split(dgate, counts), w1.transpose(1, 2).unbind(0),
                     w2.transpose(1, 2).unbind(0), b2.unbind(0), _unbind(dw1), _unbind(db1), _unbind(dw2),
                     _unbind(db2))  # fmt: skip
-        for m, xg, dy, dxg, h, s, ds, w1t, w2t, b2g, dw1g, db1g, dw2g, db2g in parts:
-            if not m:
-                continue
-            u = torch.mm(dy, w2t)  # (m, h)
-            if ds is not None:
-                torch.addmv(torch.linalg.vecdot(u, h), dy, b2g, out=ds)
-            if dw2g is not None or db2g is not None:
-                dz = dy.mul_(s)  # dys is this backward's own buffer
-                if dw2g is not None:
-                    torch.mm(h.t(), dz, out=dw2g)
-                if db2g is not None:
-                    torch.sum(dz, 0, out=db2g)
-            dpre = torch.ops.aten.threshold_backward(u.mul_(s), h, 0)  # (m, h)
-            if dw1g is not None:
-                torch.mm(xg.t(), dpre, out=dw1g)
-            if db1g is not None:
-                torch.sum(dpre, 0, out=db1g)
-            if dxg is not None:
-                torch.mm(dpre, w1t, out=dxg)
+        run_groups(_mlp_backward_groups, parts, counts, group_threads(xs.shape[1], hidden.shape[1], counts))
         dx = torch.zeros_like(dy_all).index_add_(0, token, dxs) if need_x else None
         return dx, dw1, db1, dw2, db2, dgate, None, None, None
+
+
+def _mlp_forward_groups(parts: list[tuple]) -> None:
+    for xg, hg, zg, w1g, b1g, w2g, b2g in parts:
+        torch.addmm(b1g, xg, w1g, out=hg).relu_()
+        torch.addmm(b2g, hg, w2g, out=zg)
+
+
+def _mlp_backward_groups(parts: list[tuple]) -> None:
+    for xg, dy, dxg, h, s, ds, w1t, w2t, b2g, dw1g, db1g, dw2g, db2g in parts:
+        u = torch.mm(dy, w2t)  # (m, h)
+        if ds is not None:
+            torch.addmv(torch.linalg.vecdot(u, h), dy, b2g, out=ds)
+        if dw2g is not None or db2g is not None:
+            dz = dy.mul_(s)  # dys is this backward's own buffer
+            if dw2g is not None:
+                torch.mm(h.t(), dz, out=dw2g)
+            if db2g is not None:
+                torch.sum(dz, 0, out=db2g)
+        dpre = torch.ops.aten.threshold_backward(u.mul_(s), h, 0)  # (m, h)
+        if dw1g is not None:
+            torch.mm(xg.t(), dpre, out=dw1g)
+        if db1g is not None:
+            torch.sum(dpre, 0, out=db1g)
+        if dxg is not None:
+            torch.mm(dpre, w1t, out=dxg)
+
+
+# Expert groups on worker threads (CPU). For large experts in groups of a few hundred rows,
+# running whole groups side by side on one BLAS thread each beats running each group's matmuls on
+# all BLAS threads: 6-10% shorter steps for d = 512, h = 1024 at e = 32 and 64 on the 2-core CI
+# machine. For small experts (d = 256, h = 128) it is 8-20% slower, the Python part of each op
+# weighing more under the GIL; for groups of 1024+ rows (e = 8) it gains nothing and each worker
+# thread's malloc arena keeps its temporaries (40-90 MB more peak memory)
+# (benchmarks/bench_moe_layer.py, docs/moe.md). So threads are used from THREADED_MIN_WEIGHT
+# elements per expert matrix (d * h, between the two measured sizes) and below THREADED_MAX_ROWS
+# rows per non-empty group on average.
+THREADED_MIN_WEIGHT = 1 << 18
+THREADED_MAX_ROWS = 1024
+GROUP_THREADS: int | None = None  # None: automatic (group_threads); an int forces it (tests, benchmarks)
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
+_pool_lock = threading.Lock()
+
+
+def group_threads(d: int, h: int, counts: tuple[int, ...]) -> int:
+    """How many threads run the expert groups of one CPU step: this thread's intra-op thread count
+    for experts of at least THREADED_MIN_WEIGHT weights per matrix whose non-empty groups average
+    fewer than THREADED_MAX_ROWS rows, else 1 (and 1 for fewer than two non-empty groups)."""
+    if GROUP_THREADS is not None:
+        return GROUP_THREADS
+    groups = sum(c > 0 for c in counts)
+    if d * h < THREADED_MIN_WEIGHT or groups < 2 or sum(counts) >= THREADED_MAX_ROWS * groups:
+        return 1
+    return torch.get_num_threads()
+
+
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of `workers` threads with one intra-op (BLAS) thread each, made again after a fork."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="moe-lens-experts",
+                                      initializer=torch.set_num_threads, initargs=(1,))  # fmt: skip
+            _pool = (os.getpid(), workers, pool)
+        return _pool[2]
+
+
+def _no_grad_call(work: Callable[[list[tuple]], None], parts: list[tuple]) -> None:
+    with torch.no_grad():  # grad mode is per thread; the kernels write into out= buffers
+        work(parts)
+
+
+def run_groups(work: Callable[[list[tuple]], None], parts: Iterable[tuple], counts: tuple[int, ...], threads: int) -> None:
+    """work(list of per-group operand tuples) over the non-empty groups: in this thread, or split
+    into `threads` lists of about equal rows (largest group first to the least loaded list), each
+    run on a worker thread of `_worker_pool`."""
+    todo = [(c, p) for c, p in zip(counts, parts) if c]
+    if threads <= 1 or len(todo) < 2:
+        work([p for _, p in todo])
+        return
+    lists: list[list[tuple]] = [[] for _ in range(threads)]
+    rows = [0] * threads
+    for c, p in sorted(todo, key=lambda cp: -cp[0]):
+        j = rows.index(min(rows))
+        lists[j].append(p)
+        rows[j] += c
+    pool = _worker_pool(threads)
+    for future in [pool.submit(_no_grad_call, work, part) for part in lists if part]:
+        future.result()
 
 
 class ReusedMemory:
