@@ -255,6 +255,8 @@ def _worker_pool(workers: int) -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
+            if _pool is not None and _pool[0] == os.getpid():
+                _pool[2].shutdown(wait=False)  # another thread count: let the old workers go
             pool = ThreadPoolExecutor(workers, thread_name_prefix="moe-lens-experts",
                                       initializer=torch.set_num_threads, initargs=(1,))  # fmt: skip
             _pool = (os.getpid(), workers, pool)
