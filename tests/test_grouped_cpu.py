@@ -212,7 +212,7 @@ def test_run_groups_covers_every_non_empty_group_once_and_raises_worker_errors()
         run_groups(fail, [(g,) for g in range(6)], counts, threads=2)
 
 
-def test_worker_pool_is_remade_for_another_thread_count_and_workers_keep_one_blas_thread() -> None:
+def test_one_worker_pool_per_thread_count_whose_workers_keep_one_blas_thread() -> None:
     pool2 = experts._worker_pool(2)
     assert experts._worker_pool(2) is pool2
     assert pool2.submit(torch.get_num_threads).result() == 1  # one BLAS thread per worker ...
@@ -220,3 +220,4 @@ def test_worker_pool_is_remade_for_another_thread_count_and_workers_keep_one_bla
     pool3 = experts._worker_pool(3)
     assert pool3 is not pool2 and torch.get_num_threads() == caller  # ... and the caller keeps its own
     assert pool3.submit(torch.get_num_threads).result() == 1
+    assert experts._worker_pool(2) is pool2  # still usable by a caller that holds it

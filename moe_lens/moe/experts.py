@@ -234,7 +234,8 @@ def _mlp_backward_groups(parts: list[tuple]) -> None:
 THREADED_MIN_WEIGHT = 1 << 18
 THREADED_MAX_ROWS = 1024
 GROUP_THREADS: int | None = None  # None: automatic (group_threads); an int forces it (tests, benchmarks)
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
+_pools: dict[int, ThreadPoolExecutor] = {}  # worker count -> pool, for the process in _pools_pid
+_pools_pid = os.getpid()
 _pool_lock = threading.Lock()
 
 
@@ -251,16 +252,17 @@ def group_threads(d: int, h: int, counts: tuple[int, ...]) -> int:
 
 
 def _worker_pool(workers: int) -> ThreadPoolExecutor:
-    """A pool of `workers` threads with one intra-op (BLAS) thread each, made again after a fork."""
-    global _pool
+    """A pool of `workers` threads with one intra-op (BLAS) thread each; one pool per worker count
+    (never shut down under a caller that may still submit), all made again after a fork."""
+    global _pools_pid
     with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
-            if _pool is not None and _pool[0] == os.getpid():
-                _pool[2].shutdown(wait=False)  # another thread count: let the old workers go
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="moe-lens-experts",
-                                      initializer=torch.set_num_threads, initargs=(1,))  # fmt: skip
-            _pool = (os.getpid(), workers, pool)
-        return _pool[2]
+        if _pools_pid != os.getpid():  # a forked child: the parent's worker threads do not exist here
+            _pools.clear()
+            _pools_pid = os.getpid()
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="moe-lens-experts",
+                                                 initializer=torch.set_num_threads, initargs=(1,))  # fmt: skip
+        return _pools[workers]
 
 
 def _no_grad_call(work: Callable[[list[tuple]], None], parts: list[tuple]) -> None:
