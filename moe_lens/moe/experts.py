@@ -169,10 +169,11 @@ class _CPUGroupedMLP(torch.autograd.Function):
         z = _empty(memory, (a, d), x.dtype, "z")  # (A, d)
         parts = zip(xs.split(counts), hidden.split(counts), z.split(counts),
                     w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0))  # fmt: skip
-        run_groups(_mlp_forward_groups, parts, counts, group_threads(d, h, counts))
+        threads = group_threads(d, h, counts)
+        run_groups(_mlp_forward_groups, parts, counts, threads)
         y = x.new_zeros(x.shape).index_add_(0, token, z.mul_(gate.unsqueeze(1)))  # (n, d)
         ctx.save_for_backward(xs, w1, b1, w2, b2, gate, token, hidden)
-        ctx.counts, ctx.memory = counts, memory
+        ctx.counts, ctx.memory, ctx.threads = counts, memory, threads
         return y
 
     @staticmethod
@@ -191,7 +192,7 @@ class _CPUGroupedMLP(torch.autograd.Function):
                     gate.unsqueeze(1).split(counts), _split(dgate, counts), w1.transpose(1, 2).unbind(0),
                     w2.transpose(1, 2).unbind(0), b2.unbind(0), _unbind(dw1), _unbind(db1), _unbind(dw2),
                     _unbind(db2))  # fmt: skip
-        run_groups(_mlp_backward_groups, parts, counts, group_threads(xs.shape[1], hidden.shape[1], counts))
+        run_groups(_mlp_backward_groups, parts, counts, ctx.threads)
         dx = torch.zeros_like(dy_all).index_add_(0, token, dxs) if need_x else None
         return dx, dw1, db1, dw2, db2, dgate, None, None, None
 
@@ -392,7 +393,7 @@ class MLPExperts(nn.Module):
         self.num_experts = num_experts
         self.w1, self.b1 = _uniform((num_experts, d, hidden), d), _uniform((num_experts, hidden), d)
         self.w2, self.b2 = _uniform((num_experts, hidden, d), hidden), _uniform((num_experts, d), hidden)
-        self.cpu_memory = ReusedMemory()  # weight gradients and hidden activations, reused across CPU steps
+        self.cpu_memory = ReusedMemory()  # the CPU kernel's large buffers, reused across steps
 
     def split(self) -> list[Callable[[Tensor], Tensor]]:
         return [partial(_mlp, *p) for p in zip(*(t.unbind(0) for t in (self.w1, self.b1, self.w2, self.b2)))]

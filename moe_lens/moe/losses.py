@@ -81,9 +81,7 @@ def switch_loss(router_probs: Tensor, top1: Tensor) -> Tensor:
 
 def z_loss(logits: Tensor) -> Tensor:
     """mean over tokens of logsumexp(logits)^2 (ST-MoE router z-loss)."""
-    if logits.shape[0] == 0:
-        return logits.new_zeros(())
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+    return z_loss_from_lse(torch.logsumexp(logits.float(), dim=-1))
 
 
 def logsumexp_at_top1(logits: Tensor, probs: Tensor, top1: Tensor) -> Tensor:
