@@ -65,6 +65,45 @@ def test_grouped_mlp_gradcheck_with_an_empty_expert(memory: ReusedMemory | None,
     assert torch.autograd.gradcheck(lambda *t: _CPUGroupedMLP.apply(*t, token, counts, memory), tensors)
 
 
+def _where(token: torch.Tensor) -> torch.Tensor:
+    """Each token's row in expert order, for one row per token (what `dispatch_grouped` passes)."""
+    return torch.empty_like(token).index_copy_(0, token, torch.arange(token.shape[0]))
+
+
+@pytest.mark.parametrize("memory", [None, ReusedMemory()], ids=["fresh", "reused"])
+def test_grouped_mlp_gradcheck_with_one_row_per_token(memory: ReusedMemory | None, threads: int) -> None:
+    """k = 1: the outputs come back to token order by the gather `where`, not by index_add."""
+    tensors, token, expert, counts = _mlp_inputs(n=11, k=1, empty=(1,), seed=6)
+    where = _where(token)
+    assert 0 in counts and sorted(token.tolist()) == list(range(11))
+    assert torch.autograd.gradcheck(lambda *t: _CPUGroupedMLP.apply(*t, token, counts, memory, where), tensors)
+    y = _CPUGroupedMLP.apply(*tensors, token, counts, memory, where)
+    torch.testing.assert_close(y, _mlp_reference(*tensors, token, expert))
+
+
+@pytest.mark.parametrize(("router", "k", "capacity", "given"),
+                         [("switch", 1, None, True), ("topk_mask", 2, None, False), ("expert_choice", 1, 1.0, False)])
+def test_dispatch_gives_the_token_rows_only_for_one_assignment_per_token(
+    monkeypatch, router: str, k: int, capacity: float | None, given: bool
+) -> None:
+    """`where` only when every token has exactly one assignment: not for top-2, nor for expert_choice
+    at capacity 1 (n assignments, but some tokens twice and some never)."""
+    seen = []
+    combine = MLPExperts.combine_cpu
+
+    def spy(self, x, token, gate, counts, where=None):
+        seen.append(where)
+        if where is not None:
+            assert torch.equal(token[where], torch.arange(x.shape[0]))
+        return combine(self, x, token, gate, counts, where)
+
+    monkeypatch.setattr(MLPExperts, "combine_cpu", spy)
+    torch.manual_seed(0)
+    layer = MoELayer(8, 4, k, router=router, expert_hidden=6, capacity_factor=capacity)
+    layer(torch.randn(40, 8))
+    assert len(seen) == 1 and (seen[0] is not None) == given
+
+
 @pytest.mark.parametrize("empty", [(), (0, 3)])
 def test_grouped_mlp_equals_reference_in_value_and_gradient(empty: tuple[int, ...], threads: int) -> None:
     tensors, token, expert, counts = _mlp_inputs(n=30, e=5, k=2, empty=empty, seed=3)
@@ -94,14 +133,15 @@ def test_grouped_linear_gradcheck_with_scale_bias_and_empty_group() -> None:
     torch.testing.assert_close(out, ref)
 
 
-def test_fused_cpu_path_is_the_one_auto_runs_and_matches_the_loop(threads: int) -> None:
+@pytest.mark.parametrize(("router", "k"), [("topk_mask", 2), ("switch", 1)])
+def test_fused_cpu_path_is_the_one_auto_runs_and_matches_the_loop(threads: int, router: str, k: int) -> None:
     """`auto` on the CPU is the grouped dispatch, which runs MLP experts through _CPUGroupedMLP."""
     torch.manual_seed(0)
     x = torch.randn(50, 8, requires_grad=True)
     outs = []
     for dispatch in ("auto", "loop"):
         torch.manual_seed(1)
-        layer = MoELayer(8, 6, 2, router="topk_mask", expert_hidden=12, dispatch=dispatch)
+        layer = MoELayer(8, 6, k, router=router, expert_hidden=12, dispatch=dispatch)
         if dispatch == "auto":
             assert layer.dispatch_for(x) == "grouped" and isinstance(layer.experts, MLPExperts)
         out = layer(x)
