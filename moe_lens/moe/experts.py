@@ -25,10 +25,11 @@ passes over (A, q) (benchmarks/bench_moe_layer.py).
 MLP banks (`mlp`, `shared`) also have `combine_cpu(x, token, gate, counts)`: the whole gated bank as
 one autograd function (`_CPUGroupedMLP`) from x (n, d) to y (n, d): one gather into expert order,
 two `addmm` per expert group straight into their rows, one gate multiply and one `index_add` back
-(one gather when every token has one assignment; three ops per group forward, eleven backward). `dispatch_grouped` uses it on the CPU; both
-hand-written backward passes are checked by gradcheck (tests/test_grouped_cpu.py). Its (A, d) and
-(A, h) buffers, weight gradients and saved activations come from `ReusedMemory`, which hands a
-block out again only once nothing else holds it, so a CPU step makes no page faults for them.
+(a gather when every token has one assignment; three ops per group forward, eleven backward).
+`dispatch_grouped` uses it on the CPU; both hand-written backward passes are checked by gradcheck
+(tests/test_grouped_cpu.py). Its (A, d) and (A, h) buffers, weight gradients and saved
+activations come from `ReusedMemory`, which hands a block out again only once nothing else holds
+it, so a CPU step makes no page faults for them.
 """
 from __future__ import annotations
 
@@ -156,10 +157,11 @@ class _CPUGroupedMLP(torch.autograd.Function):
     backward mirrors it: one gather of dy into expert order, per group
         u = dy W2^T   ds = rowsum(u * h) + dy b2   dz = s dy   dW2 = h^T dz   db2 = sum dz
         dpre = (s u) * [h > 0]   dW1 = xs^T dpre   db1 = sum dpre   dxs = dpre W1^T
-    and one `index_add` (or gather) of dxs into dx. The (A, d) and (A, h) buffers, the weight gradients, and the
-    xs and hidden activations saved for backward all come from `memory` (`ReusedMemory`), so a step
-    allocates no large block afresh. The per-group work runs on worker threads for large experts
-    (`group_threads`); every group writes only its own rows and its own slices of the gradients.
+    and one `index_add` (or gather) of dxs into dx. The (A, d) and (A, h) buffers, the weight
+    gradients, and the xs and hidden activations saved for backward all come from `memory`
+    (`ReusedMemory`), so a step allocates no large block afresh. The per-group work runs on worker
+    threads for large experts (`group_threads`); every group writes only its own rows and its own
+    slices of the gradients.
     """
 
     @staticmethod

@@ -154,12 +154,13 @@ def assignments(r: Routing) -> tuple[Tensor, Tensor, Tensor]:
 def dispatch_grouped(experts: nn.Module, x: Tensor, token: Tensor, expert: Tensor, gate: Tensor, e: int) -> Tensor:
     """Sort assignments by expert, run every expert with grouped matmuls, index_add back. (n, d)."""
     order = expert.argsort(stable=True)  # (A,)
-    where = None
-    if token.shape[0] == x.shape[0] and torch.equal(token, torch.arange(x.shape[0], device=token.device)):
-        where = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=order.device))
+    by_token = token
     token, expert, gate = token[order], expert[order], gate[order]
     groups = make_groups(expert, e)  # device offsets; host sizes (the CPU kernels) on the CPU only
     if groups.counts is not None and hasattr(experts, "combine_cpu"):
+        where = None  # each token's row in expert order, when every token has exactly one assignment
+        if by_token.shape[0] == x.shape[0] and torch.equal(by_token, torch.arange(x.shape[0])):  # CPU: no sync
+            where = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0]))
         return experts.combine_cpu(x, token, gate.to(x.dtype), groups.counts, where)  # (n, d), fused per group
     out = experts.forward_grouped(x.index_select(0, token), groups, gate.to(x.dtype))  # (A, d), gate-weighted
     return out.new_zeros(x.shape[0], x.shape[1]).index_add_(0, token, out)
