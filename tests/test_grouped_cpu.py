@@ -1,28 +1,36 @@
-"""The CPU grouped kernels (`_CPUGroupedMLP`, `_CPUGroupedLinear`) against autograd on a plain reference.
+"""The CPU grouped kernels (`_CPUGroupedMLP`, its compiled twin `_CPUGroupedMLPExt`, and
+`_CPUGroupedLinear`) against autograd on a plain reference.
 
-Both have hand-written backward passes, so each is checked by torch.autograd.gradcheck in float64
+All have hand-written backward passes, so each is checked by torch.autograd.gradcheck in float64
 (every input that takes a gradient, gates included) and against the same maths written with
-ordinary differentiable ops, with empty expert groups and repeated tokens (expert_choice)."""
+ordinary differentiable ops, with empty expert groups and repeated tokens (expert_choice). The
+layer-level tests run under both MLP kernels (`kernel` fixture)."""
 from __future__ import annotations
 
+import os
+import shutil
 import threading
+import warnings
 
 import pytest
 import torch
 
 from moe_lens.moe import experts
 from moe_lens.moe.experts import (
+    ByToken,
     Groups,
     LowRankExperts,
     MLPExperts,
     ReusedMemory,
     _CPUGroupedLinear,
     _CPUGroupedMLP,
+    _CPUGroupedMLPExt,
+    cpu_extension,
     group_threads,
     grouped_linear,
     run_groups,
 )
-from moe_lens.moe.layer import MoELayer
+from moe_lens.moe.layer import MoELayer, assignments, by_token_rows
 
 
 def _assignments(n: int, e: int, k: int, empty: tuple[int, ...] = (), seed: int = 0):
@@ -58,6 +66,74 @@ def threads(request, monkeypatch) -> int:
     return request.param
 
 
+@pytest.fixture(params=["python", "compiled"])
+def kernel(request, monkeypatch) -> str:
+    """The MLP bank on the pure-PyTorch kernel (MOE_LENS_CPU_EXT=0) or on the compiled one."""
+    monkeypatch.setenv(experts.CPU_EXT_ENV, "0" if request.param == "python" else "1")
+    if request.param == "compiled":
+        _require_compiled()
+    return request.param
+
+
+def _require_compiled() -> None:
+    """The compiled kernel must build in CI; elsewhere a machine without a C++ compiler skips."""
+    if cpu_extension() is None:
+        assert os.environ.get("CI") != "true", "the compiled CPU kernel did not build in CI"
+        assert shutil.which("c++") is None and shutil.which("g++") is None, "a compiler is here, yet no build"
+        pytest.skip("no C++ compiler: the compiled CPU kernel cannot be built here")
+
+
+def _by_token(token: torch.Tensor, n: int) -> ByToken:
+    """Each token's rows, sorted by token (written independently of `layer.by_token_rows`)."""
+    ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(token, minlength=n).cumsum(0)])
+    return ByToken(token.argsort(stable=True), ptr, None)
+
+
+@pytest.mark.parametrize(("n", "k", "empty", "repeat"), [(9, 2, (2,), False), (11, 1, (1,), False), (9, 2, (), True)],
+                         ids=["top2", "top1", "repeated-and-absent-tokens"])
+@pytest.mark.parametrize("memory", [None, ReusedMemory()], ids=["fresh", "reused"])
+def test_compiled_mlp_gradcheck(memory: ReusedMemory | None, threads: int, n: int, k: int, empty: tuple, repeat: bool) -> None:
+    _require_compiled()
+    tensors, token, expert, counts = _mlp_inputs(n=n, k=k, empty=empty, seed=7)
+    if repeat:  # expert_choice-like: token 0 three times, token 1 never
+        token = token.clone()
+        token[token == 1] = 0
+    rows, ptr, _ = _by_token(token, n)
+    assert torch.autograd.gradcheck(lambda *t: _CPUGroupedMLPExt.apply(*t, token, counts, memory, rows, ptr), tensors)
+    torch.testing.assert_close(_CPUGroupedMLPExt.apply(*tensors, token, counts, memory, rows, ptr),
+                               _mlp_reference(*tensors, token, expert))  # fmt: skip
+    if repeat:
+        assert _CPUGroupedMLPExt.apply(*tensors, token, counts, memory, rows, ptr)[1].abs().max() == 0
+    x, w1, b1, w2, b2, gate = tensors  # inputs that take no gradient (a hash router's gates, a frozen input)
+    frozen = (x.detach(), w1, b1, w2, b2, gate.detach())
+    assert torch.autograd.gradcheck(lambda w1, b1, w2, b2: _CPUGroupedMLPExt.apply(
+        frozen[0], w1, b1, w2, b2, frozen[5], token, counts, memory, rows, ptr), (w1, b1, w2, b2))  # fmt: skip
+
+
+def test_compiled_kernel_falls_back_with_a_warning_when_it_cannot_be_built(monkeypatch) -> None:
+    def broken() -> None:
+        raise OSError("no compiler here\nsecond line")
+
+    monkeypatch.setenv(experts.CPU_EXT_ENV, "1")
+    monkeypatch.setattr(experts, "_ext", {})
+    monkeypatch.setattr(experts, "_build_cpu_extension", broken)
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(OSError: no compiler here\); using the pure-PyTorch"):
+        assert cpu_extension() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process
+        assert cpu_extension() is None
+        torch.manual_seed(0)
+        layer = MoELayer(8, 4, 2, router="topk_mask", expert_hidden=6)
+        loop = MoELayer(8, 4, 2, router="topk_mask", expert_hidden=6, dispatch="loop")
+        loop.load_state_dict(layer.state_dict())
+        x = torch.randn(20, 8)
+        torch.testing.assert_close(layer(x).y, loop(x).y)
+    monkeypatch.setenv(experts.CPU_EXT_ENV, "0")
+    monkeypatch.setattr(experts, "_build_cpu_extension", lambda: pytest.fail("built although turned off"))
+    monkeypatch.setattr(experts, "_ext", {})
+    assert cpu_extension() is None
+
+
 @pytest.mark.parametrize("memory", [None, ReusedMemory()], ids=["fresh", "reused"])
 def test_grouped_mlp_gradcheck_with_an_empty_expert(memory: ReusedMemory | None, threads: int) -> None:
     tensors, token, _, counts = _mlp_inputs()
@@ -81,27 +157,39 @@ def test_grouped_mlp_gradcheck_with_one_row_per_token(memory: ReusedMemory | Non
     torch.testing.assert_close(y, _mlp_reference(*tensors, token, expert))
 
 
-@pytest.mark.parametrize(("router", "k", "capacity", "given"),
-                         [("switch", 1, None, True), ("topk_mask", 2, None, False), ("expert_choice", 1, 1.0, False)])
-def test_dispatch_gives_the_token_rows_only_for_one_assignment_per_token(
-    monkeypatch, router: str, k: int, capacity: float | None, given: bool
+@pytest.mark.parametrize(("router", "k", "capacity", "per_token"),
+                         [("switch", 1, None, 1), ("topk_mask", 2, None, 2), ("noisy_topk", 3, None, 3),
+                          ("expert_choice", 1, 1.0, None), ("expert_choice", 2, 1.5, None)])  # fmt: skip
+def test_dispatch_gives_each_token_its_rows_in_slot_order(
+    monkeypatch, router: str, k: int, capacity: float | None, per_token: int | None
 ) -> None:
-    """`where` only when every token has exactly one assignment: not for top-2, nor for expert_choice
-    at capacity 1 (n assignments, but some tokens twice and some never)."""
+    """The slot routers' rows come from the sort's inverse permutation, k per token in slot order;
+    expert_choice (some tokens several times, some never, even at capacity 1 with n assignments)
+    gets rows sorted by token. Either way token[rows[ptr[t]:ptr[t+1]]] is all t."""
     seen = []
     combine = MLPExperts.combine_cpu
 
-    def spy(self, x, token, gate, counts, where=None):
-        seen.append(where)
-        if where is not None:
-            assert torch.equal(token[where], torch.arange(x.shape[0]))
-        return combine(self, x, token, gate, counts, where)
+    def spy(self, x, token, gate, counts, by_token):
+        seen.append((token, by_token))
+        return combine(self, x, token, gate, counts, by_token)
 
     monkeypatch.setattr(MLPExperts, "combine_cpu", spy)
     torch.manual_seed(0)
-    layer = MoELayer(8, 4, k, router=router, expert_hidden=6, capacity_factor=capacity)
-    layer(torch.randn(40, 8))
-    assert len(seen) == 1 and (seen[0] is not None) == given
+    layer = MoELayer(8, 4, k, router=router, expert_hidden=6, capacity_factor=capacity).eval()  # no noise
+    x = torch.randn(40, 8)
+    layer(x)
+    ((token, (rows, ptr, got)),) = seen
+    assert got == per_token
+    counts = torch.diff(ptr)
+    assert ptr[0] == 0 and sorted(rows.tolist()) == list(range(token.shape[0]))
+    assert torch.equal(token[rows], torch.arange(40).repeat_interleave(counts))
+    if per_token is None:
+        assert (counts != 1).any()  # expert_choice: some token has no row or several
+        return
+    assert torch.equal(counts, torch.full((40,), per_token))
+    routing = layer.router(x)
+    expert_sorted = routing.expert_idx.reshape(-1).sort(stable=True).values
+    assert torch.equal(expert_sorted[rows].view(40, per_token), routing.expert_idx)  # row j of token t: slot j
 
 
 @pytest.mark.parametrize("empty", [(), (0, 3)])
@@ -134,8 +222,9 @@ def test_grouped_linear_gradcheck_with_scale_bias_and_empty_group() -> None:
 
 
 @pytest.mark.parametrize(("router", "k"), [("topk_mask", 2), ("switch", 1)])
-def test_fused_cpu_path_is_the_one_auto_runs_and_matches_the_loop(threads: int, router: str, k: int) -> None:
-    """`auto` on the CPU is the grouped dispatch, which runs MLP experts through _CPUGroupedMLP."""
+def test_fused_cpu_path_is_the_one_auto_runs_and_matches_the_loop(threads: int, kernel: str, router: str, k: int) -> None:
+    """`auto` on the CPU is the grouped dispatch, which runs MLP experts through the compiled kernel
+    (`_CPUGroupedMLPExt`) where it is built, else through `_CPUGroupedMLP`."""
     torch.manual_seed(0)
     x = torch.randn(50, 8, requires_grad=True)
     outs = []
@@ -145,10 +234,25 @@ def test_fused_cpu_path_is_the_one_auto_runs_and_matches_the_loop(threads: int, 
         if dispatch == "auto":
             assert layer.dispatch_for(x) == "grouped" and isinstance(layer.experts, MLPExperts)
         out = layer(x)
+        if dispatch == "auto":
+            expected = {"python": "_CPUGroupedMLPBackward", "compiled": "_CPUGroupedMLPExtBackward"}[kernel]
+            assert expected in _graph_nodes(out.y)
         (out.y.square().sum() + out.aux_loss).backward()
         outs.append((out.y.detach(), layer.experts.w1.grad, layer.experts.b2.grad, layer.router.w_gate.weight.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _graph_nodes(y: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes y depends on."""
+    seen, names, todo = set(), set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            names.add(node.name())
+            todo.extend(f for f, _ in node.next_functions)
+    return names
 
 
 def test_lowrank_grouped_matches_loop_gradients() -> None:
@@ -165,7 +269,7 @@ def test_lowrank_grouped_matches_loop_gradients() -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_reused_gradient_memory_never_overwrites_a_live_gradient(threads: int) -> None:
+def test_reused_gradient_memory_never_overwrites_a_live_gradient(threads: int, kernel: str) -> None:
     """Steps with zero_grad(set_to_none=True) reuse one block; a gradient still held (param.grad, a
     saved reference, a view) is never written over, and accumulation into a kept .grad stays exact."""
     torch.manual_seed(0)
@@ -200,7 +304,7 @@ def test_reused_gradient_memory_never_overwrites_a_live_gradient(threads: int) -
     torch.testing.assert_close(grad_of_w1(), 2 * expected)
 
 
-def test_reused_hidden_memory_is_never_shared_by_two_pending_backwards(threads: int) -> None:
+def test_reused_hidden_memory_is_never_shared_by_two_pending_backwards(threads: int, kernel: str) -> None:
     """Two forwards before their backwards (gradient accumulation), then batches of other sizes:
     every gradient equals the one the same layer gives with no reused memory at all."""
     torch.manual_seed(0)

@@ -22,21 +22,28 @@ no (A, q) temporaries), with a hand-written backward of the same kind. ATen's CP
 itself a loop of `mm` per group, so this does the same matmuls minus the bias matmuls and the extra
 passes over (A, q) (benchmarks/bench_moe_layer.py).
 
-MLP banks (`mlp`, `shared`) also have `combine_cpu(x, token, gate, counts)`: the whole gated bank as
-one autograd function (`_CPUGroupedMLP`) from x (n, d) to y (n, d): one gather into expert order,
-two `addmm` per expert group straight into their rows, one gate multiply and one `index_add` back
-(a gather when every token has one assignment; three ops per group forward, eleven backward).
-`dispatch_grouped` uses it on the CPU; both hand-written backward passes are checked by gradcheck
-(tests/test_grouped_cpu.py). Its (A, d) and (A, h) buffers, weight gradients and saved
+MLP banks (`mlp`, `shared`) also have `combine_cpu(x, token, gate, counts, by_token)`: the whole
+gated bank as one autograd function from x (n, d) to y (n, d), which `dispatch_grouped` uses on
+the CPU. `_CPUGroupedMLPExt` runs it on a compiled kernel (csrc/grouped_mlp.cpp, built on first use
+by torch's extension loader; `cpu_extension`): one gather into expert order, two `addmm` and a ReLU
+per expert group straight into their rows, and one pass summing each token's gated rows back
+(`ByToken`, parallel over tokens); the backward fuses the gather of dy with the gate and the gate's
+gradient, and the ReLU mask with a bias gradient. Where no compiler is at hand, `_CPUGroupedMLP`
+does the same in PyTorch ops (three per group forward, eleven backward; a gate multiply and an
+`index_add` back, or a gather when every token has one assignment), 5-10% slower. Every
+hand-written backward pass is checked by gradcheck (tests/test_grouped_cpu.py). Its (A, d) and (A, h) buffers, weight gradients and saved
 activations come from `ReusedMemory`, which hands a block out again only once nothing else holds
 it, so a CPU step makes no page faults for them.
 """
 from __future__ import annotations
 
+import glob
 import itertools
 import math
 import os
+import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -198,6 +205,135 @@ class _CPUGroupedMLP(torch.autograd.Function):
         run_groups(_mlp_backward_groups, parts, counts, ctx.threads)
         dx = _to_tokens(dxs, token, where, dy_all.shape) if need_x else None
         return dx, dw1, db1, dw2, db2, dgate, None, None, None, None
+
+
+class ByToken(NamedTuple):
+    """Each token's assignment rows in expert order, as CSR: the rows of token t are
+    rows[ptr[t]:ptr[t+1]] (int64, in slot order). `per_token` is the number of rows of every token
+    when it is the same for all (k for the slot routers), else None (expert_choice)."""
+
+    rows: Tensor  # (A,)
+    ptr: Tensor  # (n + 1,)
+    per_token: int | None
+
+
+class _CPUGroupedMLPExt(torch.autograd.Function):
+    """The gated MLP bank of `_CPUGroupedMLP` on the compiled kernel (csrc/grouped_mlp.cpp): the
+    same matmuls per expert group, with the passes around them fused and the GIL released.
+
+    Forward: one gather of x into expert order (xs), per group h = relu(xs W1 + b1) and
+    z = h W2 + b2 into their rows, then y[t] = sum of gate_r * z_r over the rows r of token t
+    (`ByToken`, parallel over tokens: no zero fill, no scatter). z is kept ungated, so the gate's
+    gradient is one dot product per row. Backward:
+        dz_r = gate_r * dy[token_r]   ds_r = dy[token_r] . z_r            (one fused gather pass)
+        per group: dpre = (dz W2^T) * [h > 0]   dW2 = h^T dz   db2 = colsum dz
+                   dW1 = xs^T dpre   db1 = colsum dpre (fused with the mask)   dxs = dpre W1^T
+        dx[t] = sum of dxs_r over the rows r of token t.
+    Per group: three ops forward, six backward (eleven in `_CPUGroupedMLP`), none from Python.
+    Buffers come from `memory` as there; worker threads for large experts as there (`run_groups`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, gate, token, counts, memory, rows, ptr):  # type: ignore[override]
+        ext = cpu_extension()
+        a, d, h = token.shape[0], x.shape[1], w1.shape[-1]
+        xs = torch.index_select(x, 0, token, out=_empty(memory, (a, d), x.dtype, "xs"))  # (A, d) expert order
+        hidden = _empty(memory, (a, h), x.dtype, "hidden")  # (A, h)
+        z = _empty(memory, (a, d), x.dtype, "z")  # (A, d) ungated expert outputs
+        threads = group_threads(d, h, counts)
+        run_groups(partial(_ext_groups, ext.forward_groups, (xs, hidden, z, w1, b1, w2, b2)), _spans(counts), counts,
+                   threads)  # fmt: skip
+        y = x.new_empty(x.shape)
+        ext.combine_rows(z, gate, rows, ptr, y)
+        ctx.save_for_backward(xs, w1, w2, gate, token, hidden, z, rows, ptr)
+        ctx.counts, ctx.memory, ctx.threads = counts, memory, threads
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        ext = cpu_extension()
+        xs, w1, w2, gate, token, hidden, z, rows, ptr = ctx.saved_tensors
+        counts, memory = ctx.counts, ctx.memory
+        need_x, need_w1, need_b1, need_w2, need_b2, need_gate = ctx.needs_input_grad[:6]
+        dz = _empty(memory, xs.shape, xs.dtype, "dys")  # (A, d) gate * dy in expert order
+        dgate = torch.empty_like(gate) if need_gate else None
+        ext.gather_scale_dot(dy.contiguous(), token, gate, z, dz, dgate)
+        dxs = dz if need_x else None  # each group's dxs rows overwrite its dz rows once they are used
+        dw1 = _grad_like(w1, counts, memory, "w1") if need_w1 else None
+        db1 = _grad_like(w1[:, 0], counts, memory, "b1") if need_b1 else None
+        dw2 = _grad_like(w2, counts, memory, "w2") if need_w2 else None
+        db2 = _grad_like(w2[:, 0], counts, memory, "b2") if need_b2 else None
+        run_groups(partial(_ext_groups, ext.backward_groups, (xs, dz, hidden, dxs, w1, w2, dw1, db1, dw2, db2)),
+                   _spans(counts), counts, ctx.threads)  # fmt: skip
+        dx = None
+        if need_x:
+            dx = dy.new_empty(dy.shape)
+            ext.combine_rows(dxs, None, rows, ptr, dx)
+        return dx, dw1, db1, dw2, db2, dgate, None, None, None, None, None
+
+
+def _spans(counts: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(group, first row, end row) of each group, for `run_groups` to split among threads."""
+    ends = itertools.accumulate(counts)
+    return [(g, end - c, end) for g, (c, end) in enumerate(zip(counts, ends))]
+
+
+def _ext_groups(kernel: Callable, tensors: tuple, spans: list[tuple[int, int, int]]) -> None:
+    if not spans:  # every group empty (no tokens)
+        return
+    ids, starts, ends = zip(*spans)
+    kernel(*tensors, list(ids), list(starts), list(ends))
+
+
+# The compiled CPU kernel (csrc/grouped_mlp.cpp) is built on first use by torch's JIT extension
+# loader (a C++ compiler and ninja; about 40 s, once per machine, cached under TORCH_EXTENSIONS_DIR
+# or ~/.cache/torch_extensions). MOE_LENS_CPU_EXT=0 turns it off; where it cannot be built, a
+# warning says why and the pure-PyTorch kernel (`_CPUGroupedMLP`, the same results) runs instead.
+CPU_EXT_ENV = "MOE_LENS_CPU_EXT"
+CPU_EXT_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "grouped_mlp.cpp")
+_ext: dict[str, object] = {}
+_ext_lock = threading.Lock()
+
+
+def cpu_extension() -> object | None:
+    """The compiled CPU kernel module, built or loaded once per process; None when turned off by
+    MOE_LENS_CPU_EXT=0 or when it cannot be built (with a warning naming the reason)."""
+    if os.environ.get(CPU_EXT_ENV, "1") == "0":
+        return None
+    with _ext_lock:
+        if "module" not in _ext:
+            try:
+                _ext["module"] = _build_cpu_extension()
+            except Exception as err:  # no compiler, ninja or headers: say why, run the PyTorch kernel
+                reason = (str(err).strip().splitlines() or [""])[0][:200]
+                warnings.warn(f"moe-lens: the compiled CPU expert kernel could not be built ({type(err).__name__}: "
+                              f"{reason}); using the pure-PyTorch kernel (same results, slower). "
+                              f"Set {CPU_EXT_ENV}=0 to skip the attempt.", RuntimeWarning, stacklevel=2)  # fmt: skip
+                _ext["module"] = None
+        return _ext["module"]
+
+
+def _build_cpu_extension() -> object:
+    from torch.utils import cpp_extension
+
+    cap = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2, AVX512, ...: one build per capability
+    name = f"moe_lens_cpu_{cap.lower()}"
+    flags = ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma"] if cap.startswith("AVX") else [])
+    build_dir = cpp_extension._get_build_directory(name, False)  # where torch's loader keeps it
+    if not glob.glob(os.path.join(build_dir, f"{name}*.so")):
+        print(f"moe-lens: compiling the CPU expert kernel into {build_dir} (once per machine, about a minute)",
+              file=sys.stderr, flush=True)  # fmt: skip
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja  # the PyPI package, whose binary is not on PATH in a venv used without activating it
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    except ImportError:
+        pass
+    try:
+        return cpp_extension.load(name, [CPU_EXT_SOURCE], extra_cflags=flags)
+    finally:
+        os.environ["PATH"] = path
 
 
 def _to_tokens(rows: Tensor, token: Tensor, where: Tensor | None, shape: torch.Size) -> Tensor:
@@ -410,12 +546,13 @@ class MLPExperts(nn.Module):
     def split(self) -> list[Callable[[Tensor], Tensor]]:
         return [partial(_mlp, *p) for p in zip(*(t.unbind(0) for t in (self.w1, self.b1, self.w2, self.b2)))]
 
-    def combine_cpu(
-        self, x: Tensor, token: Tensor, gate: Tensor, counts: tuple[int, ...], where: Tensor | None = None
-    ) -> Tensor:
-        """sum over assignments of gate * E_expert(x[token]), (n, d), fused per expert group (CPU only).
-        `where` (n,): the row of each token when every token has exactly one assignment, else None."""
+    def combine_cpu(self, x: Tensor, token: Tensor, gate: Tensor, counts: tuple[int, ...], by_token: ByToken) -> Tensor:
+        """sum over assignments of gate * E_expert(x[token]), (n, d), fused per expert group (CPU only):
+        the compiled kernel where it is built, else `_CPUGroupedMLP`."""
         params = (p.to(x.dtype) for p in (self.w1, self.b1, self.w2, self.b2))
+        if cpu_extension() is not None:
+            return _CPUGroupedMLPExt.apply(x, *params, gate, token, counts, self.cpu_memory, by_token.rows, by_token.ptr)
+        where = by_token.rows if by_token.per_token == 1 else None
         return _CPUGroupedMLP.apply(x, *params, gate, token, counts, self.cpu_memory, where)
 
     def forward_grouped(self, x: Tensor, groups: Groups, gate: Tensor) -> Tensor:

@@ -17,8 +17,10 @@ is `grouped`, which was at least as fast as the loop in every measured configura
 - `grouped`: sort the A assignments by expert (device-side offsets, no host sync on CUDA), then
   - CUDA: gather rows, one `grouped_mm` per expert matrix, `index_add` the gate-weighted outputs back;
   - CPU: the group sizes are read on the host (free there) and each expert group runs as fused BLAS
-    calls straight from x to y (`experts._CPUGroupedMLP` for MLP and shared experts; the other
-    expert types chain `experts.grouped_linear`), with hand-written backward passes;
+    calls straight from x to y, with hand-written backward passes: MLP and shared experts in one
+    autograd function, on the compiled kernel (`experts._CPUGroupedMLPExt`, built on first use)
+    or, where it cannot be built, in PyTorch (`experts._CPUGroupedMLP`); the other expert types
+    chain `experts.grouped_linear`;
 - `loop`: the straightforward per-expert loop (select, run, index_add), the baseline.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_lens.moe import losses
-from moe_lens.moe.experts import HAS_GROUPED_MM, build_experts, make_groups
+from moe_lens.moe.experts import HAS_GROUPED_MM, ByToken, build_experts, make_groups
 from moe_lens.moe.routers import Routing, build_router
 
 DISPATCHES = ("auto", "grouped", "loop")
@@ -158,12 +160,25 @@ def dispatch_grouped(experts: nn.Module, x: Tensor, token: Tensor, expert: Tenso
     token, expert, gate = token[order], expert[order], gate[order]
     groups = make_groups(expert, e)  # device offsets; host sizes (the CPU kernels) on the CPU only
     if groups.counts is not None and hasattr(experts, "combine_cpu"):
-        where = None  # each token's row in expert order, when every token has exactly one assignment
-        if by_token.shape[0] == x.shape[0] and torch.equal(by_token, torch.arange(x.shape[0])):  # CPU: no sync
-            where = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0]))
-        return experts.combine_cpu(x, token, gate.to(x.dtype), groups.counts, where)  # (n, d), fused per group
+        rows = by_token_rows(by_token, order, token, x.shape[0])
+        return experts.combine_cpu(x, token, gate.to(x.dtype), groups.counts, rows)  # (n, d), fused per group
     out = experts.forward_grouped(x.index_select(0, token), groups, gate.to(x.dtype))  # (A, d), gate-weighted
     return out.new_zeros(x.shape[0], x.shape[1]).index_add_(0, token, out)
+
+
+def by_token_rows(unsorted: Tensor, order: Tensor, token: Tensor, n: int) -> ByToken:
+    """Each token's rows in expert order (CPU). `unsorted` is the token of each assignment before
+    the sort by expert (`order`), `token` after it. The slot routers give token-major assignments,
+    s per token (arange(n).repeat_interleave(s)): then the rows are the inverse of `order`, s per
+    token, with no sort. Otherwise (expert_choice) the rows are sorted by token."""
+    a = order.shape[0]
+    s = a // n if n else 0  # assignments per token, if all tokens have the same number
+    if s and a == s * n and torch.equal(unsorted, torch.arange(n).repeat_interleave(s)):  # O(A), CPU only
+        rows = torch.empty_like(order).index_copy_(0, order, torch.arange(a))
+        return ByToken(rows, torch.arange(0, a + 1, s), s)
+    ptr = torch.zeros(n + 1, dtype=torch.long)
+    torch.cumsum(torch.bincount(token, minlength=n), 0, out=ptr[1:])
+    return ByToken(token.argsort(stable=True), ptr, None)
 
 
 def dispatch_loop(experts: nn.Module, x: Tensor, token: Tensor, expert: Tensor, gate: Tensor, e: int) -> Tensor:

@@ -1,0 +1,207 @@
+// The CPU expert kernel of moe_lens.moe.experts (`_CPUGroupedMLPExt`): the per-group work of a
+// gated two-layer ReLU MLP bank and the whole-array passes around it, fused where torch would
+// make several passes. Every function runs with the GIL released; the row arrays are contiguous
+// row-major CPU tensors of one floating type (float32 or float64), the indices int64 (checked).
+//
+// Rows are in expert order (the A assignments sorted by expert); group g owns rows
+// [start, end). `rows`/`ptr` is a CSR index by token: the rows of token t are
+// rows[ptr[t]:ptr[t+1]], so token-order sums run in parallel over tokens without a zero fill
+// and without a scatter.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+void check_rows(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous(), name,
+              ": expected a contiguous 2-D CPU tensor");
+}
+
+void check_index(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.is_contiguous() && t.scalar_type() == at::kLong, name,
+              ": expected a contiguous 1-D int64 CPU tensor");
+}
+
+void check_like(const Tensor& t, const Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == like.scalar_type(), name, ": expected a contiguous ",
+              like.scalar_type(), " tensor");
+}
+
+// y[t] = sum over the rows r of token t of gate[r] * z[r] (gate 1 when undefined); y is (n, d).
+void combine_rows(const Tensor& z, const std::optional<Tensor>& gate, const Tensor& rows, const Tensor& ptr,
+                  const Tensor& y) {
+  check_rows(z, "z");
+  check_rows(y, "y");
+  check_like(y, z, "y");
+  check_index(rows, "rows");
+  check_index(ptr, "ptr");
+  TORCH_CHECK(y.size(1) == z.size(1) && ptr.numel() == y.size(0) + 1 && rows.numel() == z.size(0),
+              "combine_rows: shapes do not match");
+  if (gate) check_like(*gate, z, "gate");
+  const int64_t n = y.size(0), d = y.size(1);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pp = ptr.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "combine_rows", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* gp = gate ? gate->data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        scalar_t* out = yp + t * d;
+        const int64_t i0 = pp[t], i1 = pp[t + 1];
+        if (i0 == i1) {
+          std::fill(out, out + d, scalar_t(0));
+          continue;
+        }
+        const scalar_t* src = zp + rp[i0] * d;
+        const scalar_t s0 = gp ? gp[rp[i0]] : scalar_t(1);
+        for (int64_t c = 0; c < d; ++c) out[c] = s0 * src[c];
+        for (int64_t i = i0 + 1; i < i1; ++i) {
+          src = zp + rp[i] * d;
+          const scalar_t s = gp ? gp[rp[i]] : scalar_t(1);
+          for (int64_t c = 0; c < d; ++c) out[c] += s * src[c];
+        }
+      }
+    });
+  });
+}
+
+template <typename scalar_t>
+void gather_scale_dot_rows(const scalar_t* dyp, const int64_t* tp, const scalar_t* gp, const scalar_t* zp,
+                           scalar_t* dzp, scalar_t* dsp, int64_t begin, int64_t end, int64_t d) {
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* src = dyp + tp[r] * d;
+    scalar_t* out = dzp + r * d;
+    const scalar_t s = gp[r];
+    if (dsp) {
+      const scalar_t* zr = zp + r * d;
+      scalar_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < d; ++c) {
+        out[c] = s * src[c];
+        acc += src[c] * zr[c];
+      }
+      dsp[r] = acc;
+    } else {
+      for (int64_t c = 0; c < d; ++c) out[c] = s * src[c];
+    }
+  }
+}
+
+// Backward entry: dz[r] = gate[r] * dy[token[r]] and, when ds is defined, ds[r] = dy[token[r]] . z[r]
+// (the gate's gradient: y = sum gate * z, z the ungated expert output).
+void gather_scale_dot(const Tensor& dy, const Tensor& token, const Tensor& gate, const Tensor& z, const Tensor& dz,
+                      const std::optional<Tensor>& ds) {
+  check_rows(dy, "dy");
+  check_rows(dz, "dz");
+  check_rows(z, "z");
+  check_like(dz, dy, "dz");
+  check_like(z, dy, "z");
+  check_like(gate, dy, "gate");
+  check_index(token, "token");
+  TORCH_CHECK(dz.sizes() == z.sizes() && dy.size(1) == dz.size(1) && token.numel() == dz.size(0),
+              "gather_scale_dot: shapes do not match");
+  if (ds) check_like(*ds, dy, "ds");
+  const int64_t a = dz.size(0), d = dz.size(1);
+  const int64_t* tp = token.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "gather_scale_dot", [&] {
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    const scalar_t* gp = gate.data_ptr<scalar_t>();
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    scalar_t* dzp = dz.data_ptr<scalar_t>();
+    scalar_t* dsp = ds ? ds->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, a, 16, [&](int64_t begin, int64_t end) {
+      gather_scale_dot_rows<scalar_t>(dyp, tp, gp, zp, dzp, dsp, begin, end, d);
+    });
+  });
+}
+
+// Forward of the groups listed (ids, starts, ends): hidden = relu(xs W1 + b1), z = hidden W2 + b2,
+// written straight into their rows.
+void forward_groups(const Tensor& xs, const Tensor& hidden, const Tensor& z, const Tensor& w1, const Tensor& b1,
+                    const Tensor& w2, const Tensor& b2, const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
+                    const std::vector<int64_t>& ends) {
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const int64_t g = ids[i], s = starts[i], m = ends[i] - starts[i];
+    Tensor hg = hidden.narrow(0, s, m);
+    Tensor zg = z.narrow(0, s, m);
+    at::addmm_out(hg, b1[g], xs.narrow(0, s, m), w1[g]);
+    hg.relu_();
+    at::addmm_out(zg, b2[g], hg, w2[g]);
+  }
+}
+
+// u *= [h > 0] in place, and db1 = column sums of the result when db1 is defined. u, h: (m, q).
+template <typename scalar_t>
+void relu_back_colsum(scalar_t* up, const scalar_t* hp, scalar_t* db, int64_t m, int64_t q) {
+  if (db) std::fill(db, db + q, scalar_t(0));
+  for (int64_t r = 0; r < m; ++r) {
+    scalar_t* ur = up + r * q;
+    const scalar_t* hr = hp + r * q;
+    if (db) {
+      for (int64_t c = 0; c < q; ++c) {
+        const scalar_t v = hr[c] > 0 ? ur[c] : scalar_t(0);
+        ur[c] = v;
+        db[c] += v;
+      }
+    } else {
+      for (int64_t c = 0; c < q; ++c) ur[c] = hr[c] > 0 ? ur[c] : scalar_t(0);
+    }
+  }
+}
+
+// Backward of the groups listed, from dz = gate * dy in expert order:
+//   dpre = (dz W2^T) * [hidden > 0]   dW2 = hidden^T dz   db2 = colsum dz
+//   dW1 = xs^T dpre   db1 = colsum dpre   dxs = dpre W1^T
+// Undefined outputs are skipped. dxs may be dz itself: a group's dxs rows are written last, after
+// its dz rows have been read for the last time.
+using Opt = std::optional<Tensor>;
+void backward_groups(const Tensor& xs, const Tensor& dz, const Tensor& hidden, const Opt& dxs, const Tensor& w1,
+                     const Tensor& w2, const Opt& dw1, const Opt& db1, const Opt& dw2, const Opt& db2,
+                     const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
+                     const std::vector<int64_t>& ends) {
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const int64_t g = ids[i], s = starts[i], m = ends[i] - starts[i];
+    Tensor dzg = dz.narrow(0, s, m);
+    Tensor hg = hidden.narrow(0, s, m);
+    Tensor u = at::mm(dzg, w2[g].t());  // (m, h): gate * dy W2^T
+    if (dw2) {
+      Tensor out = (*dw2)[g];
+      at::mm_out(out, hg.t(), dzg);
+    }
+    if (db2) {
+      Tensor out = (*db2)[g];
+      at::sum_out(out, dzg, 0);
+    }
+    AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "relu_back_colsum", [&] {
+      relu_back_colsum<scalar_t>(u.data_ptr<scalar_t>(), hg.data_ptr<scalar_t>(),
+                                 db1 ? (*db1)[g].data_ptr<scalar_t>() : nullptr, m, u.size(1));
+    });
+    if (dw1) {
+      Tensor out = (*dw1)[g];
+      at::mm_out(out, xs.narrow(0, s, m).t(), u);
+    }
+    if (dxs) {
+      Tensor out = dxs->narrow(0, s, m);
+      at::mm_out(out, u, w1[g].t());
+    }
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using rg = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("combine_rows", &combine_rows, rg());
+  m.def("gather_scale_dot", &gather_scale_dot, rg());
+  m.def("forward_groups", &forward_groups, rg());
+  m.def("backward_groups", &backward_groups, rg());
+}
