@@ -31,9 +31,9 @@ per expert group straight into their rows, and one pass summing each token's gat
 gradient, and the ReLU mask with a bias gradient. Where no compiler is at hand, `_CPUGroupedMLP`
 does the same in PyTorch ops (three per group forward, eleven backward; a gate multiply and an
 `index_add` back, or a gather when every token has one assignment), 5-10% slower. Every
-hand-written backward pass is checked by gradcheck (tests/test_grouped_cpu.py). Its (A, d) and (A, h) buffers, weight gradients and saved
-activations come from `ReusedMemory`, which hands a block out again only once nothing else holds
-it, so a CPU step makes no page faults for them.
+hand-written backward pass is checked by gradcheck (tests/test_grouped_cpu.py). Their (A, d) and
+(A, h) buffers, weight gradients and saved activations come from `ReusedMemory`, which hands a
+block out again only once nothing else holds it, so a CPU step makes no page faults for them.
 """
 from __future__ import annotations
 
@@ -246,12 +246,12 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
         y = x.new_empty(x.shape)
         ext.combine_rows(z, gate, rows, ptr, y)
         ctx.save_for_backward(xs, w1, w2, gate, token, hidden, z, rows, ptr)
-        ctx.counts, ctx.memory, ctx.threads = counts, memory, threads
+        ctx.counts, ctx.memory, ctx.threads, ctx.ext = counts, memory, threads, ext
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        ext = cpu_extension()
+        ext = ctx.ext  # the forward's module, whatever MOE_LENS_CPU_EXT says now
         xs, w1, w2, gate, token, hidden, z, rows, ptr = ctx.saved_tensors
         counts, memory = ctx.counts, ctx.memory
         need_x, need_w1, need_b1, need_w2, need_b2, need_gate = ctx.needs_input_grad[:6]
