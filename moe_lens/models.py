@@ -2,7 +2,9 @@
 
 - `LanguageModel` (WikiText-2): embedding -> LSTM -> MoE (residual, LayerNorm) -> LSTM -> softmax,
   the MoE between stacked LSTM layers as in Shazeer et al. 2017 (sec. 5.1); optional weight tying
-  (Press & Wolf 2017).
+  (Press & Wolf 2017). It is causal in every mode: the MoE layer routes each time step's b tokens
+  as one group (`group=t`), so expert choice and Switch capacity compare a token only with the
+  other tokens of its own step, never with later ones.
 - `Tagger` (CoNLL-2003): embedding (optionally GloVe) -> BiLSTM -> MoE -> BiLSTM -> tag head, the
   SAiDL 2024 report's NER model; with `cfg.case_features` a small embedding of each token's casing
   class (tasks/ner.py) is concatenated to the word embedding before the first BiLSTM.
@@ -76,7 +78,8 @@ class LanguageModel(nn.Module):
         h, s1 = self.lstm1(self.drop(self.emb(ids)), s1)  # (b, t, d)
         b, t, d = h.shape
         flat = h.reshape(b * t, d)
-        y, aux, routing = self.moe(flat, token_ids=ids.reshape(-1))
+        # group=t: row i*t + j is in group j, its time step, so routing never looks ahead (moe/layer.py)
+        y, aux, routing = self.moe(flat, token_ids=ids.reshape(-1), group=t)
         h, s2 = self.lstm2(self.drop(self.norm(flat + y).reshape(b, t, d)), s2)
         trace = MoETrace(0, token_idx.reshape(-1), routing, flat.detach())
         return self.head(self.drop(h)), aux, [trace], (s1, s2)

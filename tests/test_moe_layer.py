@@ -173,7 +173,9 @@ def test_entropy_and_z_loss_match_their_direct_formulas(mode: str, training: boo
     x, ids = inputs(60)
     r = layer(x, token_ids=ids).routing
     torch.testing.assert_close(r.router_probs, r.logits.float().softmax(dim=-1), atol=1e-6, rtol=1e-6)
-    if r.assign is None:  # slot 0 is the argmax, which the statistics rely on
+    if r.top1 is not None:  # noisy_topk in training: slot 0 is the noisy choice, top1 the clean argmax
+        torch.testing.assert_close(r.router_probs.gather(1, r.top1[:, None]).squeeze(1), r.router_probs.amax(-1))
+    elif r.assign is None:  # slot 0 is the argmax, which the statistics rely on
         torch.testing.assert_close(r.router_probs.gather(1, r.expert_idx[:, :1]).squeeze(1), r.router_probs.amax(-1))
     torch.testing.assert_close(r.entropy, losses.entropy(r.router_probs), atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(r.aux["z"], losses.z_loss(r.logits), atol=1e-6, rtol=1e-5)

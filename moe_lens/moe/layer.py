@@ -8,9 +8,15 @@ Shape letters (used in comments across moe_lens):
     n  real tokens (padding removed)          A  (token, expert) assignments, n * s or e * C
     h  expert hidden
 
-`MoELayer.forward(x, mask, token_ids) -> MoEOutput(y, aux_loss, routing)`. Padding never reaches
-the router: with a mask, the real tokens are gathered first (models that already hold packed
+`MoELayer.forward(x, mask, token_ids, group) -> MoEOutput(y, aux_loss, routing)`. Padding never
+reaches the router: with a mask, the real tokens are gathered first (models that already hold packed
 sequences pass those and no mask), so padding cannot touch a loss or a statistic.
+
+`group=G` (no mask) makes the routers that compare tokens with each other (Switch capacity, expert
+choice) compare only within each of G groups, row r of the flattened x in group r mod G: the
+language model passes x (b, t, d) with G = t, so each time step is a group and a token's output
+never depends on a later token of the batch (tests/test_moe_causal.py). None: the whole batch is one
+group (the bidirectional tagger and QA model, which see the whole sequence anyway).
 
 Dispatch has two implementations, measured by benchmarks/bench_moe_layer.py (docs/moe.md); `auto`
 is `grouped`, which was at least as fast as the loop in every measured configuration:
@@ -89,15 +95,18 @@ class MoELayer(nn.Module):
                  "dispatch")  # fmt: skip
         return cls(d, **{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, token_ids: Tensor | None = None) -> MoEOutput:
+    def forward(self, x: Tensor, mask: Tensor | None = None, token_ids: Tensor | None = None,
+                group: int | None = None) -> MoEOutput:
         d = x.shape[-1]
         xf = x.reshape(-1, d)  # (b*t, d)
         keep = None
+        if mask is not None and group is not None:
+            raise ValueError("MoELayer: pass `group` or `mask`, not both (groups are rows r mod G of the unmasked x)")
         if mask is not None:
             keep = mask.reshape(-1).nonzero().squeeze(1)  # (n,) real-token rows
             xf = xf[keep]  # (n, d)
             token_ids = token_ids.reshape(-1)[keep] if token_ids is not None else None
-        routing = self.router(xf, token_ids)
+        routing = self.router(xf, token_ids, group)
         token, expert, gate = assignments(routing)
         run = dispatch_grouped if self.dispatch_for(xf) == "grouped" else dispatch_loop
         y = run(self.experts, xf, token, expert, gate, self.num_experts)  # (n, d)
@@ -126,8 +135,12 @@ class MoELayer(nn.Module):
         r.load = gate.new_zeros(e).index_add(0, expert, kept)  # (e,)
         r.importance = gate.new_zeros(e).index_add(0, expert, gate)  # (e,) differentiable in the gates
         r.num_dropped = (kept.numel() - kept.sum()).detach()
-        # Every router but expert_choice (which sets `assign`) puts the argmax of router_probs in slot 0.
-        top1 = r.expert_idx[:, 0] if r.assign is None else r.router_probs.argmax(dim=-1)  # (n,)
+        # Slot 0 holds the argmax of router_probs unless the router says otherwise (`top1`, noisy_topk
+        # in training) or sets `assign` (expert_choice).
+        if r.top1 is not None:
+            top1 = r.top1
+        else:
+            top1 = r.expert_idx[:, 0] if r.assign is None else r.router_probs.argmax(dim=-1)  # (n,)
         lse = losses.logsumexp_at_top1(r.logits, r.router_probs, top1)  # (n,)
         r.entropy = losses.entropy_from_lse(r.router_probs.detach(), r.logits.detach(), lse.detach())  # (n,)
         load_for_loss = r.load_prob.sum(dim=0) if r.load_prob is not None else r.load

@@ -5,15 +5,24 @@ Each router maps real tokens x (n, d) to a `Routing`. Formulas:
 - `topk_mask`: the same, renormalised to sum to 1 over the k kept experts.
 - `noisy_topk` (Shazeer et al. 2017, eq. 3-5): H = x W_g + eps * (softplus(x W_noise) + noise_eps),
   eps ~ N(0, 1) in training only; G = softmax(KeepTopK(H, k)), i.e. softmax AFTER top-k over the
-  kept logits. Also returns the smooth load probability P(x, i) (losses.smooth_load_prob).
+  kept logits. Also returns the smooth load probability P(x, i) (losses.smooth_load_prob). The
+  noisy H only selects: `router_probs` and `logits` are the clean softmax(x W_g) and x W_g, in
+  training as in evaluation.
 - `switch` (Fedus et al. 2021): p = softmax(x W_g), expert = argmax p, gate = p[expert] (the
   probability, never a constant 1, so the router gets task gradient). With a capacity factor cf,
-  in training each expert keeps its first ceil(cf * n / e) tokens in order; the rest are dropped
-  (gate 0, their output is the residual alone) and counted.
-- `expert_choice` (Zhou et al. 2022): S = softmax(x W_g) (n, e); each expert takes its top
-  C = ceil(c * n / e) tokens by S[:, i], gate = S[token, i]; a token may get 0..e experts.
-- `hash` (Roller et al. 2021): expert = a fixed multiplicative hash of the token id, gate 1; no
-  parameters, the no-learning baseline.
+  in training each expert keeps its first ceil(cf * m / e) tokens of each group of m tokens, in
+  order; the rest are dropped (gate 0, their output is the residual alone) and counted.
+- `expert_choice` (Zhou et al. 2022): S = softmax(x W_g) (n, e); in each group of m tokens each
+  expert takes its top C = ceil(c * m / e) tokens by S[:, i], gate = S[token, i]; a token may get
+  0..e experts.
+- `hash` (Roller et al. 2021): expert = the high bits of Knuth's multiplicative hash of the token
+  id, floor(((id * 2654435761) mod 2^32) * e / 2^32), gate 1; no parameters, the no-learning
+  baseline. (The low bits, id * 2654435761 mod e, are id mod e for e = 8: 2654435761 = 1 mod 16.)
+
+Groups (`groups`, Switch and expert choice): `groups=G` splits the n rows into G groups of m = n / G
+rows, row r in group r mod G; capacity is counted within each group. The language model passes its
+(b, t) rows with G = t, so each time step is a group and no token's routing depends on a later
+one; None is one group of all n rows (the bidirectional tagger and QA model).
 - `dense`: one expert, gate 1 (the LSTM baseline).
 """
 from __future__ import annotations
@@ -33,15 +42,17 @@ class Routing:
     """What a router decided for n real tokens, s slots per token (s = k; e for expert_choice)."""
 
     # (n, s) int64 in [0, e); -1 marks an empty slot (expert_choice). Slot 0 holds the argmax of
-    # router_probs for every router that leaves `assign` None (the layer's statistics rely on it).
+    # router_probs for every router that leaves `assign` and `top1` None (the layer's statistics rely on it).
     expert_idx: Tensor
     gate: Tensor  # (n, s) gate the expert output is weighted by; 0 for empty/dropped slots
     router_probs: Tensor  # (n, e) the router's distribution over experts: softmax(logits), exactly
-    logits: Tensor  # (n, e) pre-softmax router logits (z-loss); noisy ones for noisy_topk in training
+    logits: Tensor  # (n, e) pre-softmax router logits (z-loss); the clean x W_g for noisy_topk
     load_prob: Tensor | None = None  # (n, e) smooth P(x, i), noisy_topk in training only
     dropped: Tensor | None = None  # (n, s) bool: slot overflowed its expert's capacity
     # Assignments already sorted by expert (token (A,), expert (A,), gate (A,)); None: from expert_idx.
     assign: tuple[Tensor, Tensor, Tensor] | None = None
+    # (n,) argmax of router_probs where slot 0 is not it (noisy_topk in training); None: slot 0
+    top1: Tensor | None = None
     # Filled in by MoELayer: statistics over real tokens.
     load: Tensor | None = None  # (e,) assignments kept per expert
     importance: Tensor | None = None  # (e,) gate mass per expert
@@ -65,6 +76,25 @@ def top_k(t: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return t.gather(-1, idx), idx
 
 
+def group_count(n: int, groups: int | None) -> int:
+    """G for n rows in `groups` groups of equal size (1 for None); raises if they do not divide n."""
+    if groups is None:
+        return 1
+    if groups < 1 or n % groups:
+        raise ValueError(f"groups={groups} for {n} rows; allowed: a divisor of the number of rows, or None")
+    return groups
+
+
+def hash_expert(token_ids: Tensor, e: int) -> Tensor:
+    """floor(((id * 2654435761) mod 2^32) * e / 2^32): the high bits of Knuth's multiplicative hash.
+    In int64 without overflow: id mod 2^32 < 2^32 times the constant < 2^32 would not fit, so the
+    product is taken mod 2^32 in two 16-bit halves of the constant; then (< 2^32) * e < 2^63."""
+    ids = token_ids.long() & 0xFFFFFFFF
+    lo, hi = HashRouter.MULTIPLIER & 0xFFFF, HashRouter.MULTIPLIER >> 16
+    h = (ids * lo + (((ids * hi) & 0xFFFF) << 16)) & 0xFFFFFFFF  # (id * M) mod 2^32
+    return (h * e) >> 32
+
+
 class Router(nn.Module):
     """Base: a linear gate W_g (d, e) without bias."""
 
@@ -75,7 +105,7 @@ class Router(nn.Module):
         if init == "zeros":  # Shazeer et al. 2017 initialise W_g (and W_noise) to zero
             nn.init.zeros_(self.w_gate.weight)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, groups: int | None = None) -> Routing:
         raise NotImplementedError
 
 
@@ -86,7 +116,7 @@ class TopKRouter(Router):
         super().__init__(d, num_experts, top_k, init)
         self.renormalize = renormalize
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, groups: int | None = None) -> Routing:
         logits = self.w_gate(x)  # (n, e)
         probs = logits.float().softmax(dim=-1)  # (n, e)
         gate, idx = top_k(probs, self.top_k)  # (n, k), (n, k)
@@ -104,18 +134,18 @@ class NoisyTopKRouter(Router):
         nn.init.zeros_(self.w_noise.weight)  # as Shazeer: noise std starts at softplus(0) + eps
         self.noise_eps = noise_eps
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, groups: int | None = None) -> Routing:
         clean = self.w_gate(x).float()  # (n, e)
-        load_prob = None
-        if self.training:
-            noise_std = F.softplus(self.w_noise(x).float()) + self.noise_eps  # (n, e)
-            noisy = clean + torch.randn_like(clean) * noise_std  # H(x), (n, e)
-            load_prob = smooth_load_prob(clean, noisy, noise_std, self.top_k)
-        else:
-            noisy = clean  # eval is deterministic
+        probs = clean.softmax(dim=-1)  # (n, e) the clean distribution, recorded in training too
+        if not self.training:  # eval is deterministic: slot 0 is the argmax of probs
+            top_logits, idx = top_k(clean, self.top_k)  # (n, k)
+            return Routing(idx, top_logits.softmax(dim=-1), probs, clean)
+        noise_std = F.softplus(self.w_noise(x).float()) + self.noise_eps  # (n, e)
+        noisy = clean + torch.randn_like(clean) * noise_std  # H(x), (n, e): it only selects
+        load_prob = smooth_load_prob(clean, noisy, noise_std, self.top_k)
         top_logits, idx = top_k(noisy, self.top_k)  # (n, k) KeepTopK
-        gate = top_logits.softmax(dim=-1)  # softmax after top-k, over the kept logits
-        return Routing(idx, gate, noisy.softmax(dim=-1), noisy, load_prob=load_prob)
+        gate = top_logits.softmax(dim=-1)  # softmax after top-k, over the kept noisy logits
+        return Routing(idx, gate, probs, clean, load_prob=load_prob, top1=clean.argmax(dim=-1))
 
 
 class SwitchRouter(Router):
@@ -125,35 +155,40 @@ class SwitchRouter(Router):
         super().__init__(d, num_experts, 1, init)
         self.capacity_factor = capacity_factor
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, groups: int | None = None) -> Routing:
         logits = self.w_gate(x)  # (n, e)
         probs = logits.float().softmax(dim=-1)  # (n, e)
         gate, idx = probs.max(dim=-1, keepdim=True)  # (n, 1): the gate is the probability
         dropped = None
         if self.training and self.capacity_factor is not None:
             n, e = probs.shape
-            capacity = math.ceil(self.capacity_factor * n / e)
-            onehot = F.one_hot(idx[:, 0], e)  # (n, e)
-            position = (onehot.cumsum(dim=0) * onehot).sum(dim=-1, keepdim=True) - 1  # (n, 1) place in its expert's queue
-            dropped = position >= capacity  # (n, 1)
+            g = group_count(n, groups)
+            capacity = math.ceil(self.capacity_factor * (n // g) / e)  # per (group, expert)
+            onehot = F.one_hot(idx[:, 0], e).reshape(n // g, g, e)  # (m, G, e): row r = (r // G, r mod G)
+            position = (onehot.cumsum(dim=0) * onehot).sum(dim=-1).reshape(n, 1) - 1  # (n, 1) place in its queue
+            dropped = position >= capacity  # (n, 1) device-side: no host sync
             gate = gate.masked_fill(dropped, 0.0)
         return Routing(idx, gate, probs, logits, dropped=dropped)
 
 
 class ExpertChoiceRouter(Router):
-    """Zhou et al. 2022: experts choose tokens; capacity C = ceil(c * n / e) tokens per expert."""
+    """Zhou et al. 2022: experts choose tokens; capacity C = ceil(c * m / e) tokens per expert and group of m."""
 
     def __init__(self, d: int, num_experts: int, capacity_factor: float = 2.0, init: str = "default") -> None:
         super().__init__(d, num_experts, num_experts, init)
         self.capacity_factor = capacity_factor
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, groups: int | None = None) -> Routing:
         logits = self.w_gate(x)  # (n, e)
         probs = logits.float().softmax(dim=-1)  # (n, e) token-to-expert affinity S
         n, e = probs.shape
-        capacity = min(n, math.ceil(self.capacity_factor * n / e))
-        gate_ec, token_ec = probs.t().topk(capacity, dim=-1)  # (e, C) each expert's chosen tokens
-        expert_ec = torch.arange(e, device=x.device).unsqueeze(1).expand(e, capacity)  # (e, C)
+        g = group_count(n, groups)
+        m = n // g  # tokens per group
+        capacity = min(m, math.ceil(self.capacity_factor * m / e))  # C per (group, expert)
+        gate_ec, row = probs.reshape(m, g, e).permute(2, 1, 0).topk(capacity, dim=-1)  # (e, G, C) within each group
+        token_ec = row * g + torch.arange(g, device=x.device).unsqueeze(1)  # (e, G, C) back to rows of x
+        gate_ec, token_ec = gate_ec.reshape(e, g * capacity), token_ec.reshape(e, g * capacity)  # (e, G*C)
+        expert_ec = torch.arange(e, device=x.device).unsqueeze(1).expand(e, g * capacity)  # (e, G*C)
         # Per-token view (n, e): slot j holds the token's j-th largest gate, -1 where unchosen.
         dense = probs.new_zeros(n, e).index_put_((token_ec.reshape(-1), expert_ec.reshape(-1)), gate_ec.reshape(-1))
         chosen = torch.zeros(n, e, dtype=torch.bool, device=x.device)
@@ -174,10 +209,10 @@ class HashRouter(Router):
         nn.Module.__init__(self)
         self.num_experts, self.top_k = num_experts, 1
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, groups: int | None = None) -> Routing:
         if token_ids is None:
             raise ValueError("router 'hash' needs token_ids: pass MoELayer(x, mask, token_ids=...)")
-        idx = ((token_ids.reshape(-1, 1).long() * self.MULTIPLIER) % (2**32)) % self.num_experts  # (n, 1)
+        idx = hash_expert(token_ids.reshape(-1, 1), self.num_experts)  # (n, 1)
         probs = F.one_hot(idx[:, 0], self.num_experts).float()  # (n, e)
         return Routing(idx, torch.ones_like(idx, dtype=torch.float32), probs, probs.log().clamp_min(-1e4))
 
@@ -189,7 +224,7 @@ class DenseRouter(Router):
         nn.Module.__init__(self)
         self.num_experts, self.top_k = 1, 1
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, groups: int | None = None) -> Routing:
         n = x.shape[0]
         idx = torch.zeros(n, 1, dtype=torch.long, device=x.device)
         ones = torch.ones(n, 1, device=x.device)
