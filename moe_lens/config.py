@@ -68,6 +68,7 @@ class RunConfig:
     expert_hidden: int = 128  # hidden units of each expert MLP (Shazeer's experts are 2-layer ReLU MLPs)
     rank: int = 8  # LoRA / low-rank rank
     lora_train_base: bool = True  # False freezes the shared base MLP of LoRA experts
+    lora_alpha: float = 8.0  # LoRA update scaled by lora_alpha / rank (Hu et al. 2021); 8 = the presets' rank: scale 1
     capacity_factor: float | None = None  # switch: tokens per expert = cf * n / e; expert_choice: c
     noise_eps: float = 1e-2  # added to softplus(x W_noise) so the load estimator never divides by 0
     router_init: str = "default"  # "zeros": W_g = 0 as Shazeer 2017 (ties then pick experts 0..k-1)

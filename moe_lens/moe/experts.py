@@ -2,10 +2,12 @@
 
 - `mlp`: E_i(x) = relu(x W1_i + b1_i) W2_i + b2_i, the two-layer ReLU experts of Shazeer et al. 2017.
 - `lora`: one base MLP shared by all experts plus a rank-r adapter per expert on both matrices,
-  W_i = W + A_i B_i (Hu et al. 2021, LoRA; B_i = 0 at init so every expert starts as the base).
-  The base can be frozen (`train_base=False`), as in LoRA fine-tuning.
+  W_i = W + (alpha / r) A_i B_i (Hu et al. 2021, LoRA, sec. 4.1: the alpha / r scaling, so the
+  update's size does not change with r; B_i = 0 at init so every expert starts as the base). The
+  base can be frozen (`train_base=False`), as in LoRA fine-tuning.
 - `lowrank`: each expert's matrices factorised, W1_i = U1_i V1_i of rank r (the 2025 LSTM-MoE
-  study's low-rank experts).
+  study's low-rank experts). U is drawn as nn.Linear draws a weight of its fan-in f (variance
+  1/(3f)), V with variance 1/r, so each entry of U V has the variance 1/(3f) of the MLP's weight.
 - `shared`: `mlp` experts plus one always-on shared MLP added to every token (DeepSeekMoE-style).
 
 Every bank exposes `split()` (one function per expert, over `unbind` views of the stacked weights,
@@ -528,8 +530,9 @@ def _grouped_ok(x: Tensor, w: Tensor) -> bool:
     return HAS_GROUPED_MM and aligned and dtype_ok
 
 
-def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
-    bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init range
+def _uniform(shape: tuple[int, ...], fan_in: float) -> nn.Parameter:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), variance 1/(3 fan_in): nn.Linear's default init range."""
+    bound = 1.0 / math.sqrt(fan_in)
     return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
 
 
@@ -564,11 +567,14 @@ class MLPExperts(nn.Module):
 
 
 class LoRAExperts(nn.Module):
-    """A shared base MLP plus a rank-r LoRA adapter per expert on each of its two matrices."""
+    """A shared base MLP plus a rank-r LoRA adapter per expert on each of its two matrices, scaled by
+    alpha / r (None: alpha = r, scale 1)."""
 
-    def __init__(self, d: int, hidden: int, num_experts: int, rank: int, train_base: bool = True) -> None:
+    def __init__(self, d: int, hidden: int, num_experts: int, rank: int, train_base: bool = True,
+                 alpha: float | None = None) -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.scale = (alpha if alpha is not None else rank) / rank  # Hu et al. 2021: delta W = (alpha / r) A B
         self.base1, self.base2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
         for p in (*self.base1.parameters(), *self.base2.parameters()):
             p.requires_grad_(train_base)
@@ -580,15 +586,16 @@ class LoRAExperts(nn.Module):
         return [partial(self._one, *p) for p in zip(*(t.unbind(0) for t in (self.a1, self.b1, self.a2, self.b2)))]
 
     def _one(self, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, x: Tensor) -> Tensor:
-        h = F.relu(self.base1(x) + (x @ a1) @ b1)  # (m, h)
-        return self.base2(h) + (h @ a2) @ b2  # (m, d)
+        h = F.relu(self.base1(x) + self.scale * ((x @ a1) @ b1))  # (m, h)
+        return self.base2(h) + self.scale * ((h @ a2) @ b2)  # (m, d)
 
     def forward_grouped(self, x: Tensor, groups: Groups, gate: Tensor) -> Tensor:
         lora1 = grouped_linear(grouped_linear(x, self.a1, None, groups), self.b1, None, groups)  # (A, h)
-        h = F.relu(self.base1(x) + lora1)  # (A, h)
+        h = F.relu(self.base1(x) + self.scale * lora1)  # (A, h)
         hg = h * gate.unsqueeze(1)  # the gate folded in before the last matmul: (A, h) is cheaper than (A, d)
         base = F.linear(hg, self.base2.weight.to(hg.dtype)) + gate.unsqueeze(1) * self.base2.bias.to(hg.dtype)
-        return base + grouped_linear(grouped_linear(hg, self.a2, None, groups), self.b2, None, groups)  # (A, d) gated
+        lora2 = grouped_linear(grouped_linear(hg, self.a2, None, groups), self.b2, None, groups)  # (A, d)
+        return base + self.scale * lora2  # (A, d) gated
 
     def shared(self, x: Tensor) -> Tensor | None:
         return None
@@ -600,8 +607,9 @@ class LowRankExperts(nn.Module):
     def __init__(self, d: int, hidden: int, num_experts: int, rank: int) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.u1, self.v1 = _uniform((num_experts, d, rank), d), _uniform((num_experts, rank, hidden), rank)
-        self.u2, self.v2 = _uniform((num_experts, hidden, rank), hidden), _uniform((num_experts, rank, d), rank)
+        # U as nn.Linear (variance 1/(3 fan_in)), V with variance 1/r: U V has the MLP weight's variance
+        self.u1, self.v1 = _uniform((num_experts, d, rank), d), _uniform((num_experts, rank, hidden), rank / 3)
+        self.u2, self.v2 = _uniform((num_experts, hidden, rank), hidden), _uniform((num_experts, rank, d), rank / 3)
         self.c1, self.c2 = _uniform((num_experts, hidden), d), _uniform((num_experts, d), hidden)
 
     def split(self) -> list[Callable[[Tensor], Tensor]]:
@@ -629,15 +637,18 @@ class SharedExperts(MLPExperts):
 
 
 def build_experts(
-    expert_type: str, d: int, hidden: int, num_experts: int, *, rank: int = 8, train_base: bool = True
+    expert_type: str, d: int, hidden: int, num_experts: int, *, rank: int = 8, train_base: bool = True,
+    lora_alpha: float | None = None,
 ) -> nn.Module:
     """The expert bank named `expert_type` (one of config.EXPERT_TYPES)."""
     if rank <= 0:
         raise ValueError(f"rank={rank}; allowed: an integer >= 1")
+    if lora_alpha is not None and not lora_alpha > 0:
+        raise ValueError(f"lora_alpha={lora_alpha}; allowed: > 0")
     if expert_type == "mlp":
         return MLPExperts(d, hidden, num_experts)
     if expert_type == "lora":
-        return LoRAExperts(d, hidden, num_experts, rank, train_base)
+        return LoRAExperts(d, hidden, num_experts, rank, train_base, lora_alpha)
     if expert_type == "lowrank":
         return LowRankExperts(d, hidden, num_experts, rank)
     if expert_type == "shared":

@@ -61,6 +61,7 @@ class MoELayer(nn.Module):
         expert_hidden: int = 128,
         rank: int = 8,
         lora_train_base: bool = True,
+        lora_alpha: float | None = None,
         capacity_factor: float | None = None,
         noise_eps: float = 1e-2,
         router_init: str = "default",
@@ -83,7 +84,8 @@ class MoELayer(nn.Module):
         self.router = build_router(
             router, d, num_experts, top_k, capacity_factor=capacity_factor, noise_eps=noise_eps, init=router_init
         )
-        self.experts = build_experts(expert_type, d, expert_hidden, num_experts, rank=rank, train_base=lora_train_base)
+        self.experts = build_experts(expert_type, d, expert_hidden, num_experts, rank=rank, train_base=lora_train_base,
+                                     lora_alpha=lora_alpha)  # fmt: skip
         self.weights = {"importance": w_importance, "load": w_load, "switch": w_switch, "z": w_z}
         self.dispatch = dispatch
 
@@ -91,7 +93,7 @@ class MoELayer(nn.Module):
     def from_config(cls, cfg: object, d: int) -> "MoELayer":
         """Build from a RunConfig (any object with its router/expert fields)."""
         names = ("num_experts", "top_k", "router", "expert_type", "expert_hidden", "rank", "lora_train_base",
-                 "capacity_factor", "noise_eps", "router_init", "w_importance", "w_load", "w_switch", "w_z",
+                 "lora_alpha", "capacity_factor", "noise_eps", "router_init", "w_importance", "w_load", "w_switch", "w_z",
                  "dispatch")  # fmt: skip
         return cls(d, **{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
 
