@@ -203,11 +203,12 @@ class _Loop:
         window = _Window(cfg.num_experts if cfg.router != "dense" else 1, self.device)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not self.progress, unit="step")
         t0, ntok = time.perf_counter(), 0
-        for i, batch in enumerate(self.task.batches(split, train=True, seed=cfg.seed * 1000 + epoch)):
+        for i, batch in enumerate(self.task.batches(split, train=True, seed=cfg.seed * 1000 + epoch, epoch=epoch)):
             batch = _to(batch, self.device)
             with _autocast(self.device):
                 fwd = self.task.forward(model, batch, fstate)
             fstate = fwd.state
+            label = step  # the forward's step: the number of updates its weights had
             loss = fwd.loss + fwd.aux
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -216,8 +217,8 @@ class _Loop:
             self.sched.step()
             step += 1
             window.update(fwd)
-            if self.recorder is not None and step % cfg.record_every == 0:
-                self.recorder.add(fwd.traces, dataset=split.dataset, split="train", epoch=epoch, step=step)
+            if self.recorder is not None and label % cfg.record_every == 0:
+                self.recorder.add(fwd.traces, dataset=split.dataset, split="train", epoch=epoch, step=label)
             ntok += batch["ntokens"]
             bar.update(1)
             last = cfg.max_steps is not None and step >= cfg.max_steps

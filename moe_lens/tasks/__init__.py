@@ -2,7 +2,9 @@
 
 Each task implements the `Task` interface used by the one training loop (`moe_lens.train`):
 
-    batches(split, train, seed)        -> iterator of CPU tensor dicts; "ntokens" = real tokens
+    batches(split, train, seed, epoch) -> iterator of CPU tensor dicts; "ntokens" = real tokens
+                                          (train: CoNLL/SQuAD shuffle by seed; the LM starts its
+                                          short epochs where the last one stopped, by epoch)
     forward(model, batch, state)       -> Forward(loss, aux_loss, traces, state)   (on the device)
     eval_update(acc, batch, fwd)       -> accumulate device tensors, no host sync
     eval_metrics(acc, split)           -> {"loss": ..., "ppl" | "accuracy", "f1" | "em", "f1", ...}

@@ -3,6 +3,10 @@
 The token stream is cut into `batch_size` contiguous rows (b, L); batches are consecutive windows
 of `bptt` steps, the LSTM state carried across windows and detached (truncated BPTT). Metric:
 perplexity exp(mean cross-entropy) over every predicted token of the split.
+
+With `epoch_steps` (short epochs), training epoch e starts at window (e * epoch_steps) mod W of the
+W windows and wraps around to window 0, so each short epoch reads the text where the last one
+stopped instead of the same first windows again (the LSTM state starts afresh at each epoch).
 """
 from __future__ import annotations
 
@@ -21,13 +25,20 @@ class LMTask:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
 
-    def batches(self, split, *, train: bool, seed: int) -> Iterator[dict]:
+    def batches(self, split, *, train: bool, seed: int, epoch: int = 0) -> Iterator[dict]:
+        """The W windows in order; in training with `epoch_steps`, from window (epoch * epoch_steps) mod W
+        on, wrapping around. `seed` is unused (the windows are not shuffled)."""
         b, bptt = self.cfg.batch_size, self.cfg.bptt
         n = (len(split.token_ids) // b) * b
         ids = torch.from_numpy(split.token_ids[:n].reshape(b, -1))  # (b, L) each row a contiguous stream
         idx = torch.arange(n).reshape(b, -1)  # (b, L) token_idx of each position
         length = ids.shape[1]
-        for i in range(0, length - 1, bptt):
+        starts = list(range(0, length - 1, bptt))  # (W,) first position of each window
+        steps = getattr(self.cfg, "epoch_steps", None)
+        if train and steps and starts:
+            first = (epoch * steps) % len(starts)
+            starts = starts[first:] + starts[:first]
+        for i in starts:
             t = min(bptt, length - 1 - i)
             yield {"ids": ids[:, i : i + t], "target": ids[:, i + 1 : i + 1 + t], "token_idx": idx[:, i : i + t],
                    "ntokens": b * t}  # fmt: skip

@@ -70,7 +70,7 @@ class NERTask:
             hit = self._cases[id(split)] = (split, split_cases(split))
         return hit[1]
 
-    def batches(self, split, *, train: bool, seed: int) -> Iterator[dict]:
+    def batches(self, split, *, train: bool, seed: int, epoch: int = 0) -> Iterator[dict]:
         starts = split.seq_offsets[:-1]
         lengths = np.minimum(np.diff(split.seq_offsets), self.max_len)
         keep = lengths > 0

@@ -29,7 +29,7 @@ class QATask:
         self.cfg = cfg
         self.max_len = cfg.max_len or 256
 
-    def batches(self, split, *, train: bool, seed: int) -> Iterator[dict]:
+    def batches(self, split, *, train: bool, seed: int, epoch: int = 0) -> Iterator[dict]:
         x = split.extras
         c_len = np.minimum(x["c_end"] - x["c_start"], self.max_len)
         q_len = np.minimum(x["q_end"] - x["q_start"], self.max_len)
