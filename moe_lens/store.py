@@ -40,7 +40,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "tokens": {"dataset": "VARCHAR", "split": "VARCHAR", "token_idx": "BIGINT", "token_id": "INTEGER",
                "token": "VARCHAR", "pos_tag": "VARCHAR", "freq_rank": "INTEGER", "freq_band": "VARCHAR",
                "doc_id": "INTEGER", "sent_id": "INTEGER", "position": "INTEGER", "ner_tag": "VARCHAR",
-               "segment": "VARCHAR", "in_answer": "BOOLEAN"},
+               "segment": "VARCHAR", "in_answer": "BOOLEAN", "in_vocab": "BOOLEAN"},
     "routing": {**_PARTS, **_KEYS, "rank": "TINYINT", "expert": "SMALLINT", "gate": "FLOAT",
                 "entropy": "FLOAT", "dropped": "BOOLEAN"},
     "probs": {**_PARTS, **_KEYS, "router_probs": "FLOAT[]"},

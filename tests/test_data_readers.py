@@ -176,4 +176,4 @@ def test_tokens_table_types_in_duckdb(tmp_path, dataset):
     assert types == {"token_idx": "BIGINT", "token_id": "INTEGER", "token": "VARCHAR", "pos_tag": "VARCHAR",
                      "freq_rank": "INTEGER", "freq_band": "VARCHAR", "dataset": "VARCHAR", "split": "VARCHAR",
                      "doc_id": "INTEGER", "sent_id": "INTEGER", "position": "INTEGER", "ner_tag": "VARCHAR",
-                     "segment": "VARCHAR", "in_answer": "BOOLEAN"}
+                     "segment": "VARCHAR", "in_answer": "BOOLEAN", "in_vocab": "BOOLEAN"}

@@ -16,7 +16,7 @@ import pandas as pd
 from moe_lens.data.vocab import FREQ_BANDS, Vocab, band_codes
 
 TOKEN_COLUMNS = ("token_idx", "token_id", "token", "pos_tag", "freq_rank", "freq_band", "dataset", "split",
-                 "doc_id", "sent_id", "position", "ner_tag", "segment", "in_answer")
+                 "doc_id", "sent_id", "position", "ner_tag", "segment", "in_answer", "in_vocab")
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Parsed:
 class Split:
     dataset: str
     split: str
-    tokens: pd.DataFrame  # (n, 14) the docs/traces.md `tokens` columns, token_idx = 0..n-1
+    tokens: pd.DataFrame  # (n, 15) the docs/traces.md `tokens` columns, token_idx = 0..n-1
     token_ids: np.ndarray  # (n,) int64 ids in `vocab`
     seq_offsets: np.ndarray  # (s+1,) int64: sequence i = tokens[seq_offsets[i]:seq_offsets[i+1]]
     vocab: Vocab
@@ -67,6 +67,10 @@ def _constant(n: int, value: str) -> pd.Categorical:
 def make_split(dataset: str, split: str, parsed: Parsed, vocab: Vocab, ranks: dict[str, int],
                pos_tags: pd.Categorical | None, factorized: tuple[np.ndarray, list[str]] | None = None) -> Split:
     """Annotate `parsed` and build the Split (pos_tags: (n,) categorical, or None = NULL).
+
+    `in_vocab` is False where the token's id is `vocab`'s `<unk>`: a word outside a capped
+    vocabulary, a word unseen in training, or WikiText's own `<unk>` (the model sees all three as
+    the same id, so the surface word's POS says nothing about what the model saw).
 
     factorized: (codes, types) of `parsed.tokens` when the caller already has them (saves a pass).
 
@@ -97,6 +101,7 @@ def make_split(dataset: str, split: str, parsed: Parsed, vocab: Vocab, ranks: di
         "in_answer": pd.arrays.BooleanArray(
             np.zeros(n, bool) if in_answer is None else np.asarray(in_answer, bool),
             np.full(n, in_answer is None)),
+        "in_vocab": token_ids != unk if unk is not None else np.ones(n, bool),
     }, copy=False)
     assert list(df.columns) == list(TOKEN_COLUMNS)
     return Split(dataset=dataset, split=split, tokens=df, token_ids=token_ids,
