@@ -11,6 +11,12 @@ Presets follow the papers they name:
 - Zhou et al. 2022 (expert choice): each expert takes its top ceil(c * n / e) tokens, c = 2.
 - Roller et al. 2021 (hash layers): expert = fixed hash of the token id.
 - The 2025 LSTM-MoE study (shared/references/001): `lora` and `hybrid` (switch + LoRA rank 8).
+
+Dense baselines: `dense` is one expert of `expert_hidden` units. `dense_flops` and `dense_params` are
+one expert matched to the MoE the other fields describe (`for_mode` resolves them from the given or
+default top_k, num_experts and expert_hidden, then sets num_experts = top_k = 1): `dense_flops` has
+hidden top_k * expert_hidden (the expert FLOPs per token of a top-k MoE), `dense_params` hidden
+num_experts * expert_hidden (the MoE's expert weights). `dense_match` ("flops" / "params") records it.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from typing import Any
 DATASETS = ("wikitext2", "conll2003", "squad")
 ROUTERS = ("dense", "naive_topk", "topk_mask", "noisy_topk", "switch", "expert_choice", "hash")
 EXPERT_TYPES = ("mlp", "lora", "lowrank", "shared")
+DENSE_MATCHES = ("flops", "params")
 
 _NOISY2 = dict(router="noisy_topk", top_k=2)
 MODES: dict[str, dict[str, Any]] = {
@@ -37,6 +44,9 @@ MODES: dict[str, dict[str, Any]] = {
     "shared": dict(_NOISY2, expert_type="shared", w_importance=0.1, w_load=0.1),
     "expert_choice": dict(router="expert_choice", top_k=2, capacity_factor=2.0),
     "hash": dict(router="hash", top_k=1),
+    # one expert matched to the MoE of the given top_k / num_experts / expert_hidden (see `for_mode`)
+    "dense_flops": dict(router="dense", dense_match="flops"),
+    "dense_params": dict(router="dense", dense_match="params"),
 }
 for _name, _preset in MODES.items():
     _preset["mode"] = _name
@@ -68,6 +78,7 @@ class RunConfig:
     expert_hidden: int = 128  # hidden units of each expert MLP (Shazeer's experts are 2-layer ReLU MLPs)
     rank: int = 8  # LoRA / low-rank rank
     lora_train_base: bool = True  # False freezes the shared base MLP of LoRA experts
+    dense_match: str | None = None  # "flops" / "params": set by the dense_flops / dense_params presets
     lora_alpha: float = 8.0  # LoRA update scaled by lora_alpha / rank (Hu et al. 2021); 8 = the presets' rank: scale 1
     capacity_factor: float | None = None  # switch: tokens per expert = cf * n / e; expert_choice: c
     noise_eps: float = 1e-2  # added to softplus(x W_noise) so the load estimator never divides by 0
@@ -109,6 +120,11 @@ class RunConfig:
         _check_choice("expert_type", self.expert_type, EXPERT_TYPES)
         _check_choice("router_init", self.router_init, ("default", "zeros"))
         _check_choice("dispatch", self.dispatch, ("auto", "grouped", "loop"))
+        if self.dense_match is not None:
+            _check_choice("dense_match", self.dense_match, DENSE_MATCHES)
+            if self.router != "dense" or self.num_experts != 1:
+                raise ValueError(f"dense_match={self.dense_match!r} with router {self.router!r} and num_experts="
+                                 f"{self.num_experts}; allowed: router 'dense', one expert (--mode dense_{self.dense_match})")
         _check_min("num_experts", self.num_experts, 1)
         _check_min("top_k", self.top_k, 1)
         if self.top_k > self.num_experts:
@@ -141,9 +157,19 @@ class RunConfig:
 
     @classmethod
     def for_mode(cls, mode: str, **overrides: Any) -> "RunConfig":
-        """The preset of `mode`, then `overrides` on top (any field)."""
+        """The preset of `mode`, then `overrides` on top (any field). For `dense_flops` / `dense_params`
+        the given (else default) top_k, num_experts and expert_hidden describe the MoE to match: the
+        result is one expert of hidden top_k * expert_hidden / num_experts * expert_hidden."""
         _check_choice("mode", mode, MODES)
-        return cls(**{**MODES[mode], **overrides})
+        merged = {**MODES[mode], **overrides}
+        match = merged.get("dense_match")
+        if match in DENSE_MATCHES and merged.get("router") == "dense" and merged.get("num_experts", 0) != 1:
+            default = {f.name: f.default for f in fields(cls)}
+            k, e, h = (merged.get(n, default[n]) for n in ("top_k", "num_experts", "expert_hidden"))
+            if k > e:
+                raise ValueError(f"top_k={k} > num_experts={e}; allowed: 1..{e} (the MoE --mode dense_{match} matches)")
+            merged.update(expert_hidden=(k if match == "flops" else e) * h, num_experts=1, top_k=1)
+        return cls(**merged)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

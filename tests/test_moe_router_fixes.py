@@ -41,7 +41,8 @@ def test_noisy_topk_router_probs_are_the_clean_softmax_in_training() -> None:
     x = torch.randn(80, 10, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)
     r = layer(x).routing
-    xn, wg, wn = x.numpy().astype(np.float64), layer.router.w_gate.weight.detach().numpy(), layer.router.w_noise.weight.detach().numpy()
+    xn = x.numpy().astype(np.float64)
+    wg, wn = layer.router.w_gate.weight.detach().numpy(), layer.router.w_noise.weight.detach().numpy()
     clean = xn @ wg.T  # (n, e)
     np.testing.assert_allclose(r.logits.detach().numpy(), clean, atol=1e-5)
     softmax = np.exp(clean - clean.max(1, keepdims=True))

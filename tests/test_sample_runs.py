@@ -21,7 +21,7 @@ RUNS = [f"{d}-{m}" for d in ("wikitext2", "conll2003", "squad") for m in MODES]
 def test_sample_runs_are_committed_complete_and_small() -> None:
     assert sorted(p.name for p in SAMPLE.iterdir() if p.is_dir()) == sorted(RUNS)
     size = sum(f.stat().st_size for f in SAMPLE.rglob("*") if f.is_file())
-    assert size <= 30 * 2**20, f"sample_runs is {size / 2**20:.1f} MB"
+    assert size <= 45 * 2**20, f"sample_runs is {size / 2**20:.1f} MB"
     assert not list(SAMPLE.glob("*/checkpoints"))
     con = connect(SAMPLE)
     status = dict(con.execute("SELECT run, status FROM runs").fetchall())
@@ -55,7 +55,7 @@ def test_regenerated_run_has_the_committed_schema(real_data_dir: Path, tmp_path:
     out = tmp_path / "regen"
     cmd = [sys.executable, str(REPO / "trainers" / "sample_runs.py"), "--out", str(out), "--data-dir", str(real_data_dir),
            "--only", "conll2003", "--modes", "naive_topk", "--epochs", "1", "--epoch-steps", "4", "--no-probe", "--no-projections",
-           "--jobs", "1"]  # fmt: skip
+           "--jobs", "1", "--seeds", "0"]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     fresh, committed = _schema(out / "conll2003-naive_topk"), _schema(SAMPLE / "conll2003-naive_topk")
     for key in committed:

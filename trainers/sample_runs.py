@@ -1,21 +1,26 @@
-"""The committed `sample_runs/`: small real recorded runs of eight gating variants on the three datasets.
+"""The committed `sample_runs/`: small real recorded runs of nine gating variants on the three datasets.
 
     MOE_LENS_DATA=../shared/data python trainers/sample_runs.py [--out sample_runs] [--jobs 2]
-        [--only conll2003 ...] [--modes load switch ...] [--epochs N] [--epoch-steps N]
+        [--only conll2003 ...] [--modes load switch ...] [--seeds 0 ...] [--epochs N] [--epoch-steps N]
 
-Eight modes (dense, naive_topk, topk_mask, noisy_topk, importance, load, switch, hybrid) x three
-datasets (WikiText-2 with a 10k capped vocabulary, CoNLL-2003, SQuAD's dev file split by article),
-seed 0, d_model 128, 8 experts of hidden 128 (dense: one). Every epoch is the first `epoch_steps`
-batches of that epoch's shuffle (WikiText-2: the first 150 x 35-token windows of each stream), so each
-run has a few short epochs (CoNLL 3, WikiText-2 and SQuAD 2), each followed by a full validation pass. Then `moe-lens record` replays the WikiText-2 `load` model over CoNLL-2003 and
+Nine modes (dense, dense_flops, naive_topk, topk_mask, noisy_topk, importance, load, switch, hybrid)
+x three datasets (WikiText-2 with a 10k capped vocabulary, CoNLL-2003, SQuAD's dev file split by
+article), d_model 128, 8 experts of hidden 128 (dense: one of hidden 128; dense_flops: one of hidden
+2 x 128, the expert FLOPs of top-2). Seed 0 everywhere; CoNLL-2003 also seeds 1 and 2 of every mode,
+so each mode comparison has a spread over three seeds (run names `conll2003-MODE` for seed 0,
+`conll2003-MODE-seed1`, `-seed2`). Every epoch is `epoch_steps` batches: CoNLL and SQuAD reshuffle
+each epoch, WikiText-2 continues where the last epoch stopped (150 x 35-token windows per epoch), so
+each run has a few short epochs (CoNLL 3, WikiText-2 and SQuAD 2), each followed by a full
+validation pass. Then `moe-lens record` replays the WikiText-2 `load` model over CoNLL-2003 and
 SQuAD validation text (the expert x dataset view).
 
-What is kept, to stay under 30 MB in git: the valid traces of the first `record_tokens` tokens of
-each split (metrics cover the whole split), a training batch every `record_every` steps with just the
-tokens it references, hidden states (bfloat16 precision) of 300 valid tokens in the last epoch only, no checkpoints
-(deleted at the end; `--keep-checkpoints` keeps them), and the PCA / UMAP projections of those hidden
-states cached in each run, so the app's Clusters page opens at once. 21.5 minutes on a quiet 2-core
-CPU with `--jobs 2` (1292 s; a rerun reproduced every metric exactly).
+What is kept, to stay under 45 MB in git: the valid traces of the first `record_tokens` tokens of
+each split (8,000; 2,000 for seeds > 0, which serve the seed spread of the collapse and F1 figures;
+metrics cover the whole split), a training batch every `record_every` steps with just the tokens it
+references, hidden states (bfloat16 precision) of 300 valid tokens (100 for seeds > 0) in the last
+epoch only, no checkpoints (deleted at the end; `--keep-checkpoints` keeps them), and the PCA / UMAP
+projections of those hidden states cached in each run, so the app's Clusters page opens at once.
+Before the seeds: 21.5 minutes on a quiet 2-core CPU with `--jobs 2` (1292 s for 24 runs).
 No training loop here: it calls moe_lens.train.train and moe_lens.probe.record_run.
 """
 from __future__ import annotations
@@ -29,8 +34,10 @@ from pathlib import Path
 
 from moe_lens.config import RunConfig
 
-MODES = ("dense", "naive_topk", "topk_mask", "noisy_topk", "importance", "load", "switch", "hybrid")
+MODES = ("dense", "dense_flops", "naive_topk", "topk_mask", "noisy_topk", "importance", "load", "switch", "hybrid")
 DATASETS = ("wikitext2", "conll2003", "squad")
+SEEDS = {"wikitext2": (0,), "conll2003": (0, 1, 2), "squad": (0,)}  # CoNLL: the seed spread of every mode
+SMALLER = dict(record_tokens=2000, hidden_sample=100)  # seeds > 0: enough for the spread, within the budget
 PROBE_RUN, PROBE_SPLITS = "wikitext2-load", (("conll2003", "valid"), ("squad", "valid"))
 GLOVE = "glove/glove.6B.50d.subset.txt"
 COMMON = dict(d_model=128, expert_hidden=128, num_experts=8, seed=0, warmup_steps=50, record=True, record_every=25,
@@ -43,14 +50,16 @@ PER_DATASET = {
 }
 
 
-def sample_config(dataset: str, mode: str, data_dir: str, out: str, **overrides) -> RunConfig:
-    """The RunConfig of one sample run (`overrides` on top: tests shrink it)."""
-    kw = {**COMMON, **PER_DATASET[dataset], **overrides}
+def sample_config(dataset: str, mode: str, data_dir: str, out: str, seed: int = 0, **overrides) -> RunConfig:
+    """The RunConfig of one sample run (`overrides` on top: tests shrink it). dense_flops is resolved
+    by `RunConfig.for_mode` from the MoE fields of COMMON (top-2 of 8 experts of hidden 128)."""
+    kw = {**COMMON, **PER_DATASET[dataset], **(SMALLER if seed else {}), "seed": seed, **overrides}
     if "embeddings" in kw and kw["embeddings"] == GLOVE:
         kw["embeddings"] = str(Path(data_dir) / GLOVE)
     if mode == "dense":
         kw["num_experts"] = 1
-    return RunConfig.for_mode(mode, dataset=dataset, data_dir=data_dir, runs_dir=out, run_name=f"{dataset}-{mode}", **kw)
+    name = f"{dataset}-{mode}" + (f"-seed{seed}" if seed else "")
+    return RunConfig.for_mode(mode, dataset=dataset, data_dir=data_dir, runs_dir=out, run_name=name, **kw)
 
 
 def _train_one(cfg_dict: dict, threads: int) -> tuple[str, float]:
@@ -109,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", default=os.environ.get("MOE_LENS_DATA"))
     p.add_argument("--only", nargs="*", choices=DATASETS, default=list(DATASETS))
     p.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
+    p.add_argument("--seeds", nargs="*", type=int, default=None, help="these seeds for every dataset (default: SEEDS)")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (each on cores // jobs threads)")
     p.add_argument("--epochs", type=int, default=None, help="override every run's epochs (tests)")
     p.add_argument("--epoch-steps", type=int, default=None, help="override every run's epoch_steps (tests)")
@@ -120,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.data_dir:
         p.error("--data-dir (or $MOE_LENS_DATA) is required: the directory holding the datasets")
     overrides = {k: v for k, v in (("epochs", args.epochs), ("epoch_steps", args.epoch_steps)) if v is not None}
-    cfgs = [sample_config(d, m, args.data_dir, args.out, **overrides) for d in args.only for m in args.modes]
+    cfgs = [sample_config(d, m, args.data_dir, args.out, seed=s, **overrides)
+            for d in args.only for m in args.modes for s in (args.seeds if args.seeds is not None else SEEDS[d])]
     if args.project_only:
         print(f"{project_all(args.out, [c.run_name for c in cfgs])} projections cached")
         return

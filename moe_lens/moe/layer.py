@@ -93,8 +93,8 @@ class MoELayer(nn.Module):
     def from_config(cls, cfg: object, d: int) -> "MoELayer":
         """Build from a RunConfig (any object with its router/expert fields)."""
         names = ("num_experts", "top_k", "router", "expert_type", "expert_hidden", "rank", "lora_train_base",
-                 "lora_alpha", "capacity_factor", "noise_eps", "router_init", "w_importance", "w_load", "w_switch", "w_z",
-                 "dispatch")  # fmt: skip
+                 "lora_alpha", "capacity_factor", "noise_eps", "router_init", "w_importance", "w_load", "w_switch",
+                 "w_z", "dispatch")  # fmt: skip
         return cls(d, **{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
 
     def forward(self, x: Tensor, mask: Tensor | None = None, token_ids: Tensor | None = None,
