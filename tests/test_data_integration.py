@@ -21,7 +21,7 @@ def _tmp_cache(tmp_path, monkeypatch):
     ("train", 36718, 2088628, 54625, 600), ("valid", 3760, 217646, 11718, 60), ("test", 4358, 245569, 15218, 60)])
 def test_wikitext_counts(real_data_dir, split, lines, tokens, unk, articles):
     s = load_split("wikitext2", split, real_data_dir, pos=False, progress=False)
-    assert len(s) == tokens and s.num_sequences == lines and s.tokens.shape == (tokens, 14)
+    assert len(s) == tokens and s.num_sequences == lines and s.tokens.shape == (tokens, 15)
     assert int((s.tokens["token"] == "<unk>").sum()) == unk
     assert s.tokens["doc_id"].nunique() == articles and s.meta["articles"] == articles
     assert len(s.vocab) == 33278
