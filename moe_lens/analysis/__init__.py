@@ -2,16 +2,18 @@
 
 Every function takes a connection from `moe_lens.store.connect`, runs one of the `moe_lens/sql/*.sql`
 queries in DuckDB with named parameters, and returns the aggregated result (never the trace itself).
-Formulas are in each function's docstring, the .sql file and docs/sql.md:
+Every group, window and join key includes `dataset`: `dataset=None` analyses each run's own dataset
+(config.json), a name selects a probe dataset, '*' gives each dataset its own rows.
+Formulas are in each function's docstring, the .sql file and docs/sql.md (each metric defined once there):
 
 - `load_balance`       per-expert token share and gate importance; CV^2, max/mean, Gini (Shazeer et al. 2017)
-- `collapse`           normalised entropy, effective number of experts exp(H), dead experts, collapse step
+- `collapse`           normalised entropy, effective number of experts exp(H), dead experts, never_top1, collapse step
 - `router_confidence`  mean top-1 gate, top-1 minus top-2 margin, mean router entropy
-- `specialization`     P(expert | attribute), lift, NMI with a shuffled-attribute baseline and analytic chance
+- `specialization`     P(expert | attribute), lift, MI, NMI, AMI, uncertainty coefficient, exact chance NMI
 - `stability`          top-1 changes between epochs, same expert for adjacent tokens
-- `agreement`          top-1 agreement between two runs on the same tokens (raw, relabelled, NMI)
-- `capacity`           dropped-token rate where a capacity factor is set (Fedus et al. 2021)
-- `final_metrics`, `compare`  the last metric values, and all of the above across runs in one table
+- `agreement`          top-1 agreement between two runs on the same tokens (raw, relabelled, MI, NMI, AMI)
+- `capacity`           dropped-token rate where a capacity factor is set, train by default (Fedus et al. 2021)
+- `final_metrics`, `compare`  the last metric values, and all of the above across runs in one table (ranked by AMI)
 - `metric_curves`      scalar training curves (long format), for plotting
 - `contexts`           example contexts of a token routed to an expert (the app's top-tokens view)
 """

@@ -71,9 +71,18 @@ def nonempty(df: pd.DataFrame, runs: list[str], what: str) -> pd.DataFrame:
     return df
 
 
-def last_epochs(con: duckdb.DuckDBPyConnection, runs: list[str], split: str, epoch: int | None) -> list[str]:
-    """'run|epoch' keys: `epoch` for every run, or each run's last recorded epoch in `split`."""
+def run_datasets(con: duckdb.DuckDBPyConnection, runs: list[str], split: str, dataset: str | None) -> list[str]:
+    """'run|dataset' keys an analysis covers (run_datasets.sql): `dataset=None` each run's own dataset
+    (config.json), a name that dataset, '*' every dataset recorded in `split`, each on its own rows."""
+    return query(con, sql_text("run_datasets"), dict(runs=runs, split=split, dataset=dataset))["key"].tolist()
+
+
+def last_epochs(con: duckdb.DuckDBPyConnection, runs: list[str], split: str, epoch: int | None,
+                dataset: str | None = None) -> list[str]:
+    """'run|dataset|epoch' keys: `epoch` for every (run, dataset) of `run_datasets`, or each one's last recorded
+    epoch in `split`."""
+    pairs = run_datasets(con, runs, split, dataset)
     if epoch is not None:
-        return [f"{r}|{epoch}" for r in runs]
-    df = query(con, sql_text("last_epochs"), {"runs": runs, "split": split})
-    return [f"{r}|{e}" for r, e in zip(df["run"], df["epoch"])]
+        return [f"{k}|{epoch}" for k in pairs]
+    df = query(con, sql_text("last_epochs"), {"runs": runs, "run_datasets": pairs, "split": split})
+    return [f"{r}|{d}|{e}" for r, d, e in zip(df["run"], df["dataset"], df["epoch"])]

@@ -1,60 +1,134 @@
-"""Specialization of experts by token attribute: P(expert | value), lift and normalised mutual information.
+"""Specialization of experts by token attribute: P(expert | value), lift and mutual information.
 
 With n_ve the routing rows of attribute value v sent to expert e (rank 0 unless all_ranks), N = sum n_ve:
-  P(e | v) = n_ve / n_v,  lift = P(e | v) / P(e),  I(E; A) = sum n_ve/N ln(n_ve N / (n_v n_e)),
-  NMI = I(E; A) / H(E).
-Chance level, two ways: `nmi_shuffled` permutes the attribute over the split's tokens deterministically in
-SQL (order by hash(token_idx, seed)) and recomputes NMI on the same routing; `nmi_chance` is the analytic
-bias of the plug-in estimator under independence, (|A| - 1)(|E| - 1) / (2N) / H(E) (Miller 1955).
+  P(e | v) = n_ve / n_v,  lift = P(e | v) / P(e),  mi = I(E; A) = sum n_ve/N ln(n_ve N / (n_v n_e))  (nats),
+  nmi = I / ((H(E) + H(A)) / 2),  ami = adjusted for chance,  uncertainty_coef = I / H(E)
+  (moe_lens/information.py; nmi and ami equal scikit-learn's). I / H(E) alone rewards collapse: a router that
+  sends nearly everything to one expert has a tiny H(E).
+Chance level, two ways: `nmi_chance` = the exact expected NMI when A is permuted against E (the hypergeometric
+expected MI behind AMI, Vinh et al. 2010), and `nmi_shuffled`, the NMI of one such permutation computed in SQL
+on these very routing rows (within the routed tokens of each (run, dataset, split, epoch, layer)).
+Tokens the model saw as `<unk>` (in_vocab = false) are left out unless include_oov=True: their surface word's
+POS is a property of text the model never saw.
 """
 from __future__ import annotations
 
 import duckdb
+import numpy as np
 import pandas as pd
 
+from moe_lens import information
 from moe_lens.analysis._query import Runs, last_epochs, nonempty, query, resolve_runs, sql_text
 from moe_lens.errors import MoeLensError
 
 ATTRIBUTES = ("pos_tag", "freq_band", "dataset", "ner_tag", "segment", "in_answer", "position_band", "token")
 POSITION_BANDS = ("0", "1-4", "5-9", "10-19", "20-49", "50+")
-_SUMMARY = ["run", "layer", "rows", "num_values", "h_expert", "mi", "nmi", "nmi_shuffled", "nmi_chance"]
+_GROUP = ["run", "dataset", "layer"]
+_MEASURES = ["rows", "num_values", "h_expert", "h_value", "mi", "nmi", "ami", "uncertainty_coef", "nmi_chance",
+             "nmi_shuffled"]
+_SUMMARY = [*_GROUP, *_MEASURES]
 
 
 def specialization(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, attribute: str = "pos_tag",
                    split: str = "valid", epoch: int | None = None, layer: int = 0, all_ranks: bool = False,
                    seed: int = 0, top: int | None = None, order_by: str = "count", min_count: int = 1,
-                   summary: bool = False, shuffled: bool = True) -> pd.DataFrame:
-    """Expert x attribute-value table of one epoch per run (default: each run's last recorded epoch).
+                   summary: bool = False, shuffled: bool = True, dataset: str | None = None,
+                   include_oov: bool = False) -> pd.DataFrame:
+    """Expert x attribute-value table of one epoch per (run, dataset) (default: its last recorded epoch).
 
-    Rows (run, layer, value, expert) with n > 0: `n`, `n_value`, `p_expert_given_value`, `p_expert`, `lift`,
-    and the run's `mi`, `h_expert`, `nmi`, `nmi_shuffled`, `nmi_chance` repeated. `top=N` keeps each expert's
-    N values with the largest `order_by` ('count' or 'lift') among values seen at least `min_count` times
-    (top tokens: attribute='token', order_by='lift', min_count=20). `summary=True`: one row per (run, layer).
+    Rows (run, dataset, layer, value, expert) with n > 0: `n`, `n_value`, `p_expert_given_value`, `p_expert`,
+    `lift`, and the group's `rows`, `num_values`, `h_expert`, `h_value`, `mi`, `nmi`, `ami`, `uncertainty_coef`,
+    `nmi_chance`, `nmi_shuffled` repeated. `top=N` keeps each expert's N values with the largest `order_by`
+    ('count' or 'lift') among values seen at least `min_count` times (top tokens: attribute='token',
+    order_by='lift', min_count=20). `summary=True`: one row per (run, dataset, layer).
     `attribute` is one of ATTRIBUTES; position_band buckets `position` into POSITION_BANDS.
-    `shuffled=False` skips the shuffled baseline (`nmi_shuffled` NULL; every other column unchanged), about
-    half the work: for callers that only read counts, shares and lift (the app's top-tokens table).
-    For attribute='dataset' the permutation runs within each (run, dataset) and cannot break the association,
-    so `nmi_shuffled` is NULL there (never a misleading copy of `nmi`); compare with `nmi_chance`.
+    `dataset`: None = each run's own dataset, a name = that probe dataset, '*' = each dataset on its own rows;
+    attribute='dataset' pools the datasets (default all of them; `dataset` column '*').
+    `include_oov=False` leaves out tokens outside the model's vocabulary (in_vocab false; where in_vocab is NULL,
+    token_id = the run's `<unk>` id). `shuffled=False` skips the permuted counts (`nmi_shuffled` NULL; every
+    other column unchanged), about half the work. For attribute='dataset' the permutation runs within each
+    (run, dataset) and cannot break the association, so `nmi_shuffled` is NULL there; compare with `nmi_chance`.
     """
     if attribute not in ATTRIBUTES:
         raise MoeLensError(f"unknown attribute {attribute!r}; allowed: {', '.join(ATTRIBUTES)}")
     if order_by not in ("count", "lift"):
         raise MoeLensError(f"order_by={order_by!r}; allowed: count, lift")
     names = resolve_runs(con, runs)
-    params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch), split=split, layer=layer,
-                  all_ranks=all_ranks, attribute=attribute, seed=seed, top=top, by_lift=order_by == "lift",
-                  min_count=min_count, shuffled=bool(shuffled) and attribute != "dataset")
-    df = query(con, sql_text("specialization"), params)
-    nonempty(df, names, f"split={split!r}, layer={layer}, epoch={epoch} and a non-NULL {attribute}")
+    if attribute == "dataset" and dataset is None:
+        dataset = "*"
+    unk = _unk_ids(con, names) if not include_oov else pd.DataFrame({"run": [], "unk_id": []})
+    params = dict(runs=names, keys=last_epochs(con, names, split, epoch, dataset), split=split, layer=layer,
+                  all_ranks=all_ranks, attribute=attribute, seed=seed, include_oov=bool(include_oov),
+                  unk_runs=unk["run"].astype(str).tolist(), unk_ids=[int(i) for i in unk["unk_id"]],
+                  shuffled=bool(shuffled) and attribute != "dataset")
+    counts = query(con, sql_text("specialization"), params)
+    nonempty(counts, names, f"split={split!r}, layer={layer}, epoch={epoch} and a non-NULL {attribute}")
+    df = _table(counts)
     if summary:
-        return df[_SUMMARY].drop_duplicates(["run", "layer"]).reset_index(drop=True)
-    return df
+        return df[_SUMMARY].drop_duplicates(_GROUP).reset_index(drop=True)
+    if top is not None:
+        df = _top(df, top, order_by, min_count)
+    return df.reset_index(drop=True)
+
+
+def _unk_ids(con: duckdb.DuckDBPyConnection, runs: list[str]) -> pd.DataFrame:
+    """(run, unk_id) of the runs that have tokens without `in_vocab` (unk_ids.sql); empty when all have it."""
+    lacking = con.execute("SELECT DISTINCT run FROM tokens WHERE list_contains($runs, run) AND in_vocab IS NULL",
+                          {"runs": runs}).df()["run"].tolist()
+    if not lacking:
+        return pd.DataFrame({"run": [], "unk_id": []})
+    return query(con, sql_text("unk_ids"), {"runs": lacking})
+
+
+def _table(counts: pd.DataFrame) -> pd.DataFrame:
+    """Per-cell shares and lift, and each group's information measures, from the SQL counts."""
+    real = counts[~counts["is_shuffled"]].drop(columns="is_shuffled").copy()
+    g = real.groupby(_GROUP, sort=False)
+    real["n_value"] = real.groupby([*_GROUP, "value"])["n"].transform("sum").astype("int64")
+    total = g["n"].transform("sum")
+    n_expert = real.groupby([*_GROUP, "expert"])["n"].transform("sum")
+    real["p_expert_given_value"] = real["n"] / real["n_value"]
+    real["p_expert"] = n_expert / total
+    real["lift"] = real["p_expert_given_value"] / real["p_expert"]
+    rows = []
+    shuffled = counts[counts["is_shuffled"]].groupby(_GROUP)
+    shuffled_keys = set(shuffled.groups)
+    for key, grp in real.groupby(_GROUP, sort=False):
+        s = information.scores(_crosstab(grp))
+        shuffled_nmi = information.scores(_crosstab(shuffled.get_group(key))).nmi if key in shuffled_keys else np.nan
+        rows.append({**dict(zip(_GROUP, key)), "num_values": grp["value"].nunique(), "nmi_shuffled": shuffled_nmi,
+                     **{f: getattr(s, f) for f in information.Scores._fields}})
+    out = real.merge(pd.DataFrame(rows), on=_GROUP, how="left")
+    if (out["h_expert"] == 0).any():  # one expert used: no normalised measure says anything
+        out.loc[out["h_expert"] == 0, ["nmi", "ami", "uncertainty_coef", "nmi_chance", "nmi_shuffled"]] = np.nan
+    return out.sort_values([*_GROUP, "expert", "n", "value"], ascending=[True, True, True, True, False, True])
+
+
+def _crosstab(grp: pd.DataFrame) -> np.ndarray:
+    """(values, experts) count table of one group's rows."""
+    return grp.pivot_table(index="value", columns="expert", values="n", aggfunc="sum", fill_value=0).to_numpy()
+
+
+def _top(df: pd.DataFrame, top: int, order_by: str, min_count: int) -> pd.DataFrame:
+    """Each (run, dataset, layer, expert)'s `top` values by count or lift among values seen >= min_count times."""
+    df = df[df["n_value"] >= min_count]
+    key = "lift" if order_by == "lift" else "n"
+    ranked = df.sort_values([key, "value"], ascending=[False, True])
+    kept = ranked.groupby([*_GROUP, "expert"], sort=False).head(top)
+    return kept.sort_values([*_GROUP, "expert", "n", "value"], ascending=[True, True, True, True, False, True])
 
 
 def contexts(con: duckdb.DuckDBPyConnection, run: str, *, split: str, layer: int, expert: int, token: str,
-             n: int = 5, width: int = 8) -> pd.DataFrame:
+             n: int = 5, width: int = 8, dataset: str | None = None) -> pd.DataFrame:
     """Up to `n` occurrences of `token` whose top-1 expert was `expert` in the run's last recorded epoch of
-    `split`, each with `width` tokens either side: rows (hit, token_idx, token), hit = the occurrence's token_idx,
-    ordered by (hit, token_idx). Empty when the token never went to that expert."""
-    params = dict(run=run, split=split, layer=int(layer), expert=int(expert), token=token, n=int(n), width=int(width))
+    `split` on `dataset` (default: the run's own), each with `width` tokens of that dataset either side: rows
+    (hit, token_idx, token), hit = the occurrence's token_idx, ordered by (hit, token_idx). Empty when the token
+    never went to that expert."""
+    if dataset is None:
+        found = con.execute("SELECT dataset FROM runs WHERE run = $run", {"run": run}).fetchall()
+        dataset = found[0][0] if found and found[0][0] is not None else None
+    if dataset is None:
+        raise MoeLensError(f"contexts: run {run!r} has no dataset in config.json; pass dataset=")
+    params = dict(run=run, dataset=dataset, split=split, layer=int(layer), expert=int(expert), token=token,
+                  n=int(n), width=int(width))
     return query(con, sql_text("contexts"), params)

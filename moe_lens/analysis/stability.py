@@ -4,32 +4,38 @@
   same_next = share of adjacent tokens of one sequence (same doc_id, sent_id) with the same top-1 expert
   agreement = share of tokens two runs send to the same top-1 expert; expert labels are arbitrary across
               runs, so also `matched_agreement` (after the best one-to-one relabelling, Hungarian algorithm
-              on the contingency table) and `nmi` = I(A; B) / ((H(A) + H(B)) / 2).
+              on the contingency table), `mi`, `nmi` = I(A; B) / ((H(A) + H(B)) / 2) and `ami`
+              (moe_lens/information.py).
+A token is (dataset, token_idx): every comparison stays within one dataset (`dataset=None`: the run's own,
+a name: a probe dataset, '*': each recorded dataset on its own rows; stability only).
 """
 from __future__ import annotations
 
 import duckdb
 import numpy as np
 import pandas as pd
+from scipy.optimize import linear_sum_assignment
 
-from moe_lens.analysis._query import Runs, last_epochs, nonempty, query, resolve_runs, sql_text
+from moe_lens import information
+from moe_lens.analysis._query import Runs, last_epochs, nonempty, query, resolve_runs, run_datasets, sql_text
 from moe_lens.errors import MoeLensError
 
 
 def stability(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "valid",
-              epoch: int | None = None, layer: int = 0) -> pd.DataFrame:
-    """Per (run, split, layer, epoch): `changed` (vs the previous recorded epoch, NULL for the first),
+              epoch: int | None = None, layer: int = 0, dataset: str | None = None) -> pd.DataFrame:
+    """Per (run, dataset, split, layer, epoch): `changed` (vs the previous recorded epoch, NULL for the first),
     `tokens_compared`, `same_next` and `pairs` (adjacent same-sequence token pairs). `epoch=None`: every
     recorded epoch; an epoch: that one only (compared with the epoch recorded before it)."""
     names = resolve_runs(con, runs)
     frames = []
-    for run in names:
-        epochs = query(con, sql_text("epochs"), dict(run=run, split=split))["epoch"].tolist()
+    for key in run_datasets(con, names, split, dataset):
+        run, ds = key.rsplit("|", 1)
+        epochs = query(con, sql_text("epochs"), dict(run=run, dataset=ds, split=split))["epoch"].tolist()
         if epoch is not None:
             i = epochs.index(epoch) if epoch in epochs else None
             epochs = [] if i is None else epochs[max(i - 1, 0):i + 1]
         if epochs:
-            params = dict(run=run, split=split, layer=layer, epochs=epochs)
+            params = dict(run=run, dataset=ds, split=split, layer=layer, epochs=epochs)
             df = query(con, sql_text(_stability_sql(con, params)), params)
             frames.append(df if epoch is None else df[df["epoch"] == epoch])
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -39,23 +45,31 @@ def stability(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str =
 def _stability_sql(con: duckdb.DuckDBPyConnection, params: dict) -> str:
     """`stability` (experts packed into a HUGEINT per token, no sort) when the packing fits, else
     `stability_sorted` (lag windows over the sorted trace); both give the same numbers. Sets params["bits"]."""
-    lo, hi = con.execute("SELECT min(expert), max(expert) FROM routing WHERE run = $run AND split = $split "
+    lo, hi = con.execute("SELECT min(expert), max(expert) FROM routing WHERE run = $run AND dataset = $dataset "
+                         "AND split = $split "
                          "AND layer = $layer AND rank = 0 AND list_contains($epochs, epoch)", params).fetchall()[0]
     params["bits"] = bits = max(int(hi if hi is not None else 0) + 1, 1).bit_length()
     return "stability" if (lo is None or lo >= 0) and bits * len(params["epochs"]) <= 126 else "stability_sorted"
 
 
 def agreement(con: duckdb.DuckDBPyConnection, run_a: str, run_b: str, *, split: str = "valid",
-              epoch_a: int | None = None, epoch_b: int | None = None, layer: int = 0) -> pd.DataFrame:
-    """One row: how often runs A and B pick the same top-1 expert for the same tokens (default: each run's
-    last recorded epoch). Columns `tokens`, `agreement`, `matched_agreement`, `nmi`."""
-    (a, ea), = (k.split("|") for k in last_epochs(con, resolve_runs(con, run_a), split, epoch_a))
-    (b, eb), = (k.split("|") for k in last_epochs(con, resolve_runs(con, run_b), split, epoch_b))
+              epoch_a: int | None = None, epoch_b: int | None = None, layer: int = 0,
+              dataset: str | None = None) -> pd.DataFrame:
+    """One row: how often runs A and B pick the same top-1 expert for the same tokens of one dataset
+    (`dataset=None`: run A's own; default epochs: each run's last recorded one on that dataset). Columns
+    `dataset`, `tokens`, `agreement`, `matched_agreement`, `mi` (nats), `nmi`, `ami`."""
+    if dataset == "*":
+        raise MoeLensError("agreement: dataset='*' is not supported; name one dataset (default: run A's own)")
+    (a, ds, ea), = (k.rsplit("|", 2) for k in last_epochs(con, resolve_runs(con, run_a), split, epoch_a, dataset))
+    found = [k.rsplit("|", 2) for k in last_epochs(con, resolve_runs(con, run_b), split, epoch_b, ds)]
+    if not found:
+        raise MoeLensError(f"run {run_b!r} has no routing on dataset {ds!r} in split={split!r}")
+    (b, _, eb), = found
     table = query(con, sql_text("agreement"), dict(run_a=a, run_b=b, epoch_a=int(ea), epoch_b=int(eb),
-                                                     split=split, layer=layer))
+                                                     dataset=ds, split=split, layer=layer))
     if table.empty:
         raise MoeLensError(f"runs {run_a!r} and {run_b!r} share no routed tokens in split={split!r}, layer={layer}")
-    return pd.DataFrame([{"run_a": a, "run_b": b, "epoch_a": int(ea), "epoch_b": int(eb),
+    return pd.DataFrame([{"run_a": a, "run_b": b, "dataset": ds, "epoch_a": int(ea), "epoch_b": int(eb),
                           **agreement_scores(table)}])
 
 
@@ -65,24 +79,13 @@ def agreement_scores(table: pd.DataFrame) -> dict[str, float]:
     c = m.to_numpy(dtype=np.float64)  # (e_a, e_b)
     total = c.sum()
     same = sum(m.at[i, i] for i in m.index if i in m.columns)
-    pa, pb, p = c.sum(1) / total, c.sum(0) / total, c / total
-    nz = p > 0
-    mi = float((p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum())
-    ha, hb = (float(-(x[x > 0] * np.log(x[x > 0])).sum()) for x in (pa, pb))
-    return {"tokens": int(total), "agreement": float(same / total),
-            "matched_agreement": _matched(c) / total, "nmi": mi / ((ha + hb) / 2) if ha + hb > 0 else float("nan")}
+    s = information.scores(c)
+    return {"tokens": int(total), "agreement": float(same / total), "matched_agreement": _matched(c) / total,
+            "mi": s.mi, "nmi": s.nmi, "ami": s.ami}
 
 
 def _matched(c: np.ndarray) -> float:
-    """Largest sum of a one-to-one matching of rows to columns (tokens agreeing after relabelling)."""
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError:  # greedy fallback: exact for the usual near-diagonal tables
-        c, total = c.copy(), 0.0
-        while c.size and c.max() > 0:
-            i, j = np.unravel_index(np.argmax(c), c.shape)
-            total += c[i, j]
-            c[i, :], c[:, j] = -1, -1
-        return float(total)
+    """Largest sum of a one-to-one matching of rows to columns (tokens agreeing after relabelling):
+    the Hungarian algorithm (scipy's linear_sum_assignment), exact for any table."""
     rows, cols = linear_sum_assignment(c, maximize=True)
     return float(c[rows, cols].sum())

@@ -1,2 +1,2 @@
--- The recorded epochs of one run in a split, in order.
-SELECT DISTINCT epoch FROM routing WHERE run = $run AND split = $split ORDER BY epoch
+-- The recorded epochs of one run on one dataset in a split, in order.
+SELECT DISTINCT epoch FROM routing WHERE run = $run AND dataset = $dataset AND split = $split ORDER BY epoch

@@ -1,18 +1,20 @@
--- Router confidence per (run, split, epoch[, step], layer), over tokens (rank-0 rows):
+-- Router confidence per (run, dataset, split, epoch[, step], layer) over the 'run|dataset' keys of $run_datasets,
+-- over tokens (rank-0 rows):
 --   top1_gate  = mean_t g_t,0                     (gate of the chosen / largest expert)
 --   margin     = mean_t (g_t,0 - g_t,1)  = mean g_0 - mean g_1, exact when every token has a rank-1 row
 --                (top-k routers with k >= 2); NULL otherwise (k = 1, expert choice)
 --   entropy    = mean_t H_t, H_t = -sum_j p_tj ln p_tj the router entropy the recorder stores (nats)
 -- One hash aggregate by rank (cheaper than FILTER clauses over 10^7 rows), then a pivot of the small result.
 WITH by_rank AS (
-    SELECT run, split, epoch, CASE WHEN $by_step THEN step END AS step_key, layer, rank,
+    SELECT run, dataset, split, epoch, CASE WHEN $by_step THEN step END AS step_key, layer, rank,
            max(step) AS step, count(*) AS n, sum(CAST(gate AS DOUBLE)) AS gates, sum(CAST(entropy AS DOUBLE)) AS entropies
     FROM routing
-    WHERE list_contains($runs, run) AND split = $split AND layer = $layer AND rank <= 1
+    WHERE list_contains($runs, run) AND list_contains($run_datasets, run || '|' || dataset) AND split = $split
+      AND layer = $layer AND rank <= 1
       AND ($epoch IS NULL OR epoch = $epoch)
-    GROUP BY run, split, epoch, step_key, layer, rank
+    GROUP BY run, dataset, split, epoch, step_key, layer, rank
 )
-SELECT run, split, epoch, max(step) AS step, layer,
+SELECT run, dataset, split, epoch, max(step) AS step, layer,
        CAST(sum(n) FILTER (WHERE rank = 0) AS BIGINT) AS tokens,
        sum(gates) FILTER (WHERE rank = 0) / sum(n) FILTER (WHERE rank = 0) AS top1_gate,
        CASE WHEN sum(n) FILTER (WHERE rank = 1) = sum(n) FILTER (WHERE rank = 0)
@@ -21,5 +23,5 @@ SELECT run, split, epoch, max(step) AS step, layer,
        END AS margin,
        sum(entropies) FILTER (WHERE rank = 0) / sum(n) FILTER (WHERE rank = 0) AS entropy
 FROM by_rank
-GROUP BY run, split, epoch, step_key, layer
-ORDER BY run, split, layer, step
+GROUP BY run, dataset, split, epoch, step_key, layer
+ORDER BY run, dataset, split, layer, step

@@ -1,4 +1,5 @@
--- Stability of top-1 (rank 0) routing of one run ($run, one dataset) per (split, layer, epoch):
+-- Stability of top-1 (rank 0) routing of one run on one dataset ($run, $dataset) per (split, layer, epoch);
+-- a token is (dataset, token_idx):
 --   changed   = share of tokens routed in this epoch and an earlier one whose top-1 expert differs from the
 --               token's previous recorded epoch (NULL for the first recorded epoch)
 --   same_next = share of adjacent token pairs (token_idx - 1, token_idx) of one sequence (position > 0 in
@@ -13,14 +14,14 @@
 WITH top1 AS (
     SELECT token_idx, list_position($epochs, epoch) - 1 AS p, expert
     FROM routing
-    WHERE run = $run AND split = $split AND layer = $layer AND rank = 0 AND list_contains($epochs, epoch)
+    WHERE run = $run AND dataset = $dataset AND split = $split AND layer = $layer AND rank = 0 AND list_contains($epochs, epoch)
 ),
 per_token AS (
     SELECT token_idx, bit_or(CAST(expert + 1 AS HUGEINT) << ($bits * p)) AS h, bit_or(CAST(1 AS BIGINT) << p) AS present
     FROM top1 GROUP BY token_idx
 ),
 starts AS (
-    SELECT token_idx FROM tokens WHERE run = $run AND split = $split AND position = 0
+    SELECT token_idx FROM tokens WHERE run = $run AND dataset = $dataset AND split = $split AND position = 0
 ),
 c AS (
     SELECT len($epochs) AS n, (CAST(1 AS BIGINT) << len($epochs)) - 1 AS all_epochs,
@@ -71,7 +72,7 @@ per_epoch AS (
            CAST(sum(same) AS BIGINT) AS same, CAST(sum(pairs) AS BIGINT) AS pairs, sum(inner_rows) AS inner_rows
     FROM (SELECT * FROM complete_counts UNION ALL SELECT * FROM other_counts) GROUP BY p
 )
-SELECT $run AS run, $split AS split, CAST($layer AS SMALLINT) AS layer, $epochs[p + 1] AS epoch,
+SELECT $run AS run, $dataset AS dataset, $split AS split, CAST($layer AS SMALLINT) AS layer, $epochs[p + 1] AS epoch,
        CASE WHEN compared > 0 THEN compared END AS tokens_compared,
        CASE WHEN compared > 0 THEN changed / compared END AS changed,
        CASE WHEN inner_rows > 0 THEN pairs END AS pairs, CASE WHEN pairs > 0 THEN same / pairs END AS same_next
