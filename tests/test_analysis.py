@@ -78,11 +78,13 @@ def test_load_balance_matches_numpy(shape: dict, all_ranks: bool) -> None:
 
 def ref_collapse(r: pd.DataFrame, e: int, threshold: float) -> pd.DataFrame:
     rows = []
-    for step, g in r[r["rank"] == 0].groupby("step"):
+    for step, every in r.groupby("step"):
+        g = every[every["rank"] == 0]
         p = np.bincount(g["expert"], minlength=e) / len(g)
         h = -sum(x * np.log(x) for x in p if x > 0)
+        share_all = np.bincount(every["expert"], minlength=e) / len(every)  # all k assignments
         rows.append(dict(step=step, entropy=h, norm=h / np.log(e) if e > 1 else np.nan, eff=np.exp(h),
-                         dead=int((p < 1 / (10 * e)).sum())))
+                         dead=int((share_all < 1 / (10 * e)).sum()), never_top1=int((p == 0).sum())))
     df = pd.DataFrame(rows).sort_values("step")
     collapse = None
     for i in range(len(df) if e > 1 else 0):  # first step after which eff stays below the threshold
@@ -105,6 +107,7 @@ def test_collapse_matches_numpy(shape: dict, threshold: float) -> None:
         np.testing.assert_allclose(got["norm_entropy"].to_numpy(float), want["norm"].to_numpy(float), **TOL)
         np.testing.assert_allclose(got["effective_experts"], want["eff"], **TOL)
         assert got["dead_experts"].tolist() == want["dead"].tolist()
+        assert got["never_top1"].tolist() == want["never_top1"].tolist()
         c = got["collapse_step"].iloc[0]
         assert (pd.isna(c) and want["collapse_step"].iloc[0] is None) or c == want["collapse_step"].iloc[0]
 
@@ -125,7 +128,7 @@ def test_router_confidence_and_capacity_match_numpy(shape: dict) -> None:
             np.testing.assert_allclose(got["margin"], (g[0] - g[1]).groupby("epoch").mean(), **TOL)
         else:
             assert got["margin"].isna().all()
-        cap = A.capacity(con, "r").sort_values("epoch")
+        cap = A.capacity(con, "r", split="valid").sort_values("epoch")
         if shape["drop_rate"]:
             np.testing.assert_allclose(cap["dropped_rate"], v.groupby("epoch")["dropped"].mean(), **TOL)
         else:

@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
+from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
 from moe_lens import analysis as A
 from moe_lens.errors import MoeLensError
@@ -54,16 +55,27 @@ def test_specialization_matches_numpy(e: int, k: int, n: int, spec: float, attri
         tok = load(root, "tokens")
         tok = tok[tok["split"] == "valid"].sort_values("token_idx").reset_index(drop=True)
         val = value_of(tok, attribute).to_numpy(object)
-        shuffled = val[(tok["token_idx"].to_numpy() * 1000000007 + seed) % len(tok)]
         r = load(root, "routing")
         r = r[(r["split"] == "valid") & (r["epoch"] == 1) & (r["layer"] == 0) & (all_ranks | (r["rank"] == 0))]
+        r = r[pd.notna(val[r["token_idx"]])]  # rows whose value is NULL (ner_tag outside CoNLL) are left out
+        kept = np.unique(r["token_idx"])  # the analysed tokens, numbered 0..m-1; each takes the value of token
+        source = kept[(np.arange(len(kept)) * 1000000007 + seed) % len(kept)]  # (i * p + seed) mod m
+        shuffled = pd.Series(val[source], index=kept)
         a, ex = val[r["token_idx"]], r["expert"].to_numpy()
         i, h = mi(a, ex)
-        i_s, _ = mi(shuffled[r["token_idx"]], ex)
+        i_s, _ = mi(shuffled[r["token_idx"]].to_numpy(object), ex)
+        h_a = float(-(lambda p: (p * np.log(p)).sum())(pd.Series(a).value_counts(normalize=True).to_numpy()))
         np.testing.assert_allclose(got["mi"].iloc[0], i, **TOL)
         np.testing.assert_allclose(got["h_expert"].iloc[0], h, **TOL)
-        if h > 1e-12:  # one expert used: H(E) = 0 exactly in SQL (p = 1), ~1e-16 here from pandas' sums
-            np.testing.assert_allclose([got["nmi"].iloc[0], got["nmi_shuffled"].iloc[0]], [i / h, i_s / h], **TOL)
+        if h > 1e-12:  # one expert used: H(E) = 0 exactly (p = 1), ~1e-16 here from pandas' sums
+            np.testing.assert_allclose([got["uncertainty_coef"].iloc[0], got["nmi"].iloc[0]],
+                                       [i / h, i / ((h + h_a) / 2)], **TOL)
+            labels = pd.factorize(a)[0]
+            np.testing.assert_allclose([got["nmi"].iloc[0], got["ami"].iloc[0]],
+                                       [normalized_mutual_info_score(labels, ex),
+                                        adjusted_mutual_info_score(labels, ex)], **TOL)
+            labels_s = pd.factorize(shuffled[r["token_idx"]].to_numpy(object))[0]
+            np.testing.assert_allclose(got["nmi_shuffled"].iloc[0], normalized_mutual_info_score(labels_s, ex), **TOL)
         else:
             assert got["nmi"].isna().all()
         c = pd.crosstab(a, ex)
@@ -144,7 +156,7 @@ def test_compare_across_modes_and_missing_columns(tmp_path: Path) -> None:
     con = connect(tmp_path)
     cmp = A.compare(con).set_index("run")
     assert cmp.loc["c", "mode"] == "switch" and cmp.loc["w", "num_experts"] == 8
-    assert pd.isna(cmp.loc["w", "dropped_rate"]) and cmp.loc["c", "dropped_rate"] > 0
+    assert pd.isna(cmp.loc["w", "train_dropped_rate"]) and cmp.loc["c", "train_dropped_rate"] > 0
     assert pd.isna(cmp.loc["c", "margin"]) and cmp.loc["w", "margin"] > 0
     assert {"valid_loss", "valid_ppl", "cv2_load", "nmi_pos_tag", "changed"} <= set(cmp.columns)
     seg = A.specialization(con, "q", attribute="segment", summary=True)
@@ -176,11 +188,11 @@ def test_stability_packed_equals_sorted_with_gaps(e: int, n: int, epochs: int, k
                 got = A.stability(con, "r", epoch=ep)
             except MoeLensError:  # nothing left at rank 0 in the valid split
                 got = pd.DataFrame()
-            epochs_list = query(con, sql_text("epochs"), dict(run="r", split="valid"))["epoch"].tolist()
+            epochs_list = query(con, sql_text("epochs"), dict(run="r", dataset="wikitext2", split="valid"))["epoch"].tolist()
             if ep is not None:
                 i = epochs_list.index(ep) if ep in epochs_list else None
                 epochs_list = [] if i is None else epochs_list[max(i - 1, 0):i + 1]
-            params = dict(run="r", split="valid", layer=0, epochs=epochs_list)
+            params = dict(run="r", dataset="wikitext2", split="valid", layer=0, epochs=epochs_list)
             if got.empty:
                 ref = query(con, sql_text("stability_sorted"), params) if epochs_list else pd.DataFrame()
                 assert ref.empty or (ep is not None and not (ref["epoch"] == ep).any())
