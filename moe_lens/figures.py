@@ -6,7 +6,7 @@ the analysis DataFrame the figure plots, so every number in a figure can be prin
 - `collapse`        effective experts exp(H) of top-1 usage in each run's last recorded epoch, by dataset
 - `collapse-curve`  effective experts over training steps (recorded training batches)
 - `specialization`  expert x attribute-value lift heatmap of one run (POS tag, frequency band, dataset...)
-- `nmi`             NMI(expert; attribute) per run next to its shuffled-attribute chance level
+- `nmi`             NMI and AMI (expert; attribute) per run next to the expected NMI under permutation (chance)
 
 PNG export uses kaleido, which drives a local Chrome/Chromium (`apt-get install chromium`); `.html` needs
 nothing else (plotly.js inlined, opens offline).
@@ -47,19 +47,22 @@ def collapse_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None,
     """Effective experts (top-1, last recorded epoch of `split`) per run, grouped by dataset, one bar per mode."""
     info = _routed_runs(con, runs, modes)
     df = A.collapse(con, info["run"].tolist(), split=split, by="epoch")
-    df = df.sort_values("epoch").groupby("run", as_index=False).last().merge(info[["run", "dataset", "mode"]], on="run")
+    df = df.sort_values("epoch").groupby("run", as_index=False).last().drop(columns="dataset")
+    df = df.merge(info[["run", "dataset", "mode"]], on="run")
     order = modes or list(dict.fromkeys(info["mode"]))
     fig = go.Figure()
     for mode in order:
         d = df[df["mode"] == mode]
         fig.add_bar(name=mode, x=d["dataset"], y=d["effective_experts"], text=d["effective_experts"].round(1),
-                    textposition="outside", customdata=d[["run", "dead_experts"]],
-                    hovertemplate="%{customdata[0]}: %{y:.2f} effective, %{customdata[1]} dead<extra></extra>")  # fmt: skip
+                    textposition="outside", customdata=d[["run", "dead_experts", "never_top1"]],
+                    hovertemplate="%{customdata[0]}: %{y:.2f} effective, %{customdata[1]} dead, "
+                                  "%{customdata[2]} never first<extra></extra>")  # fmt: skip
     e = int(df["num_experts"].max()) if len(df) else 0
     fig.add_hline(y=e, line_dash="dot", annotation_text=f"all {e} experts used equally", annotation_position="top left")
     fig.update_layout(barmode="group", title=f"Effective experts exp(H) of top-1 routing ({split}, last epoch)",
                       yaxis_title="effective experts", xaxis_title="dataset", legend_title="mode", **_LAYOUT)  # fmt: skip
-    return fig, df[["run", "dataset", "mode", "epoch", "step", "effective_experts", "dead_experts", "norm_entropy"]]
+    return fig, df[["run", "dataset", "mode", "epoch", "step", "effective_experts", "dead_experts", "never_top1",
+                  "norm_entropy"]]
 
 
 def collapse_curves(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, split: str = "train",
@@ -72,13 +75,14 @@ def collapse_curves(con: duckdb.DuckDBPyConnection, runs: list[str] | None = Non
         fig.add_scatter(x=d["step"], y=d["effective_experts"], mode="lines+markers", name=d["mode"].iloc[0] + f" ({run})")
     fig.update_layout(title=f"Effective experts over training ({split} batches)", xaxis_title="step",
                       yaxis_title="effective experts exp(H)", legend_title="run", **_LAYOUT)  # fmt: skip
-    return fig, df[["run", "mode", "epoch", "step", "tokens", "effective_experts", "dead_experts"]]
+    return fig, df[["run", "mode", "epoch", "step", "tokens", "effective_experts", "dead_experts", "never_top1"]]
 
 
 def specialization_heatmap(con: duckdb.DuckDBPyConnection, run: str, *, attribute: str = "pos_tag",
-                           split: str = "valid", top_values: int = 16) -> tuple[go.Figure, pd.DataFrame]:
+                           split: str = "valid", top_values: int = 16,
+                           include_oov: bool = False) -> tuple[go.Figure, pd.DataFrame]:
     """Lift P(expert | value) / P(expert) for the `top_values` most frequent values of `attribute` (rows) x experts."""
-    df = A.specialization(con, run, attribute=attribute, split=split, shuffled=False)
+    df = A.specialization(con, run, attribute=attribute, split=split, shuffled=False, include_oov=include_oov)
     counts = df.groupby("value")["n_value"].first().sort_values(ascending=False)
     keep = counts.index[:top_values]
     d = df[df["value"].isin(keep)]
@@ -96,17 +100,19 @@ def specialization_heatmap(con: duckdb.DuckDBPyConnection, run: str, *, attribut
 
 
 def nmi_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, attribute: str = "pos_tag",
-             split: str = "valid") -> tuple[go.Figure, pd.DataFrame]:
-    """NMI(top-1 expert; attribute) per run, with the shuffled-attribute NMI (chance) beside it."""
+             split: str = "valid", include_oov: bool = False) -> tuple[go.Figure, pd.DataFrame]:
+    """NMI and AMI (top-1 expert; attribute) per run, with the expected NMI under permutation (chance) beside them."""
     info = _routed_runs(con, runs)
-    df = A.specialization(con, info["run"].tolist(), attribute=attribute, split=split, summary=True)
-    df = df.merge(info[["run", "dataset", "mode"]], on="run").sort_values(["dataset", "run"])
+    df = A.specialization(con, info["run"].tolist(), attribute=attribute, split=split, summary=True,
+                          include_oov=include_oov)
+    df = df.drop(columns="dataset").merge(info[["run", "dataset", "mode"]], on="run").sort_values(["dataset", "run"])
     fig = go.Figure()
     fig.add_bar(name="NMI", x=df["run"], y=df["nmi"])
-    fig.add_bar(name="NMI, attribute shuffled (chance)", x=df["run"], y=df["nmi_shuffled"])
+    fig.add_bar(name="AMI", x=df["run"], y=df["ami"])
+    fig.add_bar(name="expected NMI, attribute permuted (chance)", x=df["run"], y=df["nmi_chance"])
     fig.update_layout(barmode="group", title=f"How much the top-1 expert says about {attribute} ({split})",
-                      yaxis_title="NMI(expert; attribute)", **_LAYOUT)  # fmt: skip
-    return fig, df[["run", "dataset", "mode", "rows", "nmi", "nmi_shuffled", "nmi_chance"]]
+                      yaxis_title="NMI, AMI (expert; attribute)", **_LAYOUT)  # fmt: skip
+    return fig, df[["run", "dataset", "mode", "rows", "mi", "nmi", "ami", "nmi_chance", "nmi_shuffled"]]
 
 
 def save(fig: go.Figure, path: str | Path, *, width: int = 1000, height: int | None = None) -> Path:
@@ -127,18 +133,20 @@ def save(fig: go.Figure, path: str | Path, *, width: int = 1000, height: int | N
 
 
 def build(con: duckdb.DuckDBPyConnection, kind: str, runs: list[str] | None, *, split: str | None = None,
-          attribute: str = "pos_tag", modes: list[str] | None = None) -> tuple[go.Figure, pd.DataFrame]:
+          attribute: str = "pos_tag", modes: list[str] | None = None,
+          include_oov: bool = False) -> tuple[go.Figure, pd.DataFrame]:
     """The figure `kind` (one of KINDS) and the table behind it."""
     if kind == "collapse":
         return collapse_bars(con, runs, split=split or "valid", modes=modes)
     if kind == "collapse-curve":
         return collapse_curves(con, runs, split=split or "train", modes=modes)
     if kind == "nmi":
-        return nmi_bars(con, runs, attribute=attribute, split=split or "valid")
+        return nmi_bars(con, runs, attribute=attribute, split=split or "valid", include_oov=include_oov)
     if kind == "specialization":
         if not runs or len(runs) != 1:
             raise MoeLensError("figure specialization needs exactly one run: --runs RUN")
-        return specialization_heatmap(con, runs[0], attribute=attribute, split=split or "valid")
+        return specialization_heatmap(con, runs[0], attribute=attribute, split=split or "valid",
+                                      include_oov=include_oov)
     raise MoeLensError(f"unknown figure {kind!r}; allowed: {', '.join(KINDS)}")
 
 
@@ -150,13 +158,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", nargs="*", default=None, help="only these modes, in this order")
     p.add_argument("--split", default=None, help="split (default: valid; train for collapse-curve)")
     p.add_argument("--attribute", default="pos_tag", choices=A.ATTRIBUTES)
+    p.add_argument("--include-oov", action="store_true",
+                   help="specialization/nmi: keep tokens outside the model's vocabulary (default: left out)")
     p.add_argument("--out", required=True, help="output file, .png or .html")
     p.set_defaults(func=_figure_command)
 
 
 def _figure_command(args: argparse.Namespace) -> int:
     con = connect(args.runs_dir or default_runs_dir())
-    fig, table = build(con, args.kind, args.runs, split=args.split, attribute=args.attribute, modes=args.modes)
+    fig, table = build(con, args.kind, args.runs, split=args.split, attribute=args.attribute, modes=args.modes,
+                       include_oov=args.include_oov)
     with pd.option_context("display.width", 200, "display.max_rows", 200):
         print(table.round(4).to_string(index=False))
     print(f"wrote {save(fig, args.out)}")

@@ -1,7 +1,7 @@
 """`moe-lens report RUN [RUN ...]`: a one-screen text summary per run, and an optional standalone HTML report.
 
 The text shows the run's config line, its final metrics (metrics.parquet), load balance (CV^2, max/mean,
-Gini), collapse (normalised entropy, effective experts, dead experts, collapse step), router confidence and
+Gini), collapse (normalised entropy, effective experts, dead experts, experts never chosen first, collapse step), router confidence and
 the top POS tags per expert by lift. Every number comes from `moe_lens.analysis` (formulas there).
 `--html FILE` writes one self-contained Plotly page (plotly.js inlined: opens offline).
 """
@@ -49,13 +49,14 @@ def summary(con: duckdb.DuckDBPyConnection, run: str, *, split: str = "valid", l
     col = col if not col.empty else A.collapse(con, run, split=split, by="epoch", layer=layer)
     k = col.iloc[-1]
     lines.append(f"collapse: H/ln e={_fmt(k['norm_entropy'])}  effective experts={k['effective_experts']:.2f}  "
-                 f"dead={k['dead_experts']}  collapse step={_fmt(k['collapse_step'])}")
+                 f"dead={k['dead_experts']}  never top-1={k['never_top1']}  collapse step={_fmt(k['collapse_step'])}")
     conf = A.router_confidence(con, run, split=split, layer=layer).iloc[-1]
     lines.append(f"router:   top-1 gate={conf['top1_gate']:.3f}  margin={_fmt(conf['margin'])}  entropy={conf['entropy']:.3f} nats")
     spec = _try(A.specialization, con, run, split=split, layer=layer, top=3, order_by="lift", min_count=20)
     if not spec.empty:
         s = spec.iloc[0]
-        lines.append(f"POS:      NMI={_fmt(s['nmi'])} (shuffled {_fmt(s['nmi_shuffled'])})  top tags by lift:")
+        lines.append(f"POS:      NMI={_fmt(s['nmi'])} AMI={_fmt(s['ami'])} MI={_fmt(s['mi'])} nats "
+                     f"(chance NMI {_fmt(s['nmi_chance'])})  top tags by lift:")
         for expert, g in spec.sort_values("lift", ascending=False).groupby("expert"):
             tags = ", ".join(f"{v} x{l:.1f}" for v, l in zip(g["value"], g["lift"]))
             lines.append(f"  expert {expert:>2}: {tags}")
@@ -81,8 +82,9 @@ def html_report(con: duckdb.DuckDBPyConnection, runs: list[str], path: str | Pat
     nmi = [s.assign(attribute=a) for a in ("pos_tag", "freq_band", "position_band")
            if not (s := _try(A.specialization, con, runs, attribute=a, split=split, summary=True)).empty]
     if nmi:
-        figs.append(px.bar(pd.concat(nmi), x="attribute", y=["nmi", "nmi_shuffled"], barmode="group",
-                           facet_col="run", title="NMI(expert; attribute) vs shuffled attribute"))
+        figs.append(px.bar(pd.concat(nmi), x="attribute", y=["nmi", "ami", "nmi_shuffled", "nmi_chance"],
+                           barmode="group", facet_col="run",
+                           title="NMI and AMI (expert; attribute) vs shuffled attribute and expected chance"))
     text = "".join(f"<pre>{summary(con, r, split=split)}</pre>" for r in runs)
     body = "".join(pio.to_html(f, full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs))
     out = Path(path)

@@ -1,4 +1,4 @@
-"""Collapse: effective experts exp(H) and dead experts over training, the collapse step marked, gating
+"""Collapse: effective experts exp(H), dead experts and experts never chosen first over training, the collapse step marked, gating
 variants compared (`analysis.collapse`; top-1 usage by default)."""
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ df = df.assign(mode=df["run"].map(modes)).sort_values(["run", by])
 steps = df.groupby("run", as_index=False)[["mode", "collapse_step"]].first()
 st.dataframe(steps, hide_index=True, key="collapse_steps")
 
-for col, title in (("effective_experts", "Effective experts exp(H)"), ("dead_experts", "Dead experts (share < 1/(10e))")):
+for col, title in (("effective_experts", "Effective experts exp(H)"),
+                   ("dead_experts", "Dead experts (under 1/(10e) of all k assignments)"),
+                   ("never_top1", "Experts never chosen first (no rank-0 assignment)")):
     fig = px.line(df, x=by, y=col, color="run", hover_data=["mode"], title=title)
     for _, r in steps.dropna(subset=["collapse_step"]).iterrows() if by == "step" else []:
         fig.add_vline(x=float(r["collapse_step"]), line_dash="dash", annotation_text=f"collapse {r['run']}")

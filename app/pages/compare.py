@@ -13,6 +13,7 @@ CHARTS = {
     "Expert share over steps": ("load_balance", dict(split="train", by="step", per_expert=True), "step", "share"),
     "Expert x POS share": ("specialization", dict(attribute="pos_tag"), "value", "p_expert_given_value"),
     "Router confidence (top-1 gate) per epoch": ("router_confidence", dict(), "epoch", "top1_gate"),
+    "Dropped tokens per epoch (train; eval never drops)": ("capacity", dict(split="train"), "epoch", "dropped_rate"),
 }
 
 st.title("Compare")

@@ -1,5 +1,5 @@
-"""Specialization: expert x POS / frequency band / dataset (share P(e|v) or lift), NMI per run against its
-shuffled and analytic chance baselines, and for one expert its top tokens with example contexts
+"""Specialization: expert x POS / frequency band / dataset (share P(e|v) or lift), NMI and AMI per run against
+the exact expected NMI under permutation (and one shuffled attribute), and for one expert its top tokens with example contexts
 (`analysis.specialization`)."""
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ split = c4.selectbox("Split", ["valid", "train", "test"], key="spec_split")
 kw = dict(split=split, layer=ui.layer())
 shuffled = st.toggle("Shuffled-attribute baseline for the NMI (a second pass over the traces: slower on big runs)",
                      value=False, key="spec_shuffled")  # fmt: skip
+include_oov = st.toggle("Include tokens outside the model's vocabulary (<unk> to the model)", value=False,
+                        key="spec_oov")  # fmt: skip
+kw["include_oov"] = include_oov
 
 # one query serves the heatmap and the NMI; without the shuffled baseline it is one join of routing with tokens
 full = ui.get("specialization", names, attribute=attribute, shuffled=shuffled, **kw)
@@ -36,13 +39,14 @@ if df is not None:
                     labels=dict(x=attribute, y="expert", color=value), title=f"{run}: expert x {attribute} ({value})")
     ui.show(fig, "spec-heatmap")
 
-st.subheader("NMI per run against chance")
+st.subheader("NMI and AMI per run against chance")
 if full is not None:
-    measures = ["nmi", "nmi_shuffled", "nmi_chance"] if shuffled else ["nmi", "nmi_chance"]
-    nmi = full.drop_duplicates(["run", "layer"])[["run", *measures]]
+    measures = ["nmi", "ami", "nmi_shuffled", "nmi_chance"] if shuffled else ["nmi", "ami", "nmi_chance"]
+    nmi = full.drop_duplicates(["run", "dataset", "layer"])[["run", *measures]]
     long = nmi.melt(id_vars=["run"], value_vars=measures, var_name="measure")
     fig = px.bar(long, x="run", y="value", color="measure", barmode="group",
-                 title=f"NMI(expert; {attribute}) vs {'shuffled and ' if shuffled else ''}analytic chance")
+                 title=f"NMI and AMI (expert; {attribute}) vs {'one shuffle and ' if shuffled else ''}"
+                       "the expected NMI under permutation")
     ui.show(fig, "spec-nmi")
 
 st.subheader("One expert: top tokens and contexts")
