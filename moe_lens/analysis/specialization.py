@@ -82,22 +82,22 @@ def _unk_ids(con: duckdb.DuckDBPyConnection, runs: list[str]) -> pd.DataFrame:
 
 def _table(counts: pd.DataFrame) -> pd.DataFrame:
     """Per-cell shares and lift, and each group's information measures, from the SQL counts."""
-    real = counts[~counts["is_shuffled"]].drop(columns="is_shuffled").copy()
-    g = real.groupby(_GROUP, sort=False)
-    real["n_value"] = real.groupby([*_GROUP, "value"])["n"].transform("sum").astype("int64")
-    total = g["n"].transform("sum")
-    n_expert = real.groupby([*_GROUP, "expert"])["n"].transform("sum")
+    real = counts[~counts["is_shuffled"]].drop(columns="is_shuffled").reset_index(drop=True)
+    total = real.groupby(_GROUP, sort=False)["n"].transform("sum")
+    real["n_value"] = real.groupby([*_GROUP, "value"], sort=False)["n"].transform("sum").astype("int64")
+    n_expert = real.groupby([*_GROUP, "expert"], sort=False)["n"].transform("sum")
     real["p_expert_given_value"] = real["n"] / real["n_value"]
     real["p_expert"] = n_expert / total
     real["lift"] = real["p_expert_given_value"] / real["p_expert"]
+    shuffled = counts[counts["is_shuffled"]].reset_index(drop=True)
+    shuffled_groups = shuffled.groupby(_GROUP, sort=False).indices
     rows = []
-    shuffled = counts[counts["is_shuffled"]].groupby(_GROUP)
-    shuffled_keys = set(shuffled.groups)
-    for key, grp in real.groupby(_GROUP, sort=False):
-        s = information.scores(_crosstab(grp))
-        shuffled_nmi = information.scores(_crosstab(shuffled.get_group(key))).nmi if key in shuffled_keys else np.nan
-        rows.append({**dict(zip(_GROUP, key)), "num_values": grp["value"].nunique(), "nmi_shuffled": shuffled_nmi,
-                     **{f: getattr(s, f) for f in information.Scores._fields}})
+    for key, idx in real.groupby(_GROUP, sort=False).indices.items():
+        s = information.scores(_crosstab(real.iloc[idx]))
+        j = shuffled_groups.get(key)
+        rows.append({**dict(zip(_GROUP, key)), "num_values": int(real["value"].iloc[idx].nunique()),
+                     "nmi_shuffled": information.normalized_mutual_info(_crosstab(shuffled.iloc[j])) if j is not None else np.nan,
+                     **s._asdict()})
     out = real.merge(pd.DataFrame(rows), on=_GROUP, how="left")
     if (out["h_expert"] == 0).any():  # one expert used: no normalised measure says anything
         out.loc[out["h_expert"] == 0, ["nmi", "ami", "uncertainty_coef", "nmi_chance", "nmi_shuffled"]] = np.nan
@@ -105,8 +105,12 @@ def _table(counts: pd.DataFrame) -> pd.DataFrame:
 
 
 def _crosstab(grp: pd.DataFrame) -> np.ndarray:
-    """(values, experts) count table of one group's rows."""
-    return grp.pivot_table(index="value", columns="expert", values="n", aggfunc="sum", fill_value=0).to_numpy()
+    """(values, experts) count table of one group's rows (value, expert, n)."""
+    v, values = pd.factorize(grp["value"])
+    e, experts = pd.factorize(grp["expert"])
+    c = np.zeros((len(values), len(experts)))  # (v, e)
+    np.add.at(c, (v, e), grp["n"].to_numpy(np.float64))
+    return c
 
 
 def _top(df: pd.DataFrame, top: int, order_by: str, min_count: int) -> pd.DataFrame:
