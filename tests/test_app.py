@@ -165,11 +165,12 @@ def test_specialization_numbers(runs_dir: Path) -> None:
     nmi = analysis.specialization(c, ["a-noisy", "b-switch"], attribute="pos_tag", summary=True)
     bars = traces(figure(at, "spec-nmi"))
     assert np.allclose(bars["nmi"]["y"][:2], nmi.set_index("run").loc[list(bars["nmi"]["x"][:2]), "nmi"], equal_nan=True)
+    assert np.allclose(bars["ami"]["y"][:2], nmi.set_index("run").loc[list(bars["ami"]["x"][:2]), "ami"], equal_nan=True)
     top = at.dataframe[0].value  # the chosen expert's top tokens; one context per occurrence, token marked
     assert len(top) and all("<mark>" in m.value for m in at.markdown if "…" in m.value)
     assert any("<mark>" in m.value for m in at.markdown)
-    bare = app(runs_dir, "specialization", spec_run="a-noisy")  # the defaults: analytic chance, no top tokens
-    assert set(traces(figure(bare, "spec-nmi"))) == {"nmi", "nmi_chance"} and not bare.dataframe
+    bare = app(runs_dir, "specialization", spec_run="a-noisy")  # the defaults: exact expected chance, no top tokens
+    assert set(traces(figure(bare, "spec-nmi"))) == {"nmi", "ami", "nmi_chance"} and not bare.dataframe
 
 
 def test_clusters_pca_numbers_and_cache(runs_dir: Path) -> None:
