@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "moe_lens.report",  # report
     "moe_lens.figures",  # figure
     "moe_lens.app_cli",  # app
+    "moe_lens.health",  # check
 )
 
 

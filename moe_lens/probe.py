@@ -9,7 +9,6 @@ Metrics of the replay (perplexity of an LM on CoNLL text, say) go to metrics.par
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from moe_lens import data as mdata
 from moe_lens.config import RunConfig
 from moe_lens.data.vocab import Vocab
 from moe_lens.errors import MoeLensError
+from moe_lens.health import read_json
 from moe_lens.models import build_model
 from moe_lens.record import Recorder, clear_partition
 from moe_lens.rundir import Metrics, latest_checkpoint
@@ -32,7 +32,7 @@ def record_run(run_dir: str | Path, dataset: str, split: str, *, data_dir: str |
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise MoeLensError(f"{run_dir}: not a run directory (no config.json)")
-    cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    cfg = RunConfig.from_dict(read_json(run_dir / "config.json"))
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise MoeLensError(f"{run_dir}: no checkpoint yet (checkpoints/epoch-*.pt); train at least one epoch")

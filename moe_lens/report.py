@@ -1,6 +1,7 @@
 """`moe-lens report RUN [RUN ...]`: a one-screen text summary per run, and an optional standalone HTML report.
 
-The text shows the run's config line, its final metrics (metrics.parquet), load balance (CV^2, max/mean,
+The text shows the run's config line, a `DAMAGED:` line per damaged file of the run (left out of the
+numbers; invalid run.json/config.json named with file and line), its final metrics (metrics.parquet), load balance (CV^2, max/mean,
 Gini), collapse (normalised entropy, effective experts, dead experts, experts never chosen first, collapse step), router confidence and
 the top POS tags per expert by lift. Every number comes from `moe_lens.analysis` (formulas there).
 `--html FILE` writes one self-contained Plotly page (plotly.js inlined: opens offline).
@@ -35,6 +36,8 @@ def summary(con: duckdb.DuckDBPyConnection, run: str, *, split: str = "valid", l
     c = info.iloc[0]
     lines = [f"== {run}  [{c['status']}]  mode={c['mode']} dataset={c['dataset']} router={c['router']} "
              f"experts={c['num_experts']} top_k={c['top_k']} step={c['step']} epoch={c['epoch']}"]
+    if c.get("problems"):  # damaged files (moe_lens.health): left out of every number below
+        lines += [f"DAMAGED:  {p}" for p in c["problems"].split("; ")]
     fm = A.final_metrics(con, run)
     if not fm.empty:
         lines.append("final:    " + "  ".join(f"{s}_{n}={v:.4g}" for s, n, v in fm[["split", "name", "value"]].itertuples(index=False)))

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from moe_lens.errors import MoeLensError
+from moe_lens.health import read_json
 from moe_lens.record import write_json_atomic, write_table_atomic
 
 METRIC_SCHEMA = pa.schema([("step", pa.int64()), ("epoch", pa.int32()), ("split", pa.string()), ("name", pa.string()),
@@ -82,10 +83,9 @@ class RunState:
     def start(cls, run_dir: Path, *, resume: bool) -> "RunState":
         state = cls(run_dir / "run.json")
         if resume and state.path.is_file():
-            import json
-
-            state.data = json.loads(state.path.read_text())
-        state.data.update(status="running", pid=os.getpid(), updated_at=now(), error=None, finished_at=None)
+            state.data = read_json(state.path)
+        state.data.update(status="running", pid=os.getpid(), host=socket.gethostname(), updated_at=now(), error=None,
+                          finished_at=None)  # fmt: skip
         state.data.setdefault("started_at", now())
         state.data.setdefault("step", 0)
         state.data.setdefault("epoch", -1)

@@ -18,11 +18,18 @@ yet (`ner_tag` in a WikiText-only directory, `router_probs` with no `--record-pr
 
 Which tables exist is decided when `connect` runs; new part files of an existing table appear at
 query time, a table that appears later (or a new run's `runs` row) needs a new connection.
+
+A damaged directory still opens (`moe_lens.health`): `connect` reads every part file's footer (cached per
+path, size and mtime), leaves each damaged file out with one warning line on stderr naming it, and the
+`runs` view's `problems` column lists them per run, with any invalid run.json/config.json (file and line).
+A table with a damaged file is read from the explicit list of its good files, so its new part files
+appear only after a new connection; a healthy table keeps its glob.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from moe_lens import health
 from moe_lens.config import RunConfig
 from moe_lens.errors import MoeLensError
 
@@ -48,42 +56,46 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "metrics": {"step": "BIGINT", "epoch": "INTEGER", "split": "VARCHAR", "name": "VARCHAR",
                 "layer": "SMALLINT", "expert": "SMALLINT", "value": "DOUBLE"},
 }
-GLOBS = {t: f"*/{t}/**/part-*.parquet" for t in ("tokens", "routing", "probs", "hidden")} | {"metrics": "*/metrics.parquet"}
+GLOBS = health.GLOBS
 _RUN_JSON = {"status": "VARCHAR", "step": "BIGINT", "epoch": "BIGINT", "started_at": "VARCHAR",
-             "updated_at": "VARCHAR", "finished_at": "VARCHAR", "error": "VARCHAR"}
+             "updated_at": "VARCHAR", "finished_at": "VARCHAR", "error": "VARCHAR", "problems": "VARCHAR"}
 _PA = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(), "BOOLEAN": pa.bool_()}
 
 
 def connect(runs_dir: str | Path, *, read_only_sandbox: bool = False, threads: int | None = None,
-            memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+            memory_limit: str | None = None, warn: bool = True) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views `runs, tokens, routing, probs, hidden, metrics` over `runs_dir`.
 
     `read_only_sandbox=True` (the app's SQL console) reads the Parquet files through Arrow datasets,
     then sets `enable_external_access=false` and `lock_configuration=true`: the connection can read
     nothing outside the views and write no file (COPY, ATTACH, EXPORT and read_csv all fail).
+    `warn=False` leaves out the stderr line per damaged file (the `runs.problems` column still lists it).
     """
     root = Path(runs_dir).expanduser().resolve()
     if not root.is_dir():
         raise MoeLensError(f"runs directory {runs_dir} does not exist")
-    runs = run_dirs(root)
-    if not runs:
+    found = health.scan(root)
+    if not found.runs:
         raise MoeLensError(f"no runs in {runs_dir}: expected <run>/config.json or <run>/routing/ directories")
+    for d in found.damaged if warn else ():
+        print(f"moe-lens: warning: leaving out damaged {d.run}/{d.problem}", file=sys.stderr)
     con = duckdb.connect(config={"preserve_insertion_order": False})
     if threads:
         con.execute("SET threads = $t", {"t": threads})
     if memory_limit:
         con.execute("SET memory_limit = $m", {"m": memory_limit})
-    con.register("_runs_arrow", _runs_table(runs))
+    con.register("_runs_arrow", _runs_table(found))
     con.execute("CREATE TABLE runs AS SELECT * FROM _runs_arrow")
     con.unregister("_runs_arrow")
     for table in SCHEMAS:
-        files = sorted(root.glob(GLOBS[table]))
+        files = found.files[table]
         if not files:
             body = _empty_select(table)
         elif read_only_sandbox:
             body = _arrow_select(con, table, files, root)
-        else:
-            body = _parquet_select(con, table, root)
+        else:  # the glob while every part is readable (new parts appear at query time), else the good files
+            damaged = any(d.table == table for d in found.damaged)
+            body = _parquet_select(con, table, root, files if damaged else None)
         con.execute(f"CREATE VIEW {table} AS {body}")  # DDL: table names and paths are ours, not user values
     if read_only_sandbox:
         con.execute("SET enable_external_access = false")
@@ -92,29 +104,19 @@ def connect(runs_dir: str | Path, *, read_only_sandbox: bool = False, threads: i
     return con
 
 
-def run_dirs(root: Path) -> list[Path]:
-    """Subdirectories of `root` that look like runs (a JSON file or a table directory)."""
-    marks = ("config.json", "run.json", "routing", "tokens", "metrics.parquet")
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and any((p / m).exists() for m in marks))
+run_dirs = health.run_dirs
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # missing or half-written
-    return obj if isinstance(obj, dict) else None
-
-
-def _runs_table(runs: list[Path]) -> pa.Table:
-    """One row per run; status 'unknown' where run.json is missing or unreadable."""
+def _runs_table(found: health.Scan) -> pa.Table:
+    """One row per run; status by `health.run_status` ('unknown' where run.json is missing or damaged), and
+    `problems`: every damaged file of the run, one line each joined by '; ' (NULL when none)."""
     cfg_types = {f.name: _sql_type(str(f.type)) for f in fields(RunConfig)}
     cfg_types |= {"device": "VARCHAR", "git_commit": "VARCHAR", "num_params": "BIGINT", "versions": "VARCHAR"}
     cols: dict[str, list] = {"run": [], **{k: [] for k in _RUN_JSON}, **{k: [] for k in cfg_types}}
-    for d in runs:
-        state = _read_json(d / "run.json") or {"status": "unknown"}
-        cfg = _read_json(d / "config.json") or {}
+    for d in found.runs:
+        state, cfg, _ = health.read_run(d)
+        problems = found.problems(d.name)
+        state = state | {"status": health.run_status(state, cfg), "problems": "; ".join(problems) or None}
         cols["run"].append(d.name)
         for k, t in (_RUN_JSON | cfg_types).items():
             v = (state if k in _RUN_JSON else cfg).get(k)
@@ -163,12 +165,15 @@ def _empty_select(table: str) -> str:
     return f"SELECT {_columns(table, {}, 'CAST(NULL AS VARCHAR)')} WHERE false"
 
 
-def _parquet_select(con: duckdb.DuckDBPyConnection, table: str, root: Path) -> str:
+def _parquet_select(con: duckdb.DuckDBPyConnection, table: str, root: Path, files: list[Path] | None) -> str:
+    """read_parquet over the table's glob, or over `files` (a list literal of our own paths) when given."""
     hive = table not in ("metrics",)
     parts = {k: v for k, v in _PARTS.items() if table != "tokens" or k != "epoch"}
     types = "{" + ", ".join(f"{_quote(k)}: {_quote(v)}" for k, v in parts.items()) + "}"
     opts = f", hive_partitioning=true, hive_types={types}" if hive else ", hive_partitioning=false"
-    src = f"read_parquet({_quote((root / GLOBS[table]).as_posix())}, union_by_name=true, filename=true{opts})"
+    where = (root / GLOBS[table]).as_posix() if files is None else None
+    paths = _quote(where) if where else "[" + ", ".join(_quote(f.as_posix()) for f in files) + "]"
+    src = f"read_parquet({paths}, union_by_name=true, filename=true{opts})"
     present = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
     marker = "/metrics\\.parquet$" if table == "metrics" else f"/{table}/"
     run_expr = f"regexp_extract(filename, {_quote('([^/]+)' + marker)}, 1)"
@@ -189,16 +194,14 @@ def _arrow_select(con: duckdb.DuckDBPyConnection, table: str, files: list[Path],
     return " UNION ALL BY NAME ".join(selects)
 
 
-def default_runs_dir() -> str:
-    """`runs` when it exists, else the bundled `sample_runs`."""
-    return "runs" if Path("runs").is_dir() else "sample_runs"
+default_runs_dir = health.default_runs_dir
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sql", help="run a SQL query over the recorded runs (DuckDB)",
                               description="Views: runs, tokens, routing, probs, hidden, metrics (see docs/sql.md).")
     p.add_argument("query", help='e.g. "SELECT run, count(*) FROM routing GROUP BY run"')
-    p.add_argument("--runs-dir", default=None, help="runs directory (default: runs, else sample_runs)")
+    p.add_argument("--runs-dir", default=None, help="runs directory (default: $MOE_LENS_RUNS_DIR, else runs/ when it holds runs, else sample_runs/)")
     p.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
     p.add_argument("--out", default=None, help="write the result to this file (required for parquet)")
     p.set_defaults(func=_sql_command)

@@ -7,13 +7,13 @@ underneath explicit flags: `RunConfig(**{**MODES[mode], **given})`.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import sys
 import types
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from moe_lens import health
 from moe_lens.config import DATASETS, MODES, RunConfig
 from moe_lens.errors import MoeLensError
 
@@ -83,7 +83,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_record)
 
     ls = sub.add_parser("runs", help="list runs with status and final metrics")
-    ls.add_argument("--runs-dir", default="runs")
+    ls.add_argument("--runs-dir", default=None,
+                    help="runs directory (default: $MOE_LENS_RUNS_DIR, else runs/ when it holds runs, else sample_runs/)")
     ls.set_defaults(func=_runs)
 
 
@@ -106,40 +107,28 @@ def _record(args: argparse.Namespace) -> int:
 
 
 def run_summaries(runs_dir: Path) -> list[dict]:
-    """One dict per run directory: name, dataset, mode, status, step, final validation metrics."""
+    """One dict per run directory: name, dataset, mode, status (`health.run_status`), step, final validation
+    metrics, and `problems` (the run's damaged run.json/config.json, file and line)."""
     out = []
-    for cfg_path in sorted(Path(runs_dir).glob("*/config.json")):
-        d = cfg_path.parent
-        cfg = json.loads(cfg_path.read_text())
-        try:
-            run = json.loads((d / "run.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            run = {"status": "unknown"}
-        status = run.get("status", "unknown")
-        if status == "running" and run.get("pid") and not _alive(run["pid"]):
-            status = "killed"  # run.json says running but its process is gone
-        out.append({"run": d.name, "dataset": cfg.get("dataset"), "mode": cfg.get("mode"), "status": status,
-                    "step": run.get("step"), "epoch": run.get("epoch"), **(run.get("valid") or {})})  # fmt: skip
+    for d in health.run_dirs(Path(runs_dir)):
+        run, cfg, problems = health.read_run(d)
+        out.append({"run": d.name, "dataset": cfg.get("dataset"), "mode": cfg.get("mode"),
+                    "status": health.run_status(run, cfg), "step": run.get("step"), "epoch": run.get("epoch"),
+                    **(run.get("valid") or {}), "problems": problems})  # fmt: skip
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _runs(args: argparse.Namespace) -> int:
-    if not Path(args.runs_dir).is_dir():
-        raise MoeLensError(f"runs directory {args.runs_dir} does not exist")
-    rows = run_summaries(Path(args.runs_dir))
+    runs_dir = args.runs_dir or health.default_runs_dir()
+    if not Path(runs_dir).is_dir():
+        raise MoeLensError(f"runs directory {runs_dir} does not exist")
+    rows = run_summaries(Path(runs_dir))
     if not rows:
-        print(f"no runs in {args.runs_dir}")
+        print(f"no runs in {runs_dir}")
         return 0
+    for r in rows:
+        for p in r["problems"]:
+            print(f"moe-lens runs: damaged: {Path(runs_dir) / r['run'] / p}", file=sys.stderr)
     keys = ["run", "dataset", "mode", "status", "step"]
     metric_keys = [k for k in ("ppl", "accuracy", "f1", "em", "exact_span", "loss") if any(k in r for r in rows)]
     header = keys + metric_keys
