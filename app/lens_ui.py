@@ -1,14 +1,16 @@
 """Shared plumbing of the app's pages: the runs directory, one cached DuckDB connection, cached analysis
 calls, and charts shown with their downloads. Pages call these and `moe_lens.analysis`; they hold no SQL.
 
-The runs directory comes from the sidebar, else `-- --runs-dir D` on the `streamlit run` line, else
-$MOE_LENS_RUNS_DIR, else `sample_runs/`. The "Reload runs" button opens a new connection (a new run or a
-table that appeared later needs one, docs/sql.md) and clears the cached results.
+The runs directory comes from the sidebar, else `-- --runs-dir D` on the `streamlit run` line (what
+`moe-lens app` passes), else the one rule of every command, `health.default_runs_dir`: $MOE_LENS_RUNS_DIR,
+else `runs/` when it holds runs, else `sample_runs/`; the sidebar says which it opened and why. The
+"Reload runs" button opens a new connection (a new run or a table that appeared later needs one,
+docs/sql.md) and clears the cached results. Damaged files (moe_lens.health) are left out of the views and
+listed in a banner on every page.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 from pathlib import Path
@@ -19,10 +21,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from moe_lens import analysis, store
+from moe_lens import analysis, health, store
 from moe_lens.errors import MoeLensError
 
-REPO = Path(__file__).resolve().parents[1]
 HOW_TO_MAKE_RUNS = """To make runs:
 
 ```bash
@@ -32,15 +33,17 @@ python -c "from moe_lens.synthetic import write_synthetic_run as w; w('sample_ru
 then type the directory in the sidebar, or start the app with `moe-lens app --runs-dir DIR`."""
 
 
-def default_runs_dir() -> str:
-    """`--runs-dir` after `--` on the streamlit line, else $MOE_LENS_RUNS_DIR, else sample_runs/."""
+def launch_runs_dir() -> tuple[str, str]:
+    """(directory, why): `--runs-dir` after `--` on the streamlit line, else `health.why_runs_dir()`."""
     if "--runs-dir" in sys.argv:
         parser = argparse.ArgumentParser(add_help=False)
         parser.add_argument("--runs-dir")
-        return parser.parse_known_args(sys.argv[1:])[0].runs_dir
-    if os.environ.get("MOE_LENS_RUNS_DIR"):
-        return os.environ["MOE_LENS_RUNS_DIR"]
-    return "sample_runs" if Path("sample_runs").is_dir() else str(REPO / "sample_runs")
+        return parser.parse_known_args(sys.argv[1:])[0].runs_dir, "--runs-dir"
+    return health.why_runs_dir()
+
+
+def default_runs_dir() -> str:
+    return launch_runs_dir()[0]
 
 
 def runs_dir() -> str:
@@ -53,9 +56,13 @@ def _generation() -> int:
 
 def sidebar() -> None:
     """Runs directory, MoE layer, reload. Widget values live in session_state (shared by every page)."""
+    launched, why = launch_runs_dir()
     if "runs_dir" not in st.session_state:
-        st.session_state["runs_dir"] = default_runs_dir()
+        st.session_state["runs_dir"] = launched
     st.sidebar.text_input("Runs directory", key="runs_dir", help="a directory of run directories")
+    if st.session_state["runs_dir"] != launched:
+        why = "typed above"
+    st.sidebar.caption(f"Opened `{Path(runs_dir()).resolve()}` ({why}).")
     st.sidebar.number_input("MoE layer", min_value=0, max_value=63, value=0, step=1, key="layer")
     if st.sidebar.button("Reload runs", help="new runs, new part files: reopen the connection"):
         st.session_state["generation"] = _generation() + 1
@@ -78,6 +85,19 @@ def require_runs() -> None:
     except (MoeLensError, duckdb.Error, OSError) as e:
         st.error(f"Cannot open the runs in `{d}`: {str(e).splitlines()[0]}")
         st.stop()
+
+
+def damage_banner() -> None:
+    """A warning on every page while any file of the directory is damaged; the pages work on the rest."""
+    table = runs_table()
+    if table is None or "problems" not in table:
+        return
+    hurt = table[table["problems"].notna()]
+    if hurt.empty:
+        return
+    lines = [f"- `{r}`: " + "; ".join(f"`{p}`" for p in ps.split("; ")) for r, ps in zip(hurt["run"], hurt["problems"])]
+    st.warning(f"Damaged files in {len(hurt)} run(s), left out of every page:\n\n" + "\n".join(lines)
+               + f"\n\n`moe-lens check {runs_dir()} --fix` moves them to `<run>/quarantine/`.")
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)

@@ -26,4 +26,5 @@ PAGES = [
 page = st.navigation(PAGES)
 ui.sidebar()
 ui.require_runs()
+ui.damage_banner()
 page.run()

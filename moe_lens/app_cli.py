@@ -1,7 +1,8 @@
 """`moe-lens app`: start the Streamlit app (app/main.py) on 127.0.0.1 over a runs directory.
 
 Runs `python -m streamlit run app/main.py --server.address 127.0.0.1 ... -- --runs-dir D`; the flags are
-passed explicitly because Streamlit reads app/.streamlit/config.toml only when started from app/.
+passed explicitly because Streamlit reads app/.streamlit/config.toml only when started from app/. Without
+`--runs-dir`, D is `health.default_runs_dir()`, the rule `streamlit run app/main.py` applies itself.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def streamlit_command(runs_dir: str, *, port: int = 8501, address: str = "127.0.
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("app", help="open the Streamlit app over a runs directory (127.0.0.1)",
                               description="Pages: Runs, Load balance, Collapse, Specialization, Clusters, Compare, SQL.")
-    p.add_argument("--runs-dir", default=None, help="runs directory (default: runs, else sample_runs)")
+    p.add_argument("--runs-dir", default=None,
+                   help="runs directory (default: $MOE_LENS_RUNS_DIR, else runs/ when it holds runs, else sample_runs/)")
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--address", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
     p.add_argument("--headless", action="store_true", help="do not open a browser")
@@ -34,7 +36,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _app_command(args: argparse.Namespace) -> int:
-    from moe_lens.store import default_runs_dir
+    from moe_lens.health import why_runs_dir
 
     if not APP.exists():
         raise MoeLensError(f"app not found at {APP} (moe-lens app needs a source checkout)")
@@ -42,6 +44,7 @@ def _app_command(args: argparse.Namespace) -> int:
         import streamlit  # noqa: F401
     except ModuleNotFoundError:
         raise MoeLensError('streamlit is not installed: pip install -e ".[app]"') from None
-    cmd = streamlit_command(args.runs_dir or default_runs_dir(), port=args.port, address=args.address,
-                            headless=args.headless)
+    runs_dir, why = (args.runs_dir, "--runs-dir") if args.runs_dir else why_runs_dir()
+    print(f"moe-lens app: opening {Path(runs_dir).expanduser().resolve()} ({why})", file=sys.stderr)
+    cmd = streamlit_command(runs_dir, port=args.port, address=args.address, headless=args.headless)
     return subprocess.call(cmd)

@@ -195,6 +195,41 @@ def _arrow_select(con: duckdb.DuckDBPyConnection, table: str, files: list[Path],
 
 
 default_runs_dir = health.default_runs_dir
+READ_STATEMENTS = "SELECT (DESCRIBE, SHOW, SUMMARIZE too) and EXPLAIN [ANALYZE] of a SELECT"
+
+
+def check_read_only(sql: str) -> None:
+    """Raise MoeLensError (one line) unless every statement of `sql` only reads: DuckDB's own parser decides.
+
+    A SELECT (DuckDB parses DESCRIBE, SHOW and SUMMARIZE as one) passes, and so does EXPLAIN [ANALYZE] of a
+    SELECT; DDL, DML, SET, PRAGMA, CALL, ATTACH and transactions are refused before anything runs, so a
+    console that shares one connection cannot drop or shadow a view under another session.
+    """
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise MoeLensError(str(e).splitlines()[0]) from None
+    for i, st in enumerate(statements, 1):
+        kind = st.type
+        if kind == duckdb.StatementType.EXPLAIN:
+            kind = _explained(st.query)
+        if kind != duckdb.StatementType.SELECT:
+            name = str(kind).rsplit(".", 1)[-1] if kind is not None else "EXPLAIN of no single statement"
+            where = f"statement {i} is " if len(statements) > 1 else ""
+            raise MoeLensError(f"refused, read-only: {where}{name} ({st.query.strip()[:60]!r}); allowed: {READ_STATEMENTS}")
+
+
+def _explained(query: str) -> duckdb.StatementType | None:
+    """The type of the statement an EXPLAIN wraps: the first suffix of `query` (at a token after EXPLAIN) that
+    DuckDB parses as one statement; the options before it (ANALYZE, (FORMAT JSON)) parse as none."""
+    starts = [pos for pos, kind in duckdb.tokenize(query) if kind != duckdb.token_type.comment][1:]
+    for pos in starts:
+        try:
+            inner = duckdb.extract_statements(query[pos:])
+        except duckdb.Error:
+            continue
+        return inner[0].type if len(inner) == 1 else None
+    return None
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -232,3 +232,41 @@ def test_app_command_binds_localhost(tmp_path: Path) -> None:
     assert cmd[-2:] == ["--runs-dir", str(tmp_path.resolve())] and Path(cmd[4]).name == "main.py"
     args = build_parser().parse_args(["app", "--runs-dir", str(tmp_path)])
     assert args.func is app_cli._app_command and args.address == "127.0.0.1"
+
+
+@pytest.mark.parametrize("case", ["runs-holds-runs", "runs-empty", "env"])
+def test_one_default_runs_dir_rule_for_both_launchers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture, case: str) -> None:
+    """`moe-lens app`, `streamlit run app/main.py` and `moe-lens sql` open the same directory: $MOE_LENS_RUNS_DIR,
+    else runs/ when it holds runs, else sample_runs/; the sidebar says which."""
+    from moe_lens import app_cli
+    from moe_lens.cli import build_parser, main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MOE_LENS_RUNS_DIR", raising=False)
+    write_synthetic_run(tmp_path / "sample_runs", "a-sample", num_tokens=50)
+    (tmp_path / "runs").mkdir()
+    if case == "runs-holds-runs":
+        write_synthetic_run(tmp_path / "runs", "b-mine", num_tokens=50)
+    if case == "env":
+        write_synthetic_run(tmp_path / "elsewhere", "c-env", num_tokens=50)
+        monkeypatch.setenv("MOE_LENS_RUNS_DIR", str(tmp_path / "elsewhere"))
+    want, run = {"runs-holds-runs": ("runs", "b-mine"), "runs-empty": ("sample_runs", "a-sample"),
+                 "env": ("elsewhere", "c-env")}[case]
+    want = (tmp_path / want).resolve()
+    # moe-lens app
+    calls = []
+    monkeypatch.setattr(app_cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert app_cli._app_command(build_parser().parse_args(["app"])) == 0
+    assert calls[0][-2:] == ["--runs-dir", str(want)]
+    # streamlit run app/main.py (no --runs-dir on its line)
+    at = AppTest.from_file(MAIN, default_timeout=60)
+    at.run()
+    assert not at.exception and not at.error
+    assert Path(at.session_state["runs_dir"]).resolve() == want
+    assert any(str(want) in c.value for c in at.sidebar.caption)
+    assert list(at.dataframe[0].value["run"]) == [run]
+    # every other command
+    capsys.readouterr()
+    assert main(["sql", "SELECT run FROM runs"]) == 0
+    assert capsys.readouterr().out.split() == ["run", run]

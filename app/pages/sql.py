@@ -1,11 +1,15 @@
 """SQL: a read-only console over the views (runs, tokens, routing, probs, hidden, metrics). The connection
-is `store.connect(..., read_only_sandbox=True)`: it reads no file outside the views and writes none."""
+is `store.connect(..., read_only_sandbox=True)`: it reads no file outside the views and writes none. It is
+shared by every browser session, so `store.check_read_only` refuses anything but a read (DROP VIEW, CREATE,
+SET, BEGIN ...) in one line before it runs: one session cannot break the views of another."""
 from __future__ import annotations
 
 import duckdb
 import streamlit as st
 
 import lens_ui as ui
+from moe_lens import store
+from moe_lens.errors import MoeLensError
 
 MAX_ROWS = 100_000
 EXAMPLE = """SELECT run, split, expert, count(*) AS n
@@ -14,9 +18,15 @@ GROUP BY ALL ORDER BY run, split, expert"""
 
 st.title("SQL")
 st.caption("Views: `runs`, `tokens`, `routing`, `probs`, `hidden`, `metrics` (docs/sql.md). Read-only: "
-           f"the connection cannot open or write files. At most {MAX_ROWS:,} rows are fetched.")
+           f"{store.READ_STATEMENTS}; the connection cannot open or write files. At most {MAX_ROWS:,} rows are fetched.")
 query = st.text_area("Query", value=EXAMPLE, height=160, key="sql_query")
 if st.button("Run", type="primary", key="sql_run"):
+    try:
+        store.check_read_only(query)
+    except MoeLensError as e:
+        st.session_state.pop("sql_result", None)
+        st.error(str(e))
+        st.stop()
     con, lock = ui.connection(sandbox=True)
     try:
         with lock:
