@@ -13,6 +13,7 @@ config.json and metrics.parquet.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -27,22 +28,47 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from moe_lens.errors import MoeLensError
 from moe_lens.models import MoETrace
 
 TRACE_TABLES = ("routing", "probs", "hidden")
 
 
-def write_table_atomic(table: pa.Table, path: Path) -> None:
+class DiskFull(MoeLensError):
+    """A write failed for lack of space; what was written before stays readable."""
+
+    def __init__(self, path: Path, err: OSError) -> None:
+        self.path = path
+        super().__init__(f"disk full writing {path} ({err.strerror or err})")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    # pyarrow's OSError carries the errno in its message only
+    return isinstance(err, OSError) and (err.errno == errno.ENOSPC or "No space left on device" in str(err))
+
+
+def write_atomic(path: Path, write, tmp: Path | None = None) -> None:
+    """`write(tmp)` then rename tmp to `path`: readers see the old file or the new one, never a part.
+    A failed write removes its temporary file; a full disk raises `DiskFull` naming `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    tmp = tmp or path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise DiskFull(path, e) from e
+        raise
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def write_json_atomic(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, default=str)
+    write_atomic(path, lambda tmp: tmp.write_text(text), tmp=path.with_name(f".{path.name}.tmp"))
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -125,11 +151,15 @@ class Recorder:
         self._raise_if_failed()
 
     def close(self) -> None:
-        self.flush()
-        self._queue.put(("stop", None))
-        self._thread.join()
+        try:
+            self.flush()
+        finally:
+            self._queue.put(("stop", None))
+            self._thread.join()
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self._error, MoeLensError):  # e.g. DiskFull: already one line naming the file
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"recorder failed: {self._error}") from self._error
 
@@ -239,16 +269,6 @@ def _list_rows(token_idx: np.ndarray, step: int, layer: int, name: str, values: 
         "layer": np.full(n, layer, dtype=np.int16),
         name: pa.FixedSizeListArray.from_arrays(flat, width).cast(pa.list_(pa.float32())),
     })
-
-
-def clear_traces_after(run_dir: Path, epoch: int) -> None:
-    """Delete trace partitions of epochs > `epoch` (a resumed run rewrites them: no duplicate rows)."""
-    for table in TRACE_TABLES:
-        for part in (run_dir / table).glob("dataset=*/split=*/epoch=*"):
-            if int(part.name.split("=", 1)[1]) > epoch:
-                for f in part.iterdir():
-                    f.unlink()
-                part.rmdir()
 
 
 def clear_partition(run_dir: Path, dataset: str, split: str, epoch: int) -> None:

@@ -3,6 +3,10 @@
 `config.json` is written before step 0 (minGPT's `setup_logging`), so a crashed run still
 describes itself. `run.json` says how far the run got; it is rewritten atomically. A checkpoint
 holds {"model", "optimizer", "scheduler", "config", "vocab", "step", "epoch"}; never the pickled model.
+Checkpoints are `checkpoints/epoch-E.pt` after epoch E's evaluation and `epoch-E-step-S.pt` within
+an epoch (only the latest of those is kept); the latter also hold what an exact resume needs
+(moe_lens/resume.py): the batch position, the random generators, the LM's carried state, the
+train-time statistics window and the number of metrics rows.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 
 from moe_lens.errors import MoeLensError
 from moe_lens.health import read_json
-from moe_lens.record import write_json_atomic, write_table_atomic
+from moe_lens.record import write_atomic, write_json_atomic, write_table_atomic
 
 METRIC_SCHEMA = pa.schema([("step", pa.int64()), ("epoch", pa.int32()), ("split", pa.string()), ("name", pa.string()),
                            ("layer", pa.int16()), ("expert", pa.int16()), ("value", pa.float64())])  # fmt: skip
@@ -85,7 +89,7 @@ class RunState:
         if resume and state.path.is_file():
             state.data = read_json(state.path)
         state.data.update(status="running", pid=os.getpid(), host=socket.gethostname(), updated_at=now(), error=None,
-                          finished_at=None)  # fmt: skip
+                          finished_at=None, stopped_by=None)  # fmt: skip
         state.data.setdefault("started_at", now())
         state.data.setdefault("step", 0)
         state.data.setdefault("epoch", -1)
@@ -100,13 +104,19 @@ class RunState:
 class Metrics:
     """Long-format scalars; metrics.parquet is rewritten atomically at each `flush()`."""
 
-    def __init__(self, run_dir: Path, *, keep_until_step: int | None = None, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: Path, *, keep_until_step: int | None = None, keep_rows: int | None = None,
+                 tensorboard: bool = False) -> None:
+        """Resume: `keep_rows` keeps the first rows the checkpoint counted (exact), `keep_until_step`
+        the rows up to a step (checkpoints written before the row count was saved)."""
         self.path = run_dir / "metrics.parquet"
         self.rows: list[dict[str, Any]] = []
         self.writer = _tensorboard_writer(run_dir) if tensorboard else None
-        if keep_until_step is not None and self.path.is_file():  # resume: drop what the checkpoint lost
-            old = pq.read_table(self.path)  # Arrow keeps NULL layer/expert as None (pandas would make NaN)
-            self.rows = [r for r in old.to_pylist() if r["step"] <= keep_until_step]
+        if (keep_until_step is not None or keep_rows is not None) and self.path.is_file():
+            old = pq.read_table(self.path).to_pylist()  # Arrow keeps NULL layer/expert as None (pandas: NaN)
+            if keep_rows is not None:
+                self.rows = old[:keep_rows]
+            else:
+                self.rows = [r for r in old if r["step"] <= keep_until_step]
 
     def add(self, step: int, epoch: int, split: str, name: str, value: float, *, layer: int | None = None,
             expert: int | None = None) -> None:
@@ -135,17 +145,32 @@ def _tensorboard_writer(run_dir: Path):  # noqa: ANN202 - SummaryWriter, importe
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
-def checkpoint_path(run_dir: Path, epoch: int) -> Path:
-    return run_dir / "checkpoints" / f"epoch-{epoch}.pt"
+def checkpoint_path(run_dir: Path, epoch: int, step: int | None = None) -> Path:
+    """`epoch-E.pt` after epoch E's evaluation; `epoch-E-step-S.pt` after step S within epoch E."""
+    name = f"epoch-{epoch}.pt" if step is None else f"epoch-{epoch}-step-{step}.pt"
+    return run_dir / "checkpoints" / name
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+def _order(path: Path) -> tuple[int, float]:
+    parts = path.stem.split("-")  # epoch-E or epoch-E-step-S
+    return int(parts[1]), float(parts[3]) if len(parts) == 4 else float("inf")  # an epoch's end is its last
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    found = [p for p in (run_dir / "checkpoints").glob("epoch-*.pt")
+             if all(x.isdigit() for x in p.stem.split("-")[1::2]) and len(p.stem.split("-")) in (2, 4)]  # fmt: skip
+    return sorted(found, key=_order)
+
+
+def latest_checkpoint(run_dir: Path, *, epoch_end: bool = False) -> Path | None:
+    """The checkpoint furthest into the run (`epoch_end`: the latest written after an evaluation)."""
+    found = [p for p in _checkpoints(run_dir) if not epoch_end or len(p.stem.split("-")) == 2]
     return found[-1] if found else None
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """Write atomically, then delete every other mid-epoch checkpoint (only the latest one is kept)."""
+    write_atomic(path, lambda tmp: torch.save(payload, tmp), tmp=path.with_name(f".{path.name}.tmp"))
+    for old in _checkpoints(path.parent.parent):
+        if old != path and len(old.stem.split("-")) == 4:
+            old.unlink()

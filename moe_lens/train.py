@@ -1,18 +1,23 @@
 """The one training loop, for all three tasks, with routing recorded off the critical path.
 
 AdamW (Loshchilov & Hutter 2019), gradient-norm clipping, linear warmup then linear decay to 10%,
-evaluation on the validation split each epoch, bf16 autocast + TF32 on CUDA, a checkpoint per
-epoch and `resume`. The step has no host sync: losses and per-expert loads are summed on the
-device and read every `LOG_EVERY` steps, which is also where the NaN/inf guard looks. The full
-validation split is recorded every epoch; a training batch every `record_every` steps.
+evaluation on the validation split each epoch, bf16 autocast + TF32 on CUDA. A checkpoint after
+each epoch's evaluation and one within the epoch every `checkpoint_every` steps (default: every
+`CHECKPOINT_SECONDS` of wall time), and always when SIGINT or SIGTERM stops the run at a step
+boundary; `resume` continues exactly where the checkpoint was taken (moe_lens/resume.py). The step
+has no host sync: losses and per-expert loads are summed on the device and read every `LOG_EVERY`
+steps, which is also where the NaN/inf guard looks. The full validation split is recorded every
+epoch; a training batch every `record_every` steps.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,12 +27,15 @@ from moe_lens import data as mdata
 from moe_lens.config import RunConfig
 from moe_lens.errors import MoeLensError
 from moe_lens.models import build_model, count_parameters
-from moe_lens.record import Recorder, clear_traces_after, write_json_atomic
+from moe_lens import resume as rs
+from moe_lens.record import Recorder, write_json_atomic
 from moe_lens.rundir import (Metrics, RunState, checkpoint_path, create_run_dir, environment, latest_checkpoint,
-                             plan_run_dir, save_checkpoint)  # fmt: skip
+                             now, plan_run_dir, save_checkpoint)  # fmt: skip
 from moe_lens.tasks import get_task
 
 LOG_EVERY = 50
+CHECKPOINT_SECONDS = 600.0  # the default mid-epoch checkpoint interval (checkpoint_every=None)
+clock = time.monotonic  # wall time for the checkpoint interval (a test replaces it)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,9 +89,16 @@ def _to(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}  # fmt: skip  (pack_padded_sequence wants lengths on the CPU)
 
 
+class EvalStopped(Exception):
+    """A stop signal arrived between evaluation batches."""
+
+
 def evaluate(task, model, split, device, *, epoch: int, step: int, recorder: Recorder | None, keep,
-             max_batches: int | None = None) -> dict:
-    """Metrics over the whole split (or its first `max_batches`); records every batch's routing."""
+             max_batches: int | None = None, score: bool = True, stop: rs.StopSignals | None = None) -> dict:
+    """Metrics over the whole split (or its first `max_batches`); records every batch's routing.
+
+    `score=False`: routing only, no task metric (a model replayed over text without its labels).
+    `stop`: raise `EvalStopped` between batches once a stop signal arrived."""
     model.eval()
     acc: dict = {}
     state = task.init_state()
@@ -91,15 +106,19 @@ def evaluate(task, model, split, device, *, epoch: int, step: int, recorder: Rec
         for i, batch in enumerate(task.batches(split, train=False, seed=0)):
             if max_batches is not None and i >= max_batches:
                 break
+            if stop is not None and stop.signum is not None:
+                model.train()
+                raise EvalStopped
             batch = _to(batch, device)
             fwd = task.forward(model, batch, state)
             state = fwd.state
-            task.eval_update(acc, batch, fwd)
+            if score:
+                task.eval_update(acc, batch, fwd)
             if recorder is not None:
                 recorder.add(fwd.traces, dataset=split.dataset, split=split.split, epoch=epoch, step=step,
                              hidden_keep=keep)  # fmt: skip
     model.train()
-    return task.eval_metrics(acc, split)
+    return task.eval_metrics(acc, split) if score else {}
 
 
 def _autocast(device: torch.device):
@@ -107,17 +126,22 @@ def _autocast(device: torch.device):
 
 
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train (and record) one run; returns its directory."""
+    """Train (and record) one run; returns its directory.
+
+    SIGINT or SIGTERM stops the run at the next step boundary (or between evaluation batches):
+    everything is flushed, a checkpoint written, run.json marked `interrupted`, and
+    `resume.RunInterrupted` raised (the CLI prints the command that resumes it)."""
     device = resolve_device(cfg.device)
     run_dir = plan_run_dir(cfg.runs_dir, cfg.run_name, cfg.dataset, cfg.mode, resume=resume)
+    if resume:
+        rs.check_matches_saved(run_dir, cfg)
     seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     splits = load_data(cfg)  # a missing dataset fails here, before anything is written
-    create_run_dir(run_dir, cfg.runs_dir)
     train_split, valid_split = splits["train"], splits["valid"]
-    emb_init = None
+    emb_init, coverage = None, None
     if cfg.embeddings:
         emb_init, coverage = mdata.load_glove(cfg.embeddings, train_split.vocab, dim=cfg.d_embed)
     task = get_task(cfg.dataset, cfg)
@@ -129,107 +153,196 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Pat
     steps_per_epoch = min(steps_per_epoch, cfg.epoch_steps or steps_per_epoch)
     total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
-    step, start_epoch = 0, 0
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        payload = torch.load(ckpt, map_location=device, weights_only=False)
+    create_run_dir(run_dir, cfg.runs_dir)  # only now: a start that fails above leaves no directory
+    payload = None
+    if resume:
+        rs.remove_tmp_files(run_dir)  # left by a killed writer
+        ckpt = latest_checkpoint(run_dir)
+        payload = torch.load(ckpt, map_location=device, weights_only=False) if ckpt is not None else None
+    start = _Start(payload)
+    if payload is not None:
         model.load_state_dict(payload["model"])
         opt.load_state_dict(payload["optimizer"])
         sched.load_state_dict(payload["scheduler"])
-        step, start_epoch = payload["step"], payload["epoch"] + 1
-    clear_traces_after(run_dir, start_epoch - 1)  # a resumed epoch is recorded again: no duplicates
+    rs.rewind(run_dir, step=start.step, epoch=start.epoch, epoch_complete=start.batch is None)
     if not resume:
         meta = {k: v for k, v in train_split.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
         write_json_atomic({**cfg.to_dict(), "run": run_dir.name, **environment(device), **count_parameters(model),
                            "steps_per_epoch": steps_per_epoch, "data": meta,
-                           "embedding_coverage": coverage if cfg.embeddings else None}, run_dir / "config.json")  # fmt: skip
+                           "embedding_coverage": coverage}, run_dir / "config.json")  # fmt: skip
     state = RunState.start(run_dir, resume=resume)
-    metrics = Metrics(run_dir, keep_until_step=step if resume else None, tensorboard=cfg.tensorboard)
+    metrics = Metrics(run_dir, keep_until_step=start.step if resume else None, tensorboard=cfg.tensorboard,
+                      keep_rows=payload.get("metrics_rows") if payload is not None else None)  # fmt: skip
     recorder = Recorder(run_dir, record_probs=cfg.record_probs, flush_rows=cfg.record_flush_rows,
                         hidden_bf16=cfg.hidden_bf16) if cfg.record else None  # fmt: skip
-    if recorder is not None:
-        recorder.write_tokens(train_split.tokens, cfg.dataset, "train", lazy=cfg.record_tokens is not None)
-        recorder.write_tokens(valid_split.tokens, cfg.dataset, "valid", limit=cfg.record_tokens)
-    keep_valid = hidden_sample(len(valid_split), cfg.hidden_sample, cfg.seed, within=cfg.record_tokens)
-    loop = _Loop(cfg, task, model, opt, sched, params, device, recorder, metrics, state, progress)
+    loop = _Loop(cfg, task, model, opt, sched, params, device, recorder, metrics, state, run_dir, train_split.vocab)
+    loop.step = start.step
+    bar = tqdm(total=total, initial=start.step, desc=run_dir.name, disable=not progress, unit="step", smoothing=0)
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            step = loop.run_epoch(train_split, epoch, step, steps_per_epoch)
-            vm = evaluate(task, model, valid_split, device, epoch=epoch, step=step, recorder=recorder, keep=keep_valid,
-                          max_batches=cfg.max_eval_batches)  # fmt: skip
-            metrics.add_many(step, epoch, "valid", vm)
+        with rs.StopSignals() as stop:
+            loop.stop, loop.bar = stop, bar
             if recorder is not None:
-                recorder.flush()
-            metrics.flush()
-            save_checkpoint(checkpoint_path(run_dir, epoch), {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "config": cfg.to_dict(), "vocab": train_split.vocab.to_dict(), "step": step, "epoch": epoch})  # fmt: skip
-            state.save(step=step, epoch=epoch, valid=vm)
-            if progress:
-                tqdm.write(f"epoch {epoch}: " + ", ".join(f"valid {k} {v:.4g}" for k, v in vm.items()))
-            if cfg.max_steps and step >= cfg.max_steps:
-                break
+                recorder.write_tokens(train_split.tokens, cfg.dataset, "train", lazy=cfg.record_tokens is not None)
+                recorder.write_tokens(valid_split.tokens, cfg.dataset, "valid", limit=cfg.record_tokens)
+            keep_valid = hidden_sample(len(valid_split), cfg.hidden_sample, cfg.seed, within=cfg.record_tokens)
+            start.restore(loop)  # last: nothing after it may draw from a random generator before the first step
+            for epoch in range(start.epoch, cfg.epochs):
+                resumed = epoch == start.epoch and start.batch is not None
+                if not (resumed and start.trained):
+                    loop.run_epoch(train_split, epoch, steps_per_epoch, skip=start.batch if resumed else None)
+                try:
+                    vm = evaluate(task, model, valid_split, device, epoch=epoch, step=loop.step, recorder=recorder,
+                                  keep=keep_valid, max_batches=cfg.max_eval_batches, stop=stop)  # fmt: skip
+                except EvalStopped:
+                    loop.interrupt(epoch, batch=steps_per_epoch, trained=True)
+                metrics.add_many(loop.step, epoch, "valid", vm)
+                loop.checkpoint(epoch, batch=None)
+                state.save(step=loop.step, epoch=epoch, valid=vm)
+                if progress:
+                    tqdm.write(f"epoch {epoch}: " + ", ".join(f"valid {k} {v:.4g}" for k, v in vm.items()))
+                if cfg.max_steps and loop.step >= cfg.max_steps:
+                    break
+    except rs.RunInterrupted as e:
+        _finish(recorder, metrics, state, "interrupted", stopped_by=e.signame)
+        raise
     except KeyboardInterrupt:
-        _finish(recorder, metrics, state, "interrupted", step)
+        _finish(recorder, metrics, state, "interrupted", stopped_by="SIGINT")
         raise
     except BaseException as e:
-        _finish(recorder, metrics, state, "failed", step, error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _finish(recorder, metrics, state, "failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise
-    _finish(recorder, metrics, state, "finished", step)
+    finally:
+        bar.close()
+    _finish(recorder, metrics, state, "finished")
     return run_dir
 
 
-def _finish(recorder, metrics: Metrics, state: RunState, status: str, step: int, error: str | None = None) -> None:
-    """Everything already recorded reaches the disk whatever ended the run."""
+def _finish(recorder, metrics: Metrics, state: RunState, status: str, error: str | None = None, **extra: Any) -> None:
+    """Everything already recorded reaches the disk whatever ended the run. When the run is already
+    failing or stopping, a second error here (a full disk, say) does not hide the first."""
+    errors: list[BaseException] = []
+    for flush in ([recorder.close] if recorder is not None else []) + [metrics.flush]:
+        try:
+            flush()
+        except Exception as e:  # noqa: BLE001 - reported below, once
+            errors.append(e)
+    closing_error = errors[0] if errors and status == "finished" else None
+    if closing_error is not None:
+        status, error = "failed", str(closing_error).splitlines()[0]
     try:
-        if recorder is not None:
-            recorder.close()
-    finally:
-        metrics.flush()
-        state.save(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), error=error)
+        state.save(status=status, finished_at=now(), error=error, **extra)
+    except OSError:
+        if status == "finished":
+            raise
+    if closing_error is not None:
+        raise closing_error
+
+
+class _Start:
+    """Where a (resumed) run starts: from nothing, after an epoch (`batch` None), or within one."""
+
+    def __init__(self, payload: dict | None) -> None:
+        self.payload = payload or {}
+        self.step = self.payload.get("step", 0)
+        within = payload is not None and self.payload.get("batch") is not None
+        self.epoch = self.payload["epoch"] + (0 if within else 1) if payload is not None else 0
+        self.batch = self.payload["batch"] if within else None  # batches of `epoch` already done
+        self.trained = bool(self.payload.get("trained"))  # `epoch`'s training done, its evaluation not
+
+    def restore(self, loop: "_Loop") -> None:
+        """The carried LM state, the statistics window and every random generator, as checkpointed."""
+        if "window" in self.payload and self.payload["window"] is not None:
+            loop.window.load_state_dict(self.payload["window"])
+        loop.fstate = self.payload.get("lm_state")
+        if "rng" in self.payload:
+            rs.set_rng_state(self.payload["rng"])
 
 
 class _Loop:
-    """The training epoch: the step, device-side accumulators, the log/guard every LOG_EVERY steps."""
+    """The training epoch: the step, device-side accumulators, the log/guard every LOG_EVERY steps,
+    checkpoints within the epoch and the stop at a step boundary."""
 
-    def __init__(self, cfg, task, model, opt, sched, params, device, recorder, metrics, state, progress) -> None:
+    def __init__(self, cfg, task, model, opt, sched, params, device, recorder, metrics, state, run_dir, vocab) -> None:
         self.cfg, self.task, self.model, self.opt, self.sched, self.params = cfg, task, model, opt, sched, params
-        self.device, self.recorder, self.metrics, self.state, self.progress = device, recorder, metrics, state, progress
+        self.device, self.recorder, self.metrics, self.state = device, recorder, metrics, state
+        self.run_dir, self.vocab = run_dir, vocab
+        self.window = _Window(cfg.num_experts if cfg.router != "dense" else 1, device)
+        self.step, self.fstate, self.last_checkpoint = 0, None, clock()
+        self.stop: rs.StopSignals | None = None
+        self.bar = None
+        self._rate_started = False
 
-    def run_epoch(self, split, epoch: int, step: int, steps_per_epoch: int) -> int:
+    def run_epoch(self, split, epoch: int, steps_per_epoch: int, *, skip: int | None = None) -> None:
+        """Run the epoch's batches; `skip`: resume after its first `skip` batches (not run again)."""
         cfg, model = self.cfg, self.model
         model.train()
-        fstate = self.task.init_state()
-        window = _Window(cfg.num_experts if cfg.router != "dense" else 1, self.device)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not self.progress, unit="step")
+        if skip is None:
+            self.fstate = self.task.init_state()
         t0, ntok = time.perf_counter(), 0
-        for i, batch in enumerate(self.task.batches(split, train=True, seed=cfg.seed * 1000 + epoch, epoch=epoch)):
+        batches = enumerate(self.task.batches(split, train=True, seed=cfg.seed * 1000 + epoch, epoch=epoch))
+        for i, batch in itertools.islice(batches, skip or 0, steps_per_epoch):
+            if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                break
+            if self.stop is not None and self.stop.signum is not None:
+                self.interrupt(epoch, batch=i)
             batch = _to(batch, self.device)
             with _autocast(self.device):
-                fwd = self.task.forward(model, batch, fstate)
-            fstate = fwd.state
-            label = step  # the forward's step: the number of updates its weights had
+                fwd = self.task.forward(model, batch, self.fstate)
+            self.fstate = fwd.state
+            label = self.step  # the forward's step: the number of updates its weights had
             loss = fwd.loss + fwd.aux
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
             self.opt.step()
             self.sched.step()
-            step += 1
-            window.update(fwd)
+            self.step += 1
+            step = self.step
+            self.window.update(fwd)
             if self.recorder is not None and label % cfg.record_every == 0:
                 self.recorder.add(fwd.traces, dataset=split.dataset, split="train", epoch=epoch, step=label)
             ntok += batch["ntokens"]
-            bar.update(1)
+            self._advance_bar()
             last = cfg.max_steps is not None and step >= cfg.max_steps
             if step % LOG_EVERY == 0 or last or i == steps_per_epoch - 1:
                 tok_s = ntok / (time.perf_counter() - t0)
-                window.log(self.metrics, step, epoch, tok_s, self.opt.param_groups[0]["lr"], bar)
+                self.window.log(self.metrics, step, epoch, tok_s, self.opt.param_groups[0]["lr"], self.bar)
                 self.state.save(step=step)
-            if last or i == steps_per_epoch - 1:  # an --epoch-steps epoch ends early
+            if self._checkpoint_due():
+                self.checkpoint(epoch, batch=i + 1)
+            if last:
                 break
-        bar.close()
-        return step
+
+    def _advance_bar(self) -> None:
+        self.bar.update(1)
+        if not self._rate_started and not self.bar.disable:
+            # the rate (and the ETA over the whole run) counts from the end of this process's first step,
+            # which also paid for warm-up (kernel builds, allocator); set once, never again
+            self.bar.start_t, self.bar.initial, self._rate_started = self.bar._time(), self.bar.n, True
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint_every
+        if every is not None:
+            return self.step % every == 0
+        return clock() - self.last_checkpoint >= CHECKPOINT_SECONDS
+
+    def checkpoint(self, epoch: int, *, batch: int | None, trained: bool = False) -> None:
+        """Write a checkpoint after `batch` batches of `epoch` (None: after its evaluation), with what an
+        exact resume needs; traces and metrics are flushed first, so the checkpoint counts them."""
+        if self.recorder is not None:
+            self.recorder.flush()
+        self.metrics.flush()
+        payload = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                   "scheduler": self.sched.state_dict(), "config": self.cfg.to_dict(), "vocab": self.vocab.to_dict(),
+                   "step": self.step, "epoch": epoch, "batch": batch, "trained": trained, "rng": rs.rng_state(),
+                   "lm_state": self.fstate, "window": self.window.state_dict(),
+                   "metrics_rows": len(self.metrics.rows)}  # fmt: skip
+        save_checkpoint(checkpoint_path(self.run_dir, epoch, None if batch is None else self.step), payload)
+        self.last_checkpoint = clock()
+
+    def interrupt(self, epoch: int, *, batch: int, trained: bool = False) -> None:
+        self.checkpoint(epoch, batch=batch, trained=trained)
+        raise rs.RunInterrupted(self.stop.signum, self.step, self.run_dir)
 
 
 class _Window:
@@ -243,6 +356,15 @@ class _Window:
         z = lambda *s: torch.zeros(*s, device=self.device)  # noqa: E731
         self.loss, self.aux, self.load, self.importance, self.dropped, self.n = z(()), z(()), z(self.e), z(self.e), z(()), 0
         self.parts: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss, "aux": self.aux, "load": self.load, "importance": self.importance,
+                "dropped": self.dropped, "n": self.n, "parts": dict(self.parts)}  # fmt: skip
+
+    def load_state_dict(self, d: dict) -> None:
+        to = lambda t: t.to(self.device) if torch.is_tensor(t) else t  # noqa: E731
+        self.loss, self.aux, self.load, self.importance = to(d["loss"]), to(d["aux"]), to(d["load"]), to(d["importance"])
+        self.dropped, self.n, self.parts = to(d["dropped"]), d["n"], {k: to(v) for k, v in d["parts"].items()}
 
     def update(self, fwd) -> None:
         self.loss += fwd.loss.detach()
