@@ -2,12 +2,13 @@
 
 Subcommands are contributed by the modules that own them: each exposes
 ``add_commands(subparsers) -> None``, adding parsers whose ``func(args) -> int`` runs the command.
-User errors (`MoeLensError`, `ValueError` from validation, missing files) print as one line on
-stderr, exit code 2, no traceback.
+User errors (`MoeLensError`, `ValueError` from validation, missing files, a full disk or another
+OSError) print as one line on stderr, exit code 2, no traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -49,8 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (MoeLensError, ValueError, FileNotFoundError, PermissionError) as e:
+    except (MoeLensError, ValueError) as e:
         print(f"moe-lens {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # missing files, permissions, a full disk: the file and the reason, one line
+        what = "disk full writing" if e.errno == errno.ENOSPC else "cannot access"
+        where = f"{what} {e.filename} " if e.filename else ""
+        print(f"moe-lens {args.command}: error: {where}({e.strerror or e})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moe-lens {args.command}: interrupted", file=sys.stderr)

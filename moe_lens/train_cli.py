@@ -59,9 +59,14 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=tp, help=f"(default: {default})", **kw)
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def given_flags(args: argparse.Namespace) -> dict:
+    """The RunConfig fields typed on the command line (flags not given are absent: SUPPRESS)."""
     names = {f.name for f in fields(RunConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    given = given_flags(args)
     return RunConfig.for_mode(given.pop("mode", "noisy_topk"), **given)
 
 
@@ -69,7 +74,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model and optionally record its routing",
                        description="Train one run. Every RunConfig field is a flag; --mode sets a preset.")
     add_config_flags(p)
-    p.add_argument("--resume", action="store_true", help="continue the run --run-name from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run --run-name from its last checkpoint, with its config.json; only "
+                        "epochs, max-steps, device, directories, checkpoint-every and recording flags may change")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
 
@@ -89,10 +96,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from moe_lens import resume
+    from moe_lens.rundir import plan_run_dir
     from moe_lens.train import train
 
-    cfg = config_from_args(args)
-    run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if args.resume:
+        given = given_flags(args)
+        if not given.get("run_name"):
+            raise MoeLensError("--resume needs --run-name (and the --runs-dir the run is in)")
+        run_dir = plan_run_dir(given.get("runs_dir", "runs"), given["run_name"], "", "", resume=True)
+        cfg = resume.resume_config(run_dir, given)
+    else:
+        cfg = config_from_args(args)
+    try:
+        run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except resume.RunInterrupted as e:
+        print(f"moe-lens train: stopped by {e.signame} at step {e.step}, checkpoint saved; resume with: "
+              f"{e.resume_command()}", file=sys.stderr)  # fmt: skip
+        return e.exit_code
     print(run_dir)
     return 0
 
