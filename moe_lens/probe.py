@@ -5,10 +5,14 @@ tokens are encoded with the run's own vocabulary, annotated as usual, and record
 `dataset=D/split=S/epoch=<checkpoint epoch>` of the same run. A language model reads any split as
 a token stream; a tagger reads any split's sentences (WikiText: lines); the QA model needs SQuAD.
 Metrics of the replay (perplexity of an LM on CoNLL text, say) go to metrics.parquet under split
-`probe:D:S`.
+`probe:D:S`. A task metric that does not apply (a tagger's F1 over text without NER labels) is
+skipped with one warning line; the routing is still recorded. A replay that fails part-way
+removes the partition it was writing, so no partial traces are left unmarked.
 """
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +31,16 @@ from moe_lens.train import evaluate, hidden_sample, resolve_device
 
 
 def record_run(run_dir: str | Path, dataset: str, split: str, *, data_dir: str | None = None,
-               record_probs: bool = False, device: str = "auto") -> dict[str, float]:
-    """Record the routing of run_dir's latest checkpoint over (dataset, split); returns the replay metrics."""
+               record_probs: bool = False, device: str = "auto",
+               warn: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Record the routing of run_dir's latest epoch checkpoint over (dataset, split); returns the replay
+    metrics ({} when the task metric does not apply). `warn` gets one-line warnings (default: stderr)."""
+    warn = warn or (lambda msg: print(f"moe-lens record: warning: {msg}", file=sys.stderr))
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise MoeLensError(f"{run_dir}: not a run directory (no config.json)")
     cfg = RunConfig.from_dict(read_json(run_dir / "config.json"))
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = latest_checkpoint(run_dir, epoch_end=True)
     if ckpt is None:
         raise MoeLensError(f"{run_dir}: no checkpoint yet (checkpoints/epoch-*.pt); train at least one epoch")
     if cfg.dataset == "squad" and dataset != "squad":
@@ -46,20 +53,31 @@ def record_run(run_dir: str | Path, dataset: str, split: str, *, data_dir: str |
     model = build_model(cfg, len(vocab), num_tags=num_tags).to(dev)
     model.load_state_dict(payload["model"])
     has_labels = cfg.dataset != "conll2003" or split_data.labels is not None
-    if not has_labels:  # a tagger over unlabelled text: routing only, no accuracy
+    if not has_labels:  # a tagger over unlabelled text: routing only (the batches still carry labels)
         split_data.labels = np.zeros(len(split_data), dtype=np.int64)
-    clear_partition(run_dir, dataset, split, payload["epoch"])  # a repeated probe replaces, never duplicates
+        warn(f"a {cfg.dataset} tagger over {dataset} text: {dataset} has no NER labels, so accuracy and F1 "
+             f"are skipped; the routing is recorded")  # fmt: skip
+    epoch = payload["epoch"]
+    clear_partition(run_dir, dataset, split, epoch)  # a repeated probe replaces, never duplicates
     recorder = Recorder(run_dir, record_probs=record_probs, hidden_bf16=cfg.hidden_bf16)
     recorder.write_tokens(split_data.tokens, dataset, split, limit=cfg.record_tokens)
     keep = hidden_sample(len(split_data), cfg.hidden_sample, cfg.seed, within=cfg.record_tokens)
     task = get_task(cfg.dataset, cfg)
     try:
-        vm = evaluate(task, model, split_data, dev, epoch=payload["epoch"], step=payload["step"],
-                      recorder=recorder, keep=keep)  # fmt: skip
-    finally:
+        vm = evaluate(task, model, split_data, dev, epoch=epoch, step=payload["step"], recorder=recorder, keep=keep,
+                      score=has_labels)  # fmt: skip
         recorder.close()
-    if not has_labels:
-        vm = {}
+    except BaseException as e:
+        try:
+            recorder.close()
+        except Exception:  # noqa: BLE001 - the replay's own error is the one reported
+            pass
+        clear_partition(run_dir, dataset, split, epoch)
+        if not isinstance(e, Exception):  # Ctrl-C: stop, without partial traces
+            raise
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MoeLensError(f"replay of {run_dir.name} over {dataset}/{split} failed part-way ({reason}); removed its "
+                           f"partial traces (dataset={dataset}/split={split}/epoch={epoch})") from e  # fmt: skip
     metrics = Metrics(run_dir, keep_until_step=10**18)
     metrics.rows = [r for r in metrics.rows if r["split"] != f"probe:{dataset}:{split}"]
     metrics.add_many(payload["step"], payload["epoch"], f"probe:{dataset}:{split}", vm)
