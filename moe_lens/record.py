@@ -93,6 +93,7 @@ class Recorder:
         self._error: BaseException | None = None
         self._limits: dict[tuple[str, str], int] = {}  # (dataset, split) -> keep token_idx < limit
         self._lazy: dict[tuple[str, str], tuple[pa.Table, np.ndarray]] = {}  # tokens table, rows written
+        self.last_step: dict[tuple[str, str], int] = {}  # (dataset, split) -> step label of its last add()
         self._thread = threading.Thread(target=self._work, name="moe-lens-recorder", daemon=True)
         self._thread.start()
 
@@ -124,6 +125,7 @@ class Recorder:
             hidden_keep: torch.Tensor | None = None) -> None:
         """Queue one batch's routing. `hidden_keep`: (N,) bool over the split's token_idx, the hidden sample."""
         self._raise_if_failed()
+        self.last_step[(dataset, split)] = step
         items = []
         for tr in traces:
             r = tr.routing

@@ -156,10 +156,11 @@ def remove_tmp_files(run_dir: Path) -> list[Path]:
 
 
 def rewind(run_dir: Path, *, step: int, epoch: int, epoch_complete: bool) -> None:
-    """Remove trace rows recorded after a checkpoint at (`step`, `epoch`).
+    """Remove trace rows recorded after a checkpoint in `epoch`.
 
-    Training rows are kept up to `step`. Evaluation partitions are kept for epochs before `epoch`, and
-    for `epoch` itself only when the checkpoint was taken after its evaluation (`epoch_complete`)."""
+    Training rows are kept up to the step label `step` (the label of the last training batch recorded
+    before the checkpoint). Evaluation partitions are kept for epochs before `epoch`, and for `epoch`
+    itself only when the checkpoint was taken after its evaluation (`epoch_complete`)."""
     for table in TRACE_TABLES:
         for part in sorted((run_dir / table).glob("dataset=*/split=*/epoch=*")):
             e = int(part.name.split("=", 1)[1])

@@ -164,7 +164,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Pat
         model.load_state_dict(payload["model"])
         opt.load_state_dict(payload["optimizer"])
         sched.load_state_dict(payload["scheduler"])
-    rs.rewind(run_dir, step=start.step, epoch=start.epoch, epoch_complete=start.batch is None)
+    rs.rewind(run_dir, step=start.train_through, epoch=start.epoch, epoch_complete=start.batch is None)
     if not resume:
         meta = {k: v for k, v in train_split.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
         write_json_atomic({**cfg.to_dict(), "run": run_dir.name, **environment(device), **count_parameters(model),
@@ -248,12 +248,15 @@ class _Start:
         self.epoch = self.payload["epoch"] + (0 if within else 1) if payload is not None else 0
         self.batch = self.payload["batch"] if within else None  # batches of `epoch` already done
         self.trained = bool(self.payload.get("trained"))  # `epoch`'s training done, its evaluation not
+        # the step label of the last training batch recorded before the checkpoint (labels are the recorder's)
+        self.train_through = self.payload.get("train_through", self.step if payload is not None else -1)
 
     def restore(self, loop: "_Loop") -> None:
         """The carried LM state, the statistics window and every random generator, as checkpointed."""
         if "window" in self.payload and self.payload["window"] is not None:
             loop.window.load_state_dict(self.payload["window"])
         loop.fstate = self.payload.get("lm_state")
+        loop.train_through = self.train_through
         if "rng" in self.payload:
             rs.set_rng_state(self.payload["rng"])
 
@@ -267,7 +270,7 @@ class _Loop:
         self.device, self.recorder, self.metrics, self.state = device, recorder, metrics, state
         self.run_dir, self.vocab = run_dir, vocab
         self.window = _Window(cfg.num_experts if cfg.router != "dense" else 1, device)
-        self.step, self.fstate, self.last_checkpoint = 0, None, clock()
+        self.step, self.fstate, self.last_checkpoint, self.train_through = 0, None, clock(), -1
         self.stop: rs.StopSignals | None = None
         self.bar = None
         self._rate_started = False
@@ -331,12 +334,13 @@ class _Loop:
         exact resume needs; traces and metrics are flushed first, so the checkpoint counts them."""
         if self.recorder is not None:
             self.recorder.flush()
+            self.train_through = self.recorder.last_step.get((self.cfg.dataset, "train"), self.train_through)
         self.metrics.flush()
         payload = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                    "scheduler": self.sched.state_dict(), "config": self.cfg.to_dict(), "vocab": self.vocab.to_dict(),
                    "step": self.step, "epoch": epoch, "batch": batch, "trained": trained, "rng": rs.rng_state(),
                    "lm_state": self.fstate, "window": self.window.state_dict(),
-                   "metrics_rows": len(self.metrics.rows)}  # fmt: skip
+                   "metrics_rows": len(self.metrics.rows), "train_through": self.train_through}  # fmt: skip
         save_checkpoint(checkpoint_path(self.run_dir, epoch, None if batch is None else self.step), payload)
         self.last_checkpoint = clock()
 
