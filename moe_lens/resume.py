@@ -6,6 +6,7 @@
   boundary (or between evaluation batches); it then checkpoints and raises `RunInterrupted`.
 - `rng_state` / `set_rng_state`: python, numpy, torch CPU and every CUDA generator (the noisy
   router draws its noise from torch's global generator, so it is among them).
+- `ResumePoint`: where a checkpoint says the run continues (epoch, batch, step) and what it restores.
 - `rewind`: traces written after the checkpoint are removed, so the resumed steps are recorded once.
 - `remove_tmp_files`: temporary files a killed writer left behind.
 """
@@ -146,6 +147,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+# ---- where a resumed run starts ------------------------------------------------------------------
+class ResumePoint:
+    """Where a (resumed) run starts: from nothing, after an epoch (`batch` None), or within one."""
+
+    def __init__(self, payload: dict | None) -> None:
+        self.payload = payload or {}
+        self.step = self.payload.get("step", 0)
+        within = payload is not None and self.payload.get("batch") is not None
+        self.epoch = self.payload["epoch"] + (0 if within else 1) if payload is not None else 0
+        self.batch = self.payload["batch"] if within else None  # batches of `epoch` already done
+        self.trained = bool(self.payload.get("trained"))  # `epoch`'s training done, its evaluation not
+        # the step label of the last training batch recorded before the checkpoint (labels are the recorder's)
+        self.train_through = self.payload.get("train_through", self.step if payload is not None else -1)
+
+    def restore(self, loop: Any) -> None:
+        """Put the carried LM state, the statistics window and every random generator of the training
+        loop (moe_lens.train._Loop) back as checkpointed."""
+        if "window" in self.payload and self.payload["window"] is not None:
+            loop.window.load_state_dict(self.payload["window"])
+        loop.fstate = self.payload.get("lm_state")
+        loop.train_through = self.train_through
+        if "rng" in self.payload:
+            set_rng_state(self.payload["rng"])
+
+
 # ---- files ---------------------------------------------------------------------------------------
 def remove_tmp_files(run_dir: Path) -> list[Path]:
     """Delete the temporary files (`.name.tmp`, `.name.<id>.tmp`) a killed writer left; returns them."""
@@ -196,5 +222,5 @@ def _keep_steps_up_to(path: Path, step: int) -> None:
         write_table_atomic(kept, path)
 
 
-__all__ = ["RESUME_SAFE", "resume_config", "check_matches_saved", "RunInterrupted", "StopSignals", "rng_state",
+__all__ = ["RESUME_SAFE", "ResumePoint", "resume_config", "check_matches_saved", "RunInterrupted", "StopSignals", "rng_state",
            "set_rng_state", "remove_tmp_files", "rewind", "resume_command"]  # fmt: skip

@@ -159,7 +159,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Pat
         rs.remove_tmp_files(run_dir)  # left by a killed writer
         ckpt = latest_checkpoint(run_dir)
         payload = torch.load(ckpt, map_location=device, weights_only=False) if ckpt is not None else None
-    start = _Start(payload)
+    start = rs.ResumePoint(payload)
     if payload is not None:
         model.load_state_dict(payload["model"])
         opt.load_state_dict(payload["optimizer"])
@@ -236,29 +236,6 @@ def _finish(recorder, metrics: Metrics, state: RunState, status: str, error: str
             raise
     if closing_error is not None:
         raise closing_error
-
-
-class _Start:
-    """Where a (resumed) run starts: from nothing, after an epoch (`batch` None), or within one."""
-
-    def __init__(self, payload: dict | None) -> None:
-        self.payload = payload or {}
-        self.step = self.payload.get("step", 0)
-        within = payload is not None and self.payload.get("batch") is not None
-        self.epoch = self.payload["epoch"] + (0 if within else 1) if payload is not None else 0
-        self.batch = self.payload["batch"] if within else None  # batches of `epoch` already done
-        self.trained = bool(self.payload.get("trained"))  # `epoch`'s training done, its evaluation not
-        # the step label of the last training batch recorded before the checkpoint (labels are the recorder's)
-        self.train_through = self.payload.get("train_through", self.step if payload is not None else -1)
-
-    def restore(self, loop: "_Loop") -> None:
-        """The carried LM state, the statistics window and every random generator, as checkpointed."""
-        if "window" in self.payload and self.payload["window"] is not None:
-            loop.window.load_state_dict(self.payload["window"])
-        loop.fstate = self.payload.get("lm_state")
-        loop.train_through = self.train_through
-        if "rng" in self.payload:
-            rs.set_rng_state(self.payload["rng"])
 
 
 class _Loop:
