@@ -50,6 +50,11 @@ def _schema(run_dir: Path) -> dict[str, object]:
     return out
 
 
+# Keys added after the committed sample runs were recorded (issue 19: checkpoints within an epoch, the
+# signal that stopped a run); drop this once sample_runs/ is regenerated.
+NEW_KEYS = {"config.json": {"checkpoint_every"}, "run.json": {"stopped_by"}}
+
+
 @pytest.mark.integration
 def test_regenerated_run_has_the_committed_schema(real_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "regen"
@@ -58,6 +63,9 @@ def test_regenerated_run_has_the_committed_schema(real_data_dir: Path, tmp_path:
            "--jobs", "1", "--seeds", "0"]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     fresh, committed = _schema(out / "conll2003-naive_topk"), _schema(SAMPLE / "conll2003-naive_topk")
+    for name, keys in NEW_KEYS.items():
+        assert keys <= set(fresh[name]), name
+        fresh[name] = [k for k in fresh[name] if k not in keys or k in committed[name]]
     for key in committed:
         assert fresh[key] == committed[key], key
     assert not (out / "conll2003-naive_topk" / "checkpoints").exists()
