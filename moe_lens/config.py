@@ -52,30 +52,51 @@ MODES: dict[str, dict[str, Any]] = {
 for _name, _preset in MODES.items():
     _preset["mode"] = _name
 
+# The allowed values of every enumerated field (validation, argparse choices and --help read this).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": DATASETS, "mode": tuple(MODES), "router": ROUTERS, "expert_type": EXPERT_TYPES,
+    "router_init": ("default", "zeros"), "dispatch": ("auto", "grouped", "loop"),
+    "device": ("auto", "cpu", "cuda", "cuda:N"),
+}
+
+# `moe-lens train --quick`: the committed sample runs' recipe per dataset (trainers/sample_runs.py), recorded,
+# with 5,000 hidden states per split for the Clusters page. A few minutes on a 2-core CPU. "glove" is
+# GLOVE_50D under the data directory (the CLI resolves it). Explicit flags override these; these override --mode.
+GLOVE_50D = "glove/glove.6B.50d.subset.txt"
+_QUICK_COMMON = dict(d_model=128, expert_hidden=128, warmup_steps=50, record=True, record_every=25,
+                     hidden_sample=5000)  # fmt: skip
+QUICK: dict[str, dict[str, Any]] = {
+    "wikitext2": dict(_QUICK_COMMON, vocab_size=10_000, d_embed=128, batch_size=32, lr=2e-3, clip=0.25,
+                      weight_decay=0.0, dropout=0.1, epochs=2, epoch_steps=150),  # fmt: skip
+    "conll2003": dict(_QUICK_COMMON, embeddings="glove", d_embed=50, lr=2e-3, dropout=0.3, epochs=3,
+                      epoch_steps=150, record_every=30),  # fmt: skip
+    "squad": dict(_QUICK_COMMON, embeddings="glove", d_embed=50, lr=2e-3, dropout=0.2, epochs=2, epoch_steps=25),
+}
+
 
 @dataclass
 class RunConfig:
     # data
-    dataset: str = "wikitext2"
-    data_dir: str | None = None  # None: $MOE_LENS_DATA, else ~/.cache/moe-lens/data
+    dataset: str = "wikitext2"  # task: wikitext2 (language model), conll2003 (NER tagger), squad (span QA)
+    data_dir: str | None = None  # dataset files; None: $MOE_LENS_DATA, else ~/.cache/moe-lens/data (WikiText-2 and SQuAD downloaded there when missing)
     vocab_size: int | None = None  # cap: most frequent N words + <unk> (None = full vocabulary)
     max_len: int | None = None  # sequence cap in tokens; None: 128 for CoNLL, 256 for SQuAD segments
     pos_tags: bool = True  # spaCy POS tags for WikiText/SQuAD tokens (computed once, cached)
     bptt: int = 35  # WikiText-2 truncated-backprop length
     # model
-    mode: str = "noisy_topk"
-    d_embed: int = 256
+    mode: str = "noisy_topk"  # gating-variant preset (README table); explicit flags override its fields
+    d_embed: int = 256  # word embedding size (50 with the GloVe 50d file)
     d_model: int = 256  # LSTM hidden size per direction; MoE d = d_model (LM) or 2 * d_model (BiLSTMs)
-    dropout: float = 0.2
+    dropout: float = 0.2  # dropout on embeddings and LSTM outputs
     tie_weights: bool = False  # LM only; needs d_embed == d_model
     embeddings: str | None = None  # GloVe text file to initialise the embedding from
-    freeze_embeddings: bool = False
+    freeze_embeddings: bool = False  # keep the (GloVe) embedding fixed during training
     case_features: bool = False  # CoNLL: add a small embedding of each token's casing (Title, UPPER, digits...)
     # router
-    router: str = "noisy_topk"
-    num_experts: int = 8
-    top_k: int = 2
-    expert_type: str = "mlp"
+    router: str = "noisy_topk"  # how tokens pick experts (set by --mode; see moe/routers.py)
+    num_experts: int = 8  # experts in the MoE layer (e)
+    top_k: int = 2  # experts per token (k); switch and hash route to 1
+    expert_type: str = "mlp"  # expert bank: mlp, lora (shared base + adapters), lowrank (U V), shared (+ always-on expert)
     expert_hidden: int = 128  # hidden units of each expert MLP (Shazeer's experts are 2-layer ReLU MLPs)
     rank: int = 8  # LoRA / low-rank rank
     lora_train_base: bool = True  # False freezes the shared base MLP of LoRA experts
@@ -85,24 +106,24 @@ class RunConfig:
     noise_eps: float = 1e-2  # added to softplus(x W_noise) so the load estimator never divides by 0
     router_init: str = "default"  # "zeros": W_g = 0 as Shazeer 2017 (ties then pick experts 0..k-1)
     dispatch: str = "auto"  # auto | grouped | loop (see moe/layer.py)
-    w_importance: float = 0.0
-    w_load: float = 0.0
-    w_switch: float = 0.0
+    w_importance: float = 0.0  # weight of the importance CV^2 loss (Shazeer 2017)
+    w_load: float = 0.0  # weight of the smooth load CV^2 loss (Shazeer 2017; needs router noisy_topk)
+    w_switch: float = 0.0  # weight of the Switch balance loss e * sum_i f_i P_i (Fedus 2021)
     w_z: float = 0.0  # router z-loss (ST-MoE)
     # optim
-    epochs: int = 1
+    epochs: int = 1  # passes over the training split (each capped by epoch_steps)
     max_steps: int | None = None  # stop after this many optimizer steps (tests, smoke runs)
     epoch_steps: int | None = None  # cap every epoch at its first N batches (short runs with several epochs)
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    warmup_steps: int = 100
-    seed: int = 0
+    batch_size: int = 32  # sequences per step (WikiText-2: parallel streams)
+    lr: float = 2e-3  # AdamW peak learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
+    clip: float = 1.0  # gradient-norm clipping threshold
+    warmup_steps: int = 100  # linear learning-rate warm-up steps
+    seed: int = 0  # seeds torch, numpy and the data shuffle
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     checkpoint_every: int | None = None  # mid-epoch checkpoint every N steps; None: every 10 minutes of wall time
     # recording
-    record: bool = False
+    record: bool = False  # write routing traces (tokens/, routing/, hidden/) for the app and SQL
     record_every: int = 100  # record a training batch every N steps
     record_probs: bool = False  # full router probabilities (n, e) per token
     hidden_sample: int = 20000  # hidden states per split per recorded epoch
@@ -112,8 +133,8 @@ class RunConfig:
     record_tokens: int | None = None  # keep eval traces of the first N tokens of a split only (metrics still
     # cover the whole split); the train tokens table then holds only the tokens of recorded batches
     tensorboard: bool = False  # also write scalars to <run>/tensorboard (needs the tensorboard package)
-    runs_dir: str = "runs"
-    run_name: str | None = None
+    runs_dir: str = "runs"  # where run directories are created
+    run_name: str | None = None  # run directory name; None: <dataset>-<mode>-<YYYYmmdd-HHMMSS>
 
     def __post_init__(self) -> None:
         for name, rule in NUMERIC_RANGES.items():  # first: the checks below compare numbers
@@ -242,4 +263,4 @@ NUMERIC_RANGES: dict[str, Range] = {
 }
 
 
-__all__ = ["RunConfig", "NUMERIC_RANGES", "Range", "MODES", "DATASETS", "ROUTERS", "EXPERT_TYPES"]
+__all__ = ["RunConfig", "NUMERIC_RANGES", "Range", "MODES", "DATASETS", "ROUTERS", "EXPERT_TYPES", "CHOICES", "QUICK"]

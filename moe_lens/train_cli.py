@@ -1,12 +1,13 @@
 """`moe-lens train`, `moe-lens record` and `moe-lens runs`.
 
 The train flags are generated from `dataclasses.fields(RunConfig)`, so every default is written
-once, in the dataclass. Flags the user does not give are not set, so `--mode` presets apply
+once, in the dataclass, and each flag's help is the field's comment there (config_help.py). Flags the user does not give are not set, so `--mode` presets apply
 underneath explicit flags: `RunConfig(**{**MODES[mode], **given})`.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
@@ -14,7 +15,9 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from moe_lens import health
-from moe_lens.config import DATASETS, MODES, RunConfig
+from moe_lens.config import CHOICES, DATASETS, GLOVE_50D, QUICK, RunConfig
+from moe_lens.config_help import field_help, groups, help_text
+from moe_lens.data.paths import resolve_data_dir
 from moe_lens.errors import MoeLensError
 
 
@@ -44,19 +47,20 @@ def _parse_bool(v: str) -> bool:
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field, in the dataclass's groups, help from its comments (config_help.py)."""
+    sections = {g: p.add_argument_group(f"{g} (RunConfig)") for g in groups()}
     for f in fields(RunConfig):
         tp, is_bool = _flag_type(f.type)
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
-        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS}
+        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text(f.name, default)}
+        g = sections[field_help()[f.name].group] if f.name in field_help() else p
         if is_bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"(default: {default})", **kw)
-        elif f.name == "mode":
-            p.add_argument(flag, choices=list(MODES), help="gating variant preset (default: noisy_topk)", **kw)
-        elif f.name == "dataset":
-            p.add_argument(flag, choices=list(DATASETS), help="(default: wikitext2)", **kw)
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name in CHOICES and f.name != "device":  # device also takes cuda:N
+            g.add_argument(flag, choices=list(CHOICES[f.name]), metavar=f.name.upper(), **kw)
         else:
-            p.add_argument(flag, type=tp, help=f"(default: {default})", **kw)
+            g.add_argument(flag, type=tp, **kw)
 
 
 def given_flags(args: argparse.Namespace) -> dict:
@@ -66,13 +70,37 @@ def given_flags(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Explicit flags over `--quick`'s recipe (config.QUICK) over the `--mode` preset."""
     given = given_flags(args)
+    if getattr(args, "quick", False):
+        given = {**_quick(given), **given}
     return RunConfig.for_mode(given.pop("mode", "noisy_topk"), **given)
+
+
+def _quick(given: dict) -> dict:
+    """config.QUICK for the chosen dataset, GloVe resolved under the data directory (checked when used)."""
+    dataset = given.get("dataset", RunConfig.dataset)
+    if dataset not in QUICK:
+        raise MoeLensError(f"--quick has no recipe for dataset {dataset!r}; allowed: {', '.join(QUICK)}")
+    q = dict(QUICK[dataset])
+    if q.get("embeddings") == "glove" and "embeddings" not in given:
+        path = resolve_data_dir(given.get("data_dir")) / GLOVE_50D
+        if not path.is_file():
+            raise MoeLensError(f"--quick on {dataset} initialises the embedding from GloVe 50d, not found at {path}; "
+                               "put glove.6B.50d.txt (or the subset) there, or give --embeddings FILE, or "
+                               "--embeddings none --d-embed 128 to start from random vectors")
+        q["embeddings"] = str(path)
+    elif q.get("embeddings") == "glove":
+        q.pop("embeddings")
+    return q
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model and optionally record its routing",
                        description="Train one run. Every RunConfig field is a flag; --mode sets a preset.")
+    p.add_argument("--quick", action="store_true",
+                   help="the sample runs' short recipe for --dataset (config.QUICK: d_model 128, a few 150-step "
+                        "epochs, recorded, 5,000 hidden states); explicit flags still override it")
     add_config_flags(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run --run-name from its last checkpoint, with its config.json; only "
@@ -108,6 +136,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = resume.resume_config(run_dir, given)
     else:
         cfg = config_from_args(args)
+        fetch_default_data(cfg.dataset, cfg.data_dir, progress=not args.no_progress)
     try:
         run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
     except resume.RunInterrupted as e:
@@ -116,6 +145,22 @@ def _train(args: argparse.Namespace) -> int:
         return e.exit_code
     print(run_dir)
     return 0
+
+
+def fetch_default_data(dataset: str, data_dir: str | None, *, progress: bool = True) -> None:
+    """With no data directory given (no --data-dir, no $MOE_LENS_DATA), download a missing WikiText-2 / SQuAD
+    into the default one (~/.cache/moe-lens/data) after a one-line notice. A given directory is never written."""
+    from moe_lens.data import download as dl
+
+    if data_dir or os.environ.get("MOE_LENS_DATA") or dataset not in dl.REMOTE:
+        return
+    d = resolve_data_dir(None)
+    missing = [rf for rf in dl.REMOTE[dataset] if not (d / rf.local).is_file()]
+    needed = missing if dataset != "squad" else [rf for rf in missing if rf.local.endswith("dev-v1.1.json")]
+    if not needed:
+        return  # SQuAD's train file is optional: dev alone is split by article
+    print(f"no data directory given (--data-dir, $MOE_LENS_DATA): downloading {dataset} into {d} (once)", flush=True)
+    dl.download(dataset, d, progress=progress, log=lambda _: None)
 
 
 def _record(args: argparse.Namespace) -> int:
