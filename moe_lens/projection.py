@@ -7,12 +7,16 @@ labels the app colours by: the token's top-1 `expert` and its `gate`, `pos_tag`,
     PCA: centre X (n, d), thin SVD X = U S V^T, coordinates X V[:, :2] (Pearson 1901; numpy SVD).
     UMAP: PCA to min(50, d) dimensions first, then UMAP to 2 (McInnes et al. 2018), seeded.
 
-Results are written once to `<run>/projections/dataset=D/split=S/epoch=E/layer=L/<method>.parquet`
-(temporary name, then rename), so a reload reads a small file. `umap` is imported only when a UMAP
+Results are written once to the cache directory (`$MOE_LENS_CACHE`, else `~/.cache/moe-lens`), under
+`projections/<run>-<hash of the run's absolute path>/dataset=D/split=S/epoch=E/layer=L/<method>.parquet`
+(temporary name, then rename), so a reload reads a small file and a read-only runs directory is never
+written. A projection already inside the run (`<run>/projections/...`, as the committed sample runs carry
+them: `save(..., into_run=True)`) is read first. `umap` is imported only when a UMAP
 projection is computed: its numba JIT costs ~45 s in a fresh process, and the PCA path needs none of it.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moe_lens.data.paths import resolve_cache_dir
 from moe_lens.errors import MoeLensError
 
 METHODS = ("pca", "umap")
@@ -81,19 +86,31 @@ def umap_2d(x: np.ndarray, *, pca_dim: int = 50, seed: int = 0) -> np.ndarray:
     return umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed).fit_transform(z).astype(np.float32)
 
 
-def cache_path(run_dir: str | Path, *, dataset: str, split: str, epoch: int, layer: int, method: str) -> Path:
-    """Where the projection of one sample is cached inside its run directory."""
-    return (Path(run_dir) / "projections" / f"dataset={dataset}" / f"split={split}" / f"epoch={epoch}"
-            / f"layer={layer}" / f"{method}.parquet")
+def _key_path(*, dataset: str, split: str, epoch: int, layer: int, method: str) -> Path:
+    return Path(f"dataset={dataset}") / f"split={split}" / f"epoch={epoch}" / f"layer={layer}" / f"{method}.parquet"
+
+
+def run_cache_path(run_dir: str | Path, **key) -> Path:
+    """Where a projection shipped inside its run directory lives (read, written only with into_run=True)."""
+    return Path(run_dir) / "projections" / _key_path(**key)
+
+
+def cache_path(run_dir: str | Path, **key) -> Path:
+    """Where the projection of one sample is cached in the cache directory (one folder per run path)."""
+    run_dir = Path(run_dir).resolve()
+    tag = hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]
+    return resolve_cache_dir("projections") / f"{run_dir.name}-{tag}" / _key_path(**key)
 
 
 def cached(run_dir: str | Path, **key) -> pd.DataFrame | None:
-    """The cached projection, or None when it was not computed yet (or is unreadable)."""
-    path = cache_path(run_dir, **key)
-    try:
-        return pq.read_table(path).to_pandas() if path.exists() else None
-    except (OSError, pa.ArrowInvalid):
-        return None
+    """The cached projection (in the run first, then the cache directory), or None when absent or unreadable."""
+    for path in (run_cache_path(run_dir, **key), cache_path(run_dir, **key)):
+        try:
+            if path.exists():
+                return pq.read_table(path).to_pandas()
+        except (OSError, pa.ArrowInvalid):
+            continue
+    return None
 
 
 def compute(x: np.ndarray, labels: pd.DataFrame, method: str) -> pd.DataFrame:
@@ -104,9 +121,9 @@ def compute(x: np.ndarray, labels: pd.DataFrame, method: str) -> pd.DataFrame:
     return labels.assign(x=xy[:, 0], y=xy[:, 1])
 
 
-def save(df: pd.DataFrame, run_dir: str | Path, **key) -> Path:
-    """Write a projection to its cache path (temporary name, then rename)."""
-    path = cache_path(run_dir, **key)
+def save(df: pd.DataFrame, run_dir: str | Path, *, into_run: bool = False, **key) -> Path:
+    """Write a projection to the cache directory, or into the run with `into_run` (temporary name, then rename)."""
+    path = run_cache_path(run_dir, **key) if into_run else cache_path(run_dir, **key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp, compression="zstd")
@@ -115,12 +132,12 @@ def save(df: pd.DataFrame, run_dir: str | Path, **key) -> Path:
 
 
 def project(con: duckdb.DuckDBPyConnection, run_dir: str | Path, *, dataset: str, split: str, epoch: int,
-            layer: int = 0, method: str = "pca") -> pd.DataFrame:
-    """The cached projection of one sample, computing and caching it first if needed."""
+            layer: int = 0, method: str = "pca", into_run: bool = False) -> pd.DataFrame:
+    """The cached projection of one sample, computing and caching it first if needed (`into_run`: see save)."""
     key = dict(dataset=dataset, split=split, epoch=epoch, layer=layer, method=method)
     df = cached(run_dir, **key)
     if df is None:
         x, labels = hidden_sample(con, Path(run_dir).name, dataset=dataset, split=split, epoch=epoch, layer=layer)
         df = compute(x, labels, method)
-        save(df, run_dir, **key)
+        save(df, run_dir, into_run=into_run, **key)
     return df

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-
+import shutil
 import warnings
 from pathlib import Path
 
 import pytest
 
-from moe_lens.data import load_split, pos
+from moe_lens.data import load_split, pos, wikitext
 from moe_lens.data.pos import normalise_tag, pos_agreement
 
 FIX = Path(__file__).parent / "fixtures" / "data"
@@ -30,7 +30,7 @@ def test_wikitext_tags_aligned_and_cached(tmp_path, monkeypatch):
     assert (df.loc[df.token == "<unk>", "pos_tag"] == "UNK").all()
     assert df.loc[df.token == "the", "pos_tag"].eq("DT").all()
     assert s.meta["pos_source"].startswith("spacy en_core_web_sm")
-    assert len(list((tmp_path / "cache").glob("pos-*.npz"))) == 1
+    assert len(list((tmp_path / "cache" / "pos").glob("pos-*.npz"))) == 1
 
     def boom(*a, **k):
         raise AssertionError("re-tagged although cached")
@@ -38,6 +38,54 @@ def test_wikitext_tags_aligned_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(pos, "tag_sentences", boom)
     again = load_split("wikitext2", "train", FIX, progress=False)
     assert again.tokens["pos_tag"].tolist() == df["pos_tag"].tolist()
+
+
+@needs_tagger
+def test_pos_tagging_is_announced_once_with_its_duration(tmp_path, capfd):
+    expected = sum(len(s) for s in wikitext.tagger_sentences(wikitext.read_wikitext(FIX / "wikitext-2" / "wiki.valid.tokens")))
+    load_split("wikitext2", "valid", FIX, progress=True)
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if "POS-tagging" in ln]
+    assert len(lines) == 1, err
+    seconds = max(1, round(expected / pos.TAG_RATE))
+    assert f"POS-tagging {expected:,} tokens" in lines[0] and f"about {seconds} s" in lines[0]
+    assert str(tmp_path / "cache" / "pos") in lines[0]
+    assert "POS tagging" in err and "tok" in err  # the tqdm bar after the line
+    load_split("wikitext2", "valid", FIX, progress=True)  # cached: no second announcement
+    assert "POS-tagging" not in capfd.readouterr().err
+
+
+@needs_tagger
+@pytest.mark.parametrize("writable", [False, True], ids=["read-only", "writable"])
+def test_pos_cache_never_written_into_the_data_dir(tmp_path, monkeypatch, writable):
+    data = tmp_path / "data"
+    shutil.copytree(FIX / "wikitext-2", data / "wikitext-2")
+    monkeypatch.delenv("MOE_LENS_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if not writable:
+        for p in (data / "wikitext-2", data):
+            p.chmod(0o555)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    try:
+        s = load_split("wikitext2", "valid", data, progress=False)
+    finally:
+        for p in (data, data / "wikitext-2"):
+            p.chmod(0o755)
+    assert s.tokens["pos_tag"].notna().all()
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    assert len(list((tmp_path / "home" / ".cache" / "moe-lens" / "pos").glob("pos-*.npz"))) == 1
+
+
+@needs_tagger
+def test_legacy_pos_cache_beside_the_data_is_still_read(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(FIX / "wikitext-2", data / "wikitext-2")
+    load_split("wikitext2", "valid", data, progress=False)
+    (data / ".moe-lens-cache").mkdir()
+    for f in (tmp_path / "cache" / "pos").iterdir():
+        f.rename(data / ".moe-lens-cache" / f.name)  # as an earlier version left it
+    monkeypatch.setattr(pos, "tag_sentences", lambda *a, **k: pytest.fail("re-tagged although cached"))
+    assert load_split("wikitext2", "valid", data, progress=False).tokens["pos_tag"].notna().all()
 
 
 @needs_tagger

@@ -32,19 +32,55 @@ def _run(tmp_path: Path) -> tuple[Path, dict]:
     return tmp_path / "r", dict(dataset="wikitext2", split="valid", epoch=1, layer=0)
 
 
-def test_project_caches_parquet(tmp_path: Path) -> None:
+def test_project_caches_parquet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOE_LENS_CACHE", str(cache))
     run_dir, key = _run(tmp_path)
     con = store.connect(tmp_path)
     x, labels = projection.hidden_sample(con, "r", **key)
     assert x.shape == (len(labels), 16) and labels["expert"].notna().all()  # valid: routed at the hidden step
     df = projection.project(con, run_dir, **key, method="pca")
     path = projection.cache_path(run_dir, **key, method="pca")
-    assert path.exists() and str(path).startswith(str(run_dir / "projections"))
+    assert path.exists() and str(path).startswith(str(cache / "projections"))
+    assert not (run_dir / "projections").exists()  # the run directory is never written
     assert np.allclose(df[["x", "y"]].to_numpy(), projection.pca(x))
     path.write_bytes(b"not parquet")  # a broken cache is recomputed, not an error
     assert projection.cached(run_dir, **key, method="pca") is None
     with pytest.raises(Exception, match="no hidden states"):
         projection.hidden_sample(con, "r", **{**key, "epoch": 9})
+
+
+def test_read_only_runs_dir_projects_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOE_LENS_CACHE", str(cache))
+    run_dir, key = _run(tmp_path)
+    con = store.connect(tmp_path)
+    x, _ = projection.hidden_sample(con, "r", **key)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if cache not in p.parents)
+    for p in [run_dir, *run_dir.rglob("*")]:
+        if p.is_dir():
+            p.chmod(0o555)
+    try:
+        df = projection.project(con, run_dir, **key, method="pca")
+    finally:
+        for p in [run_dir, *run_dir.rglob("*")]:
+            if p.is_dir():
+                p.chmod(0o755)
+    assert np.allclose(df[["x", "y"]].to_numpy(), projection.pca(x))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if cache not in p.parents and p != cache) == before
+    written = list((cache / "projections").rglob("pca.parquet"))
+    assert len(written) == 1 and written[0] == projection.cache_path(run_dir, **key, method="pca")
+
+
+def test_projection_shipped_in_the_run_is_read_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOE_LENS_CACHE", str(tmp_path / "cache"))
+    run_dir, key = _run(tmp_path)
+    con = store.connect(tmp_path)
+    shipped = projection.project(con, run_dir, **key, method="pca", into_run=True)
+    assert projection.run_cache_path(run_dir, **key, method="pca").exists()
+    monkeypatch.setattr(projection, "compute", lambda *a, **k: pytest.fail("recomputed although shipped"))
+    assert projection.project(con, run_dir, **key, method="pca").equals(shipped)
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.slow

@@ -107,7 +107,7 @@ def project_all(out: str | Path, runs: list[str]) -> int:
         for key in projection.hidden_keys(con, run).itertuples(index=False):
             for method in ("pca", "umap"):
                 projection.project(con, Path(out) / run, dataset=key.dataset, split=key.split, epoch=int(key.epoch),
-                                   layer=int(key.layer), method=method)  # fmt: skip
+                                   layer=int(key.layer), method=method, into_run=True)  # fmt: skip
                 n += 1
     return n
 

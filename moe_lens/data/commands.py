@@ -39,7 +39,7 @@ def _download(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     d = resolve_data_dir(args.data_dir)
     print(f"data directory: {d}{'' if d.is_dir() else ' (missing)'}")
-    print(f"cache directory: {resolve_cache_dir(d)}")
+    print(f"cache directory: {resolve_cache_dir()}")
     for line in info_lines(d):
         print(line)
     return 0

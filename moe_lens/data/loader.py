@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from moe_lens.data import conll, squad, wikitext
-from moe_lens.data.paths import resolve_cache_dir, resolve_data_dir
+from moe_lens.data.paths import legacy_cache_dirs, resolve_cache_dir, resolve_data_dir
 from moe_lens.data.pos import cached_tags, tagger_name
 from moe_lens.data.split import Parsed, Split, make_split
 from moe_lens.data.vocab import Vocab, capped_vocab, count_tokens, first_appearance_vocab, freq_ranks
@@ -93,8 +93,8 @@ def _load_wikitext(split: str, d: Path, vocab: Vocab | None, vocab_size: int | N
     p = parsed[split]
     tags = None
     if pos:
-        got = cached_tags(resolve_cache_dir(d), ["wikitext2", p.sha256, wikitext.TOKENISER_VERSION],
-                          lambda: wikitext.tagger_sentences(p), progress=progress)
+        got = cached_tags(resolve_cache_dir("pos"), ["wikitext2", p.sha256, wikitext.TOKENISER_VERSION],
+                          lambda: wikitext.tagger_sentences(p), progress=progress, also_read=legacy_cache_dirs(d))
         tags = wikitext.place_tags(p, *got) if got is not None else None
     out = make_split("wikitext2", split, p, vocab, freq_ranks(counts), tags,
                      factorized=(codes, types) if split == "train" else None)
@@ -150,8 +150,8 @@ def _load_squad(split: str, d: Path, vocab: Vocab | None, vocab_size: int | None
     vocab = vocab or capped_vocab(counts, vocab_size, pad=True)
     codes = None
     if pos:
-        got = cached_tags(resolve_cache_dir(d), ["squad", sf.sha256, squad.TOKENISER_VERSION],
-                          lambda: squad.tagger_sentences(sf), progress=progress)
+        got = cached_tags(resolve_cache_dir("pos"), ["squad", sf.sha256, squad.TOKENISER_VERSION],
+                          lambda: squad.tagger_sentences(sf), progress=progress, also_read=legacy_cache_dirs(d))
         if got is not None:
             lens = [len(s) for s in squad.tagger_sentences(sf)]
             codes = np.split(got[0], np.cumsum(lens)[:-1])

@@ -1,9 +1,11 @@
 """Where data and caches live, and strict file reading.
 
 Data directory resolution: an explicit argument, else ``$MOE_LENS_DATA``, else
-``~/.cache/moe-lens/data``. Derived files (POS tag caches) go to ``$MOE_LENS_CACHE`` when set,
-else to ``<data_dir>/.moe-lens-cache`` when the data directory is writable, else to
-``~/.cache/moe-lens/cache``. A directory counts as writable only when the process may write it
+``~/.cache/moe-lens/data``. Derived files go to the cache directory, ``$MOE_LENS_CACHE`` when set,
+else ``~/.cache/moe-lens``: POS tags in ``pos/``, hidden-state projections in ``projections/``. A data
+directory (often shared, or read-only) and a runs directory are never written with caches; caches that
+earlier versions wrote beside the data (``<data_dir>/.moe-lens-cache``, ``~/.cache/moe-lens/cache``)
+are still read (`legacy_cache_dirs`). A directory counts as writable only when the process may write it
 *and* its owner-write bit is set, so a folder deliberately made read-only (``chmod a-w``) is left
 alone even by root.
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from moe_lens.errors import InputError
 
 DEFAULT_DATA_DIR = Path("~/.cache/moe-lens/data")
-DEFAULT_CACHE_DIR = Path("~/.cache/moe-lens/cache")
+DEFAULT_CACHE_DIR = Path("~/.cache/moe-lens")
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
@@ -39,15 +41,15 @@ def is_writable_dir(path: Path) -> bool:
     return stat.S_ISDIR(mode) and bool(mode & stat.S_IWUSR) and os.access(path, os.W_OK | os.X_OK)
 
 
-def resolve_cache_dir(data_dir: str | Path | None = None) -> Path:
-    """Directory for derived files of `data_dir` (created on demand by the writer)."""
-    env = os.environ.get("MOE_LENS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    d = resolve_data_dir(data_dir)
-    if is_writable_dir(d):
-        return d / ".moe-lens-cache"
-    return DEFAULT_CACHE_DIR.expanduser()
+def resolve_cache_dir(kind: str = "") -> Path:
+    """$MOE_LENS_CACHE, else ~/.cache/moe-lens, joined with `kind` ('pos', 'projections'); created by the writer."""
+    root = Path(os.environ.get("MOE_LENS_CACHE") or DEFAULT_CACHE_DIR).expanduser()
+    return root / kind if kind else root
+
+
+def legacy_cache_dirs(data_dir: str | Path | None = None) -> list[Path]:
+    """Where earlier versions wrote POS caches: read from (never written) so nothing is tagged twice."""
+    return [resolve_data_dir(data_dir) / ".moe-lens-cache", Path("~/.cache/moe-lens/cache").expanduser()]
 
 
 def read_text(path: str | Path) -> tuple[str, str]:

@@ -8,7 +8,8 @@ one-to-one with our tokens. ``token.tag_`` is the PTB tag set (with OntoNotes ad
 ``HYPH``, ``NFP``, ``ADD``, ``-LRB-``/``-RRB-``, `````` and ``''``).
 
 With no model installed every function here returns None after ONE warning; callers put NULL.
-Tags are stored as uint8 codes into a tag list in ``pos-<key>.npz`` under the cache directory;
+Tags are stored as uint8 codes into a tag list in ``pos-<key>.npz`` under the cache directory
+(``$MOE_LENS_CACHE/pos``, else ``~/.cache/moe-lens/pos``; never the data directory);
 the key hashes the source file's sha256, the reader's tokenisation version and the model version.
 
 `pos_agreement` compares predicted with gold tags after mapping the bracket / quote / hyphen
@@ -21,6 +22,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -88,32 +90,41 @@ def tag_sentences(sentences: Sequence[Sequence[str]], *, progress: bool = False,
 
     docs = (Doc(nlp.vocab, words=list(s)) for s in sentences)
     out: list[list[str]] = []
-    with tqdm(total=sum(map(len, sentences)), unit="tok", desc="POS tagging", disable=not progress,
-              leave=False) as bar:
+    with tqdm(total=sum(map(len, sentences)), unit="tok", desc="POS tagging", disable=not progress) as bar:
         for doc in nlp.pipe(docs, batch_size=batch_size):
             out.append([t.tag_ for t in doc])
             bar.update(len(doc))
     return out
 
 
+TAG_RATE = 20_000  # tokens per second spaCy's small tagger reaches on one CPU core (about; slower under load)
+
+
 def cached_tags(cache_dir: Path, key_parts: Sequence[str], sentences: Callable[[], list[list[str]]],
-                *, progress: bool = False) -> tuple[np.ndarray, list[str]] | None:
+                *, progress: bool = False, also_read: Sequence[Path] = ()) -> tuple[np.ndarray, list[str]] | None:
     """(codes (n_words,) uint8 over the flattened sentences, tag names), computed once per key.
 
-    `sentences` is called only on a cache miss. None when no tagger is installed.
+    Written to `cache_dir`; `also_read` are older cache directories looked in first (never written).
+    `sentences` is called only on a cache miss, and the tagging is announced on stderr (token count,
+    expected duration at TAG_RATE, cache path) before its progress bar. None when no tagger is installed.
     """
     name = tagger_name()
     if name is None:
         return None
     key = hashlib.sha256("\0".join([*key_parts, name]).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"pos-{key}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return z["codes"], [str(t) for t in z["tagset"]]
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache: recompute and overwrite
-    tags = tag_sentences(sentences(), progress=progress)
+    for p in (path, *(Path(d) / path.name for d in also_read)):
+        if p.is_file():
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    return z["codes"], [str(t) for t in z["tagset"]]
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable cache: recompute and overwrite
+    sents = sentences()
+    n = sum(map(len, sents))
+    print(f"moe-lens: POS-tagging {n:,} tokens with spaCy ({_duration(n / TAG_RATE)} at ~{TAG_RATE // 1000}k "
+          f"tokens/s, once); cache: {path}", file=sys.stderr, flush=True)
+    tags = tag_sentences(sents, progress=progress)
     if tags is None:  # the model is installed but cannot be loaded
         return None
     flat = [t for s in tags for t in s]
@@ -122,6 +133,10 @@ def cached_tags(cache_dir: Path, key_parts: Sequence[str], sentences: Callable[[
     codes = np.fromiter((index[t] for t in flat), np.uint8, len(flat))  # (n_words,)
     _save_atomic(path, codes=codes, tagset=np.asarray(tagset, dtype=str))
     return codes, tagset
+
+
+def _duration(seconds: float) -> str:
+    return f"about {max(1, round(seconds))} s" if seconds < 90 else f"about {seconds / 60:.0f} min"
 
 
 def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
