@@ -115,6 +115,20 @@ def nmi_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, a
     return fig, df[["run", "dataset", "mode", "rows", "mi", "nmi", "ami", "nmi_chance", "nmi_shuffled"]]
 
 
+def _png_help(e: Exception) -> str:
+    """Which of kaleido and Chromium is missing, and how to install it (one line)."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return "PNG export needs the kaleido package, which is not installed: pip install kaleido (or write .html)"
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    if "chrome" in str(e).lower() or "browser" in str(e).lower():
+        return ("PNG export needs Chrome/Chromium, which kaleido did not find: apt-get install -y chromium "
+                "(Debian/Ubuntu; or set BROWSER_PATH to a Chrome binary), or run plotly_get_chrome to download one "
+                f"(or write .html); kaleido said: {first}")
+    return f"PNG export with kaleido failed ({first}); write .html instead"
+
+
 def save(fig: go.Figure, path: str | Path, *, width: int = 1000, height: int | None = None) -> Path:
     """Write `fig` as .png (kaleido + a local Chromium) or .html (standalone)."""
     path = Path(path)
@@ -125,8 +139,7 @@ def save(fig: go.Figure, path: str | Path, *, width: int = 1000, height: int | N
         try:
             fig.write_image(path, width=width, height=height or fig.layout.height or 520, scale=1)
         except (ImportError, ValueError, RuntimeError) as e:
-            raise MoeLensError(f"{path}: PNG export needs kaleido and a local Chrome/Chromium ({str(e).splitlines()[0]}); "
-                               "write .html instead") from e  # fmt: skip
+            raise MoeLensError(f"{path}: {_png_help(e)}") from e
     else:
         raise MoeLensError(f"{path}: unknown figure format {path.suffix!r}; allowed: .png, .html")
     return path

@@ -48,11 +48,13 @@ def summary(con: duckdb.DuckDBPyConnection, run: str, *, split: str = "valid", l
     b = bal.iloc[-1]
     lines.append(f"balance:  epoch {b['epoch']}  CV^2 load={b['cv2_load']:.4f} importance={b['cv2_importance']:.4f}  "
                  f"max/mean={b['max_over_mean']:.3f}  Gini={b['gini']:.3f}")
-    col = _try(A.collapse, con, run, split="train", layer=layer)
-    col = col if not col.empty else A.collapse(con, run, split=split, by="epoch", layer=layer)
-    k = col.iloc[-1]
-    lines.append(f"collapse: H/ln e={_fmt(k['norm_entropy'])}  effective experts={k['effective_experts']:.2f}  "
-                 f"dead={k['dead_experts']}  never top-1={k['never_top1']}  collapse step={_fmt(k['collapse_step'])}")
+    # every number on the line is from `split` at its last epoch, except the collapse step, which is a train step
+    k = A.collapse(con, run, split=split, by="epoch", layer=layer).iloc[-1]
+    train = _try(A.collapse, con, run, split="train", layer=layer)
+    step = train["collapse_step"].iloc[-1] if not train.empty else None
+    lines.append(f"collapse: {split} epoch {k['epoch']}  H/ln e={_fmt(k['norm_entropy'])}  "
+                 f"effective experts={k['effective_experts']:.2f}  dead={k['dead_experts']}  "
+                 f"never top-1={k['never_top1']}  (train) collapse step={_fmt(step)}")
     conf = A.router_confidence(con, run, split=split, layer=layer).iloc[-1]
     lines.append(f"router:   top-1 gate={conf['top1_gate']:.3f}  margin={_fmt(conf['margin'])}  entropy={conf['entropy']:.3f} nats")
     spec = _try(A.specialization, con, run, split=split, layer=layer, top=3, order_by="lift", min_count=20)

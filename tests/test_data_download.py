@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 import hashlib
 import http.server
 import threading
@@ -114,3 +115,61 @@ def test_real_origins_are_the_documented_ones():
     urls = [f.origin for fs in dl.REMOTE.values() for f in fs]
     assert "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2/train.txt" in urls
     assert "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json" in urls
+
+
+def _serve_fixture_wikitext(root: Path, monkeypatch) -> None:
+    """The fixture WikiText-2 on the local server, REMOTE pointed at it through $MOE_LENS_MIRROR."""
+    (root / "wikitext-2").mkdir()
+    files = []
+    for s in ("train", "valid", "test"):
+        src = FIX / "wikitext-2" / f"wiki.{s}.tokens"
+        (root / "wikitext-2" / src.name).write_bytes(src.read_bytes())
+        files.append(dl.RemoteFile(f"wikitext-2/{src.name}", "https://invalid.example/x", _sha(src)))
+    monkeypatch.setitem(dl.REMOTE, "wikitext2", tuple(files))
+
+
+def _tiny_train(tmp_path: Path, *extra: str) -> list[str]:
+    from moe_lens import train
+
+    train._load_data.cache_clear()  # per-process data cache: each run here must look at the disk
+    return ["train", "--dataset", "wikitext2", "--mode", "naive_topk", "--max-steps", "1", "--max-eval-batches", "1",
+            "--no-pos-tags", "--d-embed", "8", "--d-model", "8", "--expert-hidden", "8", "--bptt", "5",
+            "--batch-size", "2", "--runs-dir", str(tmp_path / "runs"), "--no-progress", "--device", "cpu", *extra]
+
+
+def test_train_without_a_data_dir_downloads_into_the_default_once(server, tmp_path, monkeypatch, capsys):
+    root, url = server
+    _serve_fixture_wikitext(root, monkeypatch)
+    monkeypatch.setenv("MOE_LENS_MIRROR", url)
+    monkeypatch.delenv("MOE_LENS_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MOE_LENS_CPU_EXT", "0")
+    default = tmp_path / "home" / ".cache" / "moe-lens" / "data"
+    assert main(_tiny_train(tmp_path, "--run-name", "a")) == 0
+    out = capsys.readouterr().out
+    notices = [ln for ln in out.splitlines() if "no data directory given" in ln]
+    assert len(notices) == 1 and str(default) in notices[0]
+    for s in ("train", "valid", "test"):
+        name = f"wiki.{s}.tokens"
+        assert (default / "wikitext-2" / name).read_bytes() == (FIX / "wikitext-2" / name).read_bytes()
+    shutil.rmtree(root / "wikitext-2")  # a second run must not fetch again (the server has nothing now)
+    assert main(_tiny_train(tmp_path, "--run-name", "b")) == 0
+    assert "no data directory given" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_train_with_a_given_data_dir_never_downloads(server, tmp_path, monkeypatch, capsys, how):
+    root, url = server
+    _serve_fixture_wikitext(root, monkeypatch)
+    monkeypatch.setenv("MOE_LENS_MIRROR", url)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MOE_LENS_CPU_EXT", "0")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    if how == "env":
+        monkeypatch.setenv("MOE_LENS_DATA", str(empty))
+    extra = ("--data-dir", str(empty)) if how == "flag" else ()
+    assert main(_tiny_train(tmp_path, *extra)) == 2
+    captured = capsys.readouterr()
+    assert "moe-lens data download wikitext2" in captured.err and "no data directory given" not in captured.out
+    assert list(empty.iterdir()) == [] and not (tmp_path / "home").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
 import pytest
 
 from moe_lens import analysis as A
@@ -63,3 +64,18 @@ def test_cli_writes_html_and_png(runs: Path, tmp_path: Path, capsys: pytest.Capt
     assert "effective_experts" in capsys.readouterr().out and (tmp_path / "c.html").stat().st_size > 100_000
     assert main(["figure", "nmi", "--runs-dir", str(runs), "--out", str(tmp_path / "n.png")]) == 0  # kaleido + chromium
     assert (tmp_path / "n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_png_without_chromium_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    fig = go.Figure(go.Bar(x=[1, 2], y=[3, 4]))
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chrome"))  # kaleido looks only there: no browser
+    with pytest.raises(MoeLensError) as e:
+        figures.save(fig, tmp_path / "x.png")
+    msg = str(e.value)
+    assert "Chromium" in msg and "apt-get install -y chromium" in msg and "plotly_get_chrome" in msg
+    assert "\n" not in msg and not (tmp_path / "x.png").exists()
+    monkeypatch.setitem(sys.modules, "kaleido", None)  # kaleido not installed
+    with pytest.raises(MoeLensError, match="needs the kaleido package, which is not installed: pip install kaleido"):
+        figures.save(fig, tmp_path / "x.png")

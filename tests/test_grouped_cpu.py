@@ -365,3 +365,18 @@ def test_one_worker_pool_per_thread_count_whose_workers_keep_one_blas_thread() -
     assert pool3 is not pool2 and torch.get_num_threads() == caller  # ... and the caller keeps its own
     assert pool3.submit(torch.get_num_threads).result() == 1
     assert experts._worker_pool(2) is pool2  # still usable by a caller that holds it
+
+
+def test_kernel_build_is_announced_in_one_line_with_its_duration(tmp_path, monkeypatch, capfd) -> None:
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
+    monkeypatch.setattr(cpp_extension, "load", lambda name, sources, extra_cflags: "module")
+    assert experts._build_cpu_extension() == "module"
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "compiling the CPU expert kernel" in lines[0] and "about a minute" in lines[0]
+    (tmp_path / "built").mkdir()
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path / "built"))
+    (tmp_path / "built" / f"moe_lens_cpu_{torch.backends.cpu.get_cpu_capability().lower()}.so").write_bytes(b"")
+    experts._build_cpu_extension()
+    assert capfd.readouterr().err == ""  # already built: no announcement
