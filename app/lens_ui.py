@@ -143,12 +143,20 @@ def metric_curves(runs: list[str], names: list[str] | None = None) -> pd.DataFra
     return m if m is not None else pd.DataFrame(columns=["run", "split", "name", "step", "epoch", "value"])
 
 
-def pick_runs(label: str = "Runs", key: str = "runs", limit: int | None = 4) -> list[str]:
-    """A run multiselect; by default the first `limit` runs of the first dataset (one task's variants side by side)."""
+# The README's story: a router that collapses beside one a balancing loss keeps balanced (opening screens).
+STORY_RUNS = ("wikitext2-naive_topk", "wikitext2-importance")
+
+
+def pick_runs(label: str = "Runs", key: str = "runs", limit: int | None = 4,
+              prefer: tuple[str, ...] = ()) -> list[str]:
+    """A run multiselect; by default `prefer` when all are present, else the first `limit` runs of the first
+    dataset (one task's variants side by side)."""
     table = runs_table()
     names = table["run"].tolist()
     datasets = table["dataset"] if "dataset" in table else None
-    if datasets is not None and datasets.notna().any():
+    if prefer and all(r in names for r in prefer):
+        default = list(prefer)
+    elif datasets is not None and datasets.notna().any():
         first = datasets.dropna().iloc[0]
         default = [r for r, d in zip(names, datasets) if d == first][:limit]
     else:
@@ -176,7 +184,8 @@ def layer() -> int:
 
 def show(fig: go.Figure, key: str) -> None:
     """The chart (its modebar saves a PNG) and a self-contained HTML download, built only when clicked."""
-    fig.update_layout(margin=dict(l=10, r=10, t=40, b=10))
+    # the title sits below the plotly toolbar (top right), which would otherwise cover it in narrow columns
+    fig.update_layout(margin=dict(l=10, r=10, t=80, b=10), title=dict(yref="container", y=1, yanchor="top", pad=dict(t=34)))
     st.plotly_chart(fig, key=key, config={"toImageButtonOptions": {"format": "png", "filename": key, "scale": 2},
                                           "displaylogo": False})
     st.download_button("Download chart (HTML)", data=lambda: fig.to_html(include_plotlyjs=True, full_html=True),

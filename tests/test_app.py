@@ -97,7 +97,7 @@ def test_sample_runs_charts_carry_the_sql_numbers() -> None:
     got = traces(figure(at, "collapse-effective_experts"))
     for run in runs:
         assert np.allclose(got[run]["y"], want[want["run"] == run].sort_values("step")["effective_experts"])
-    at = app(sample, "specialization", spec_run="wikitext2-importance")
+    at = app(sample, "specialization", spec_run="wikitext2-importance", spec_value="share")  # the default is log2 lift
     spec = analysis.specialization(con(sample), "wikitext2-importance", attribute="pos_tag", shuffled=False)
     heat = first(figure(at, "spec-heatmap"))
     want = spec.pivot_table(index="expert", columns="value", values="p_expert_given_value").fillna(0.0)
@@ -155,7 +155,7 @@ def test_collapse_numbers(runs_dir: Path) -> None:
 
 
 def test_specialization_numbers(runs_dir: Path) -> None:
-    at = app(runs_dir, "specialization", spec_run="a-noisy", spec_top=True, spec_shuffled=True)
+    at = app(runs_dir, "specialization", spec_run="a-noisy", spec_top=True, spec_shuffled=True, spec_value="share")
     c = con(runs_dir)
     spec = analysis.specialization(c, "a-noisy", attribute="pos_tag")
     heat = first(figure(at, "spec-heatmap"))
@@ -177,7 +177,7 @@ def test_clusters_pca_numbers_and_cache(runs_dir: Path) -> None:
     at = app(runs_dir, "clusters", clusters_run="a-noisy")
     c = con(runs_dir)
     keys = projection.hidden_keys(c, "a-noisy")
-    key = keys[keys["split"] == "valid"].iloc[0]
+    key = keys[keys["split"] == "valid"].sort_values("epoch").iloc[-1]  # the page opens on the last valid epoch
     key = dict(dataset=key["dataset"], split="valid", epoch=int(key["epoch"]), layer=0)
     x, labels = projection.hidden_sample(c, "a-noisy", **key)
     xc = x - x.mean(0)

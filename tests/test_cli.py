@@ -136,7 +136,7 @@ def _readme_first_command() -> list[str]:
 def test_readme_first_command_shrunk(real_data_dir: Path, tmp_path: Path) -> None:
     args = _readme_first_command()
     assert "--quick" in args and len(args) <= 6  # one short command
-    shrink = ["--epoch-steps", "3", "--max-eval-batches", "2", "--hidden-sample", "200", "--runs-dir", str(tmp_path),
+    shrink = ["--epoch-steps", "3", "--record-every", "2", "--max-eval-batches", "2", "--record-tokens", "500", "--hidden-sample", "200", "--runs-dir", str(tmp_path),
               "--run-name", "first", "--no-progress"]  # fmt: skip
     env = {**os.environ, "MOE_LENS_DATA": str(real_data_dir), "MOE_LENS_CACHE": str(tmp_path / "cache")}
     out = subprocess.run([sys.executable, "-m", "moe_lens.cli", *args, *shrink], capture_output=True, text=True,

@@ -8,11 +8,16 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import plotly.express as px
 import streamlit as st
 
 import lens_ui as ui
 from moe_lens import projection
+
+
+ALL = "all datasets"
 
 
 @st.cache_resource
@@ -33,18 +38,36 @@ keys = keys[keys["layer"] == ui.layer()] if keys is not None else keys
 if keys is None or keys.empty:
     st.info(f"Run `{run}` has no recorded hidden states for layer {ui.layer()} (the `hidden/` table).")
     st.stop()
+# a run replayed over other datasets (`moe-lens record`) also gets one sample per split/epoch of all its datasets
+multi = keys.groupby(["split", "epoch", "layer"], as_index=False)["dataset"].nunique()
+multi = multi[multi["dataset"] > 1].assign(dataset=ALL)
+keys = pd.concat([keys, multi[keys.columns]], ignore_index=True)
 labels = [f"{r.dataset} / {r.split} / epoch {r.epoch}" for r in keys.itertuples()]
-default = next((i for i, r in enumerate(keys.itertuples()) if r.split == "valid"), 0)
+# the last valid epoch: the trained router
+valid = [i for i, r in enumerate(keys.itertuples()) if r.split == "valid" and r.dataset != ALL]
+default = max(valid, key=lambda i: int(keys.iloc[i]["epoch"])) if valid else 0
 choice = c2.selectbox("Sample", range(len(labels)), index=default, format_func=lambda i: labels[i], key="clusters_key")
 method = c3.radio("Projection", ["UMAP", "PCA"], horizontal=True, key="clusters_method").lower()
-colour = c4.selectbox("Colour by", ["expert", "pos_tag", "freq_band", "gate"], key="clusters_colour")
+colour = c4.selectbox("Colour by", ["expert", "pos_tag", "dataset", "freq_band", "gate"], key="clusters_colour")
 row = keys.iloc[choice]
 key = dict(dataset=row["dataset"], split=row["split"], epoch=int(row["epoch"]), layer=int(row["layer"]))
 run_dir = Path(ui.runs_dir()) / run
 
-df = projection.cached(run_dir, **key, method=method)
+df = projection.cached(run_dir, **key, method=method) if key["dataset"] != ALL else None
 shown = method
-if df is None and method == "umap":
+if key["dataset"] == ALL:  # one joint PCA over every dataset's sample (computed here: n x d is small)
+    con, lock = ui.connection()
+    parts = []
+    with lock:
+        for ds in sorted(set(keys["dataset"]) - {ALL}):
+            x, lab = projection.hidden_sample(con, run, **{**key, "dataset": ds})
+            parts.append((x, lab.assign(dataset=ds)))
+    x = np.concatenate([p[0] for p in parts])
+    df = projection.compute(x, pd.concat([p[1] for p in parts], ignore_index=True), "pca")
+    shown = "pca"
+    if method == "umap":
+        st.info("The all-datasets sample is shown in PCA (one joint projection); pick one dataset for UMAP.")
+elif df is None and method == "umap":
     executor, jobs = _jobs()
     job_id = str(projection.cache_path(run_dir, **key, method="umap"))
     if job_id not in jobs or (jobs[job_id][0].done() and jobs[job_id][0].exception() is None):
@@ -73,15 +96,20 @@ if df is None:
         projection.save(df, run_dir, **key, method="pca")
 
 plot = df.assign(expert=df["expert"].astype("Int64").astype(str).replace("<NA>", "none"))
-fig = px.scatter(plot, x="x", y="y", color=colour, hover_data=["token", "expert", "pos_tag", "freq_band", "gate"],
-                 color_continuous_scale="Viridis",
+if "dataset" not in plot:
+    plot["dataset"] = key["dataset"]
+# every recorded point, drawn with WebGL (scattergl); Dark24's 24 colours stay apart where Plotly's 10 repeat
+fig = px.scatter(plot, x="x", y="y", color=colour, hover_data=["token", "expert", "pos_tag", "dataset", "gate"],
+                 color_continuous_scale="Viridis", color_discrete_sequence=px.colors.qualitative.Dark24,
+                 render_mode="webgl",
                  category_orders={c: sorted(plot[c].dropna().unique(), key=lambda v: (len(str(v)), str(v)))
-                                  for c in ("expert", "pos_tag", "freq_band")}, title=f"{run}: {shown.upper()} of {len(df)} hidden states, "
-                 f"{key['dataset']}/{key['split']} epoch {key['epoch']} layer {key['layer']}, by {colour}")
+                                  for c in ("expert", "pos_tag", "freq_band", "dataset")},
+                 title=f"{run}: {shown.upper()} of {len(df):,} hidden states, {key['dataset']}/{key['split']} "
+                 f"epoch {key['epoch']} layer {key['layer']}, by {colour}")  # fmt: skip
 fig.update_traces(marker=dict(size=4, opacity=0.7))
 ui.show(fig, "clusters-scatter")
 
-if shown != method:
+if shown != method and key["dataset"] != ALL:
     @st.fragment(run_every=3)
     def _poll() -> None:
         if projection.cached(run_dir, **key, method="umap") is not None:

@@ -8,7 +8,7 @@ import streamlit as st
 import lens_ui as ui
 
 st.title("Collapse")
-runs = ui.pick_runs(key="runs_collapse", limit=None)
+runs = ui.pick_runs(key="runs_collapse", limit=None, prefer=ui.STORY_RUNS)  # a collapse beside a balance
 c1, c2 = st.columns(2)
 split = c1.selectbox("Split", ["train", "valid", "test"], key="collapse_split")
 threshold = c2.number_input("Collapsed below exp(H) =", min_value=1.0, value=2.0, step=0.5, key="collapse_threshold")
@@ -24,7 +24,8 @@ st.dataframe(steps, hide_index=True, key="collapse_steps")
 for col, title in (("effective_experts", "Effective experts exp(H)"),
                    ("dead_experts", "Dead experts (under 1/(10e) of all k assignments)"),
                    ("never_top1", "Experts never chosen first (no rank-0 assignment)")):
-    fig = px.line(df, x=by, y=col, color="run", hover_data=["mode"], title=title)
+    few = df.groupby("run")[by].nunique().max() <= 30  # short or one-point curves need markers to show at all
+    fig = px.line(df, x=by, y=col, color="run", hover_data=["mode"], title=title, markers=bool(few))
     for _, r in steps.dropna(subset=["collapse_step"]).iterrows() if by == "step" else []:
         fig.add_vline(x=float(r["collapse_step"]), line_dash="dash", annotation_text=f"collapse {r['run']}")
     if col == "effective_experts":

@@ -17,13 +17,16 @@ CHARTS = {
 }
 
 st.title("Compare")
-runs = ui.pick_runs(key="runs_compare", limit=4)
+runs = ui.pick_runs(key="runs_compare", limit=4, prefer=ui.STORY_RUNS)
 c1, c2 = st.columns([3, 1])
 chart = c1.selectbox("Chart", list(CHARTS), key="compare_chart")
 ncols = c2.number_input("Columns", min_value=1, max_value=4, value=2, key="compare_cols")
 name, kw, x, y = CHARTS[chart]
 df = ui.get(name, runs, layer=ui.layer(), **kw)
 if df is not None:
+    # one y-range per metric for every panel, so a steady run does not look as jumpy as an unstable one
+    lo, hi = float(df[y].min()), float(df[y].max())
+    pad = 0.05 * (hi - lo) or 0.5
     grid = st.columns(int(ncols))
     for i, run in enumerate(runs):
         d = df[df["run"] == run]
@@ -36,7 +39,7 @@ if df is not None:
                 fig = px.imshow(z, aspect="auto", origin="lower", color_continuous_scale="Viridis",
                                 zmin=0, zmax=1, title=run, labels=dict(x=x, y="expert", color=y))
             else:
-                fig = px.line(d.sort_values(x), x=x, y=y, markers=True, title=run)
+                fig = px.line(d.sort_values(x), x=x, y=y, markers=True, title=run, range_y=[lo - pad, hi + pad])
             ui.show(fig, f"compare-{i}")
 
 if st.toggle("Summary table (all analyses at each run's last epoch)", key="compare_table"):

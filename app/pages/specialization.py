@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 
+import numpy as np
 import plotly.express as px
 import streamlit as st
 
@@ -14,10 +15,12 @@ from moe_lens import analysis
 st.title("Specialization")
 names = ui.runs_table()["run"].tolist()
 c1, c2, c3, c4 = st.columns(4)
-run = c1.selectbox("Run", names, index=ui.first_routed(names), key="spec_run")
+OPEN = "wikitext2-importance"  # the README's finding 3: a balanced router's POS experts
+run = c1.selectbox("Run", names, index=names.index(OPEN) if OPEN in names else ui.first_routed(names), key="spec_run")
 attribute = c2.selectbox("Attribute", ["pos_tag", "freq_band", "dataset", "ner_tag", "position_band"], key="spec_attr")
-value = c3.radio("Colour", ["share", "lift"], horizontal=True, key="spec_value",
-                 help="share = P(expert | value); lift = P(expert | value) / P(expert)")
+value = c3.radio("Colour", ["log2 lift", "share"], horizontal=True, key="spec_value",
+                 help="log2 lift = log2(P(expert | value) / P(expert)): 0 = chance, +1 = twice as often; "
+                      "share = P(expert | value), dominated by each expert's overall load")
 split = c4.selectbox("Split", ["valid", "train", "test"], key="spec_split")
 kw = dict(split=split, layer=ui.layer())
 shuffled = st.toggle("Shuffled-attribute baseline for the NMI (a second pass over the traces: slower on big runs)",
@@ -32,22 +35,33 @@ df = None if full is None or full[full["run"] == run].empty else full[full["run"
 if df is None and full is not None:
     st.info(f"Run `{run}` has no routing rows with a {attribute} in {split}.")
 if df is not None:
-    col = "p_expert_given_value" if value == "share" else "lift"
-    z = df.pivot_table(index="expert", columns="value", values=col, aggfunc="sum").fillna(0.0)
+    if value == "share":
+        z = df.pivot_table(index="expert", columns="value", values="p_expert_given_value", aggfunc="sum").fillna(0.0)
+        scale, mid = "Viridis", None
+    else:  # an expert never seen with a value has lift 0: shown at the colour scale's floor, -4
+        z = np.log2(df.pivot_table(index="expert", columns="value", values="lift", aggfunc="sum")
+                    .fillna(0.0).clip(lower=2.0**-4))
+        scale, mid = "RdBu_r", 0.0
     z = z[sorted(z.columns, key=lambda v: -df[df["value"] == v]["n_value"].iloc[0])]  # frequent values first
-    fig = px.imshow(z, aspect="auto", origin="lower", color_continuous_scale="Viridis",
+    fig = px.imshow(z, aspect="auto", origin="lower", color_continuous_scale=scale, color_continuous_midpoint=mid,
                     labels=dict(x=attribute, y="expert", color=value), title=f"{run}: expert x {attribute} ({value})")
     ui.show(fig, "spec-heatmap")
 
-st.subheader("NMI and AMI per run against chance")
+st.subheader("NMI and AMI per run against chance, and the mutual information beside them")
 if full is not None:
     measures = ["nmi", "ami", "nmi_shuffled", "nmi_chance"] if shuffled else ["nmi", "ami", "nmi_chance"]
-    nmi = full.drop_duplicates(["run", "dataset", "layer"])[["run", *measures]]
+    nmi = full.drop_duplicates(["run", "dataset", "layer"])[["run", *measures, "mi"]]
     long = nmi.melt(id_vars=["run"], value_vars=measures, var_name="measure")
+    n1, n2 = st.columns(2)
     fig = px.bar(long, x="run", y="value", color="measure", barmode="group",
                  title=f"NMI and AMI (expert; {attribute}) vs {'one shuffle and ' if shuffled else ''}"
                        "the expected NMI under permutation")
-    ui.show(fig, "spec-nmi")
+    with n1:
+        ui.show(fig, "spec-nmi")
+    # a collapsed router scores a high normalised score on little information: MI (nats) tells them apart
+    fig = px.bar(nmi.sort_values("mi"), x="run", y="mi", title=f"MI(expert; {attribute}) in nats")
+    with n2:
+        ui.show(fig, "spec-mi")
 
 st.subheader("One expert: top tokens and contexts")
 if df is None or not st.toggle("Show the top tokens of an expert (one more pass over the traces)", value=False,
