@@ -122,6 +122,7 @@ def test_clusters_draws_every_point_with_webgl(tmp_path, monkeypatch, colour) ->
     at.switch_page("pages/clusters.py").run()
     assert not at.exception and not at.error
     run = widget(at, "clusters_run").value
+    assert run == "wikitext2-importance"
     data = fig(at, "clusters-scatter")["data"]
     h = pd.read_parquet(SAMPLE / run / "hidden").astype({"split": str, "epoch": int})
     h = h[(h["split"] == "valid") & (h["epoch"] == h.loc[h["split"] == "valid", "epoch"].max())]

@@ -32,7 +32,8 @@ def _umap_job(x, labels, run_dir: Path, key: dict) -> None:
 st.title("Clusters")
 names = ui.runs_table()["run"].tolist()
 c1, c2, c3, c4 = st.columns(4)
-run = c1.selectbox("Run", names, index=ui.first_routed(names), key="clusters_run")
+OPEN = "wikitext2-importance"  # a balanced router: its experts' clusters are visible
+run = c1.selectbox("Run", names, index=names.index(OPEN) if OPEN in names else ui.first_routed(names), key="clusters_run")
 keys = ui.get("hidden_keys", run)
 keys = keys[keys["layer"] == ui.layer()] if keys is not None else keys
 if keys is None or keys.empty:
