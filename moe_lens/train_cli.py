@@ -57,7 +57,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         g = sections[field_help()[f.name].group] if f.name in field_help() else p
         if is_bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name in CHOICES and f.name != "device":  # device also takes cuda:N
+        elif f.name in ("mode", "dataset"):  # other enumerated fields: RunConfig's check names the allowed values
             g.add_argument(flag, choices=list(CHOICES[f.name]), metavar=f.name.upper(), **kw)
         else:
             g.add_argument(flag, type=tp, **kw)
