@@ -92,6 +92,8 @@ class RunConfig:
     embeddings: str | None = None  # GloVe text file to initialise the embedding from
     freeze_embeddings: bool = False  # keep the (GloVe) embedding fixed during training
     case_features: bool = False  # CoNLL: add a small embedding of each token's casing (Title, UPPER, digits...)
+    num_layers: int = 2  # stacked LSTM layers (BiLSTM layers for the tagger and QA)
+    moe_layers: str = "1"  # the 1-based LSTM layers followed by an MoE layer: "1", "1,2", ... or "all"
     # router
     router: str = "noisy_topk"  # how tokens pick experts (set by --mode; see moe/routers.py)
     num_experts: int = 8  # experts in the MoE layer (e)
@@ -156,6 +158,21 @@ class RunConfig:
             raise ValueError(f"top_k={self.top_k} with router 'switch'; allowed: 1 (Switch routes each token to one expert)")
         if self.w_load > 0 and self.router != "noisy_topk":
             raise ValueError(f"w_load={self.w_load} with router {self.router!r}; the smooth load loss needs router 'noisy_topk'")
+        self.moe_after()  # raises on a bad moe_layers
+
+    def moe_after(self) -> list[int]:
+        """The 1-based LSTM layers followed by an MoE layer, ascending (`moe_layers` parsed and checked)."""
+        NUMERIC_RANGES["num_layers"].check("num_layers", self.num_layers)
+        allowed = f"'all' or a comma-separated list of 1..{self.num_layers}"
+        if str(self.moe_layers).strip() == "all":
+            return list(range(1, self.num_layers + 1))
+        try:
+            layers = sorted({int(x) for x in str(self.moe_layers).split(",")})
+        except ValueError:
+            raise ValueError(f"moe_layers={self.moe_layers!r}; allowed: {allowed}") from None
+        if not layers or layers[0] < 1 or layers[-1] > self.num_layers:
+            raise ValueError(f"moe_layers={self.moe_layers!r} with num_layers={self.num_layers}; allowed: {allowed}")
+        return layers
 
     @classmethod
     def for_mode(cls, mode: str, **overrides: Any) -> "RunConfig":
@@ -234,6 +251,7 @@ NUMERIC_RANGES: dict[str, Range] = {
     "d_embed": _COUNT,
     "d_model": _COUNT,
     "dropout": Range(float, 0, hi=1),
+    "num_layers": _COUNT,
     "num_experts": _COUNT,
     "top_k": _COUNT,
     "expert_hidden": _COUNT,

@@ -59,7 +59,7 @@ def test_tagger_logits_change_with_the_casing_of_one_token() -> None:
     torch.manual_seed(0)
     cfg = RunConfig.for_mode("noisy_topk", **TINY)
     model = Tagger(cfg, vocab_size=20, num_tags=9).eval()
-    assert model.enc.lstm1.input_size == cfg.d_embed + CASE_DIM
+    assert model.enc.lstms[0].input_size == cfg.d_embed + CASE_DIM
     ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 0]])  # (b, t)
     idx, lengths = torch.arange(8).reshape(2, 4), torch.tensor([4, 3])
     case = torch.tensor([[2, 1, 1, 6], [3, 1, 5, 0]])
@@ -73,7 +73,7 @@ def test_tagger_logits_change_with_the_casing_of_one_token() -> None:
     with pytest.raises(ValueError, match="case_features"):
         model(ids, idx, lengths)
     plain = Tagger(RunConfig.for_mode("noisy_topk", **{**TINY, "case_features": False}), 20, 9)
-    assert plain.case_emb is None and plain.enc.lstm1.input_size == cfg.d_embed
+    assert plain.case_emb is None and plain.enc.lstms[0].input_size == cfg.d_embed
 
 
 def test_a_training_step_updates_the_casing_embedding() -> None:

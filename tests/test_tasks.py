@@ -89,7 +89,7 @@ def test_qa_end_logits_cover_context_positions_only() -> None:
     cfg = RunConfig.for_mode("noisy_topk", dataset="squad", d_embed=8, d_model=8, expert_hidden=8, num_experts=4)
     model = SpanQA(cfg, 50).eval()
     c_ids, c_idx, c_len, q_ids, q_idx, q_len = _qa_inputs()
-    start, end, _, traces = model(c_ids, c_idx, c_len, q_ids, q_idx, q_len)
+    (start, end), _, traces, _ = model(c_ids, c_idx, c_len, q_ids, q_idx, q_len)
     assert start.shape == end.shape == (3, 11)  # context length, not question length (5)
     for row, n in enumerate(c_len.tolist()):
         assert torch.isfinite(end[row, :n]).all() and torch.isinf(end[row, n:]).all()
@@ -97,7 +97,7 @@ def test_qa_end_logits_cover_context_positions_only() -> None:
     # padding tokens change nothing
     c2 = c_ids.clone()
     c2[1, 7:] = 3
-    start2, end2, _, _ = model(c2, c_idx, c_len, q_ids, q_idx, q_len)
+    (start2, end2), _, _, _ = model(c2, c_idx, c_len, q_ids, q_idx, q_len)
     torch.testing.assert_close(end2, end)
     # the end logit at a context position depends on the context token there
     emb = model.emb.weight
@@ -111,7 +111,7 @@ def test_tagger_routes_only_real_tokens() -> None:
     ids_ = torch.randint(2, 40, (3, 6))
     lengths = torch.tensor([6, 2, 4])
     idx = torch.arange(18).reshape(3, 6)
-    logits, aux, traces = model(ids_, idx, lengths)
+    logits, aux, traces, _ = model(ids_, idx, lengths)
     assert logits.shape == (3, 6, 9)
     real = torch.arange(6) < lengths.unsqueeze(1)
     assert sorted(traces[0].token_idx.tolist()) == sorted(idx[real].tolist())

@@ -70,8 +70,10 @@ class MoELayer(nn.Module):
         w_switch: float = 0.0,
         w_z: float = 0.0,
         dispatch: str = "auto",
+        layer: int = 0,
     ) -> None:
         super().__init__()
+        self.layer = layer  # index among the model's MoE layers, 0-based (the traces' `layer` column)
         if top_k > num_experts:
             raise ValueError(f"top_k={top_k} > num_experts={num_experts}; allowed: 1..{num_experts}")
         if capacity_factor is not None and not capacity_factor > 0:
@@ -90,12 +92,12 @@ class MoELayer(nn.Module):
         self.dispatch = dispatch
 
     @classmethod
-    def from_config(cls, cfg: object, d: int) -> "MoELayer":
-        """Build from a RunConfig (any object with its router/expert fields)."""
+    def from_config(cls, cfg: object, d: int, layer: int = 0) -> "MoELayer":
+        """Build from a RunConfig (any object with its router/expert fields); `layer`: its MoE-layer index."""
         names = ("num_experts", "top_k", "router", "expert_type", "expert_hidden", "rank", "lora_train_base",
                  "lora_alpha", "capacity_factor", "noise_eps", "router_init", "w_importance", "w_load", "w_switch",
                  "w_z", "dispatch")  # fmt: skip
-        return cls(d, **{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
+        return cls(d, layer=layer, **{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
 
     def forward(self, x: Tensor, mask: Tensor | None = None, token_ids: Tensor | None = None,
                 group: int | None = None) -> MoEOutput:

@@ -5,7 +5,8 @@ Each task implements the `Task` interface used by the one training loop (`moe_le
     batches(split, train, seed, epoch) -> iterator of CPU tensor dicts; "ntokens" = real tokens
                                           (train: CoNLL/SQuAD shuffle by seed; the LM starts its
                                           short epochs where the last one stopped, by epoch)
-    forward(model, batch, state)       -> Forward(loss, aux_loss, traces, state)   (on the device)
+    forward(model, batch, state)       -> Forward(loss, aux_loss, traces, state)   (on the device), from the
+                                          model's ModelOutput(logits, aux_loss, traces, state)
     eval_update(acc, batch, fwd)       -> accumulate device tensors, no host sync
     eval_metrics(acc, split)           -> {"loss": ..., "ppl" | "accuracy", "f1" | "em", "f1", ...}
 

@@ -47,8 +47,8 @@ class LMTask:
         return None
 
     def forward(self, model, batch: dict, state) -> Forward:
-        logits, aux, traces, state = model(batch["ids"], batch["token_idx"], state)
-        state = tuple(tuple(s.detach() for s in layer) for layer in state)  # truncated BPTT
+        logits, aux, traces, state = model(batch["ids"], batch["token_idx"], state)  # ModelOutput
+        state = tuple(tuple(s.detach() for s in layer) for layer in state)  # truncated BPTT, per LSTM layer
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["target"].reshape(-1))
         return Forward(loss, aux, traces, state, out=None)
 

@@ -95,7 +95,7 @@ class NERTask:
 
     def forward(self, model, batch: dict, state) -> Forward:
         # logits (b, t, tags); `case` is in the batch only with cfg.case_features
-        logits, aux, traces = model(batch["ids"], batch["token_idx"], batch["lengths"], batch.get("case"))
+        logits, aux, traces, _ = model(batch["ids"], batch["token_idx"], batch["lengths"], batch.get("case"))
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
                                ignore_index=IGNORE)  # fmt: skip
         return Forward(loss, aux, traces, None, out=logits)

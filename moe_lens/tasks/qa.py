@@ -59,8 +59,8 @@ class QATask:
         return None
 
     def forward(self, model, batch: dict, state) -> Forward:
-        start, end, aux, traces = model(batch["c_ids"], batch["c_idx"], batch["c_len"],
-                                        batch["q_ids"], batch["q_idx"], batch["q_len"])  # fmt: skip
+        (start, end), aux, traces, _ = model(batch["c_ids"], batch["c_idx"], batch["c_len"],
+                                             batch["q_ids"], batch["q_idx"], batch["q_len"])  # fmt: skip
         loss = F.cross_entropy(start.float(), batch["start"]) + F.cross_entropy(end.float(), batch["end"])
         return Forward(loss, aux, traces, None, out=(start, end))
 

@@ -1,0 +1,133 @@
+"""Depth as a dimension: stacked MoE layers in all three models, the per-layer train-time window, and a
+recorded 3-MoE-layer language model.
+
+The default model (`num_layers=2`, `moe_layers="1"`) is checked bit for bit against the one-MoE-layer
+models as they were (tests/fixtures/old_models.py): same weights from the same seed, same outputs and
+routing in training mode (dropout and router noise drawn in the same order), and old checkpoints load.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moe_lens.config import RunConfig
+from moe_lens.models import LanguageModel, ModelOutput, SpanQA, Tagger
+
+_spec = importlib.util.spec_from_file_location("old_models", Path(__file__).parent / "fixtures" / "old_models.py")
+old = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(old)
+
+SMALL = dict(d_embed=8, d_model=8, expert_hidden=8, num_experts=4)
+OLD_TO_NEW = {"lstm1.": "lstms.0.", "lstm2.": "lstms.1.", "moe.": "moes.0.", "norm.": "norms.0."}
+
+
+def _new_name(key: str) -> str:
+    head, _, rest = key.partition("enc.") if key.startswith("enc.") else ("", "", key)
+    for a, b in OLD_TO_NEW.items():
+        if rest.startswith(a):
+            rest = b + rest[len(a):]
+    return (head + "enc." if key.startswith("enc.") else "") + rest
+
+
+def _lm_inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 30, (3, 5), generator=g), torch.arange(15).reshape(3, 5)
+
+
+def _tag_inputs():
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(1, 30, (3, 6), generator=g), torch.arange(18).reshape(3, 6), torch.tensor([6, 2, 4])
+
+
+def _qa_inputs():
+    g = torch.Generator().manual_seed(3)
+    c, q = torch.randint(1, 30, (3, 7), generator=g), torch.randint(1, 30, (3, 4), generator=g)
+    return c, torch.arange(21).reshape(3, 7), torch.tensor([7, 5, 3]), q, 100 + torch.arange(12).reshape(3, 4), \
+        torch.tensor([4, 2, 3])
+
+
+CASES = {  # dataset -> (old class, new class, constructor args after cfg, inputs)
+    "wikitext2": (old.LanguageModel, LanguageModel, (30,), _lm_inputs),
+    "conll2003": (old.Tagger, Tagger, (30, 5), _tag_inputs),
+    "squad": (old.SpanQA, SpanQA, (30,), _qa_inputs),
+}
+
+
+def _flat(out, dataset: str) -> list[torch.Tensor]:
+    """Logits and aux loss of an old tuple return or a ModelOutput, in a fixed order."""
+    if isinstance(out, ModelOutput):
+        logits = list(out.logits) if isinstance(out.logits, tuple) else [out.logits]
+        return logits + [out.aux_loss]
+    if dataset == "squad":  # old SpanQA: start, end, aux, traces
+        return [out[0], out[1], out[2]]
+    return [out[0], out[1]]  # logits, aux, traces[, state]
+
+
+@pytest.mark.parametrize("dataset", list(CASES))
+@pytest.mark.parametrize("mode", ["noisy_topk", "switch", "expert_choice"])
+def test_default_depth_is_bit_identical_to_the_one_layer_model(dataset: str, mode: str) -> None:
+    old_cls, new_cls, args, inputs = CASES[dataset]
+    cfg = RunConfig.for_mode(mode, dataset=dataset, **SMALL)
+    torch.manual_seed(0)
+    a = old_cls(cfg, *args)
+    torch.manual_seed(0)
+    b = new_cls(cfg, *args)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(_new_name(k) for k in sa) == sorted(sb)
+    for k, v in sa.items():
+        assert torch.equal(v, sb[_new_name(k)]), k  # the same seed draws the same weights
+    x = inputs()
+    for train in (True, False):
+        a.train(train), b.train(train)
+        torch.manual_seed(5)
+        out_a = a(*x)
+        torch.manual_seed(5)
+        out_b = b(*x)
+        assert isinstance(out_b, ModelOutput)
+        for ta, tb in zip(_flat(out_a, dataset), _flat(out_b, dataset), strict=True):
+            assert torch.equal(ta, tb)
+        tr_a, tr_b = out_a[3] if dataset == "squad" else out_a[2], out_b.traces
+        assert len(tr_b) == 1 and tr_b[0].layer == 0
+        assert torch.equal(tr_a[0].token_idx, tr_b[0].token_idx)
+        assert torch.equal(tr_a[0].routing.expert_idx, tr_b[0].routing.expert_idx)
+        assert torch.equal(tr_a[0].hidden, tr_b[0].hidden)
+    # an old checkpoint (one-MoE-layer names) loads into the new model, strictly
+    c = new_cls(cfg, *args)
+    c.load_state_dict(a.state_dict())
+    for k, v in c.state_dict().items():
+        assert torch.equal(v, sb[k])
+
+
+@pytest.mark.parametrize("dataset", list(CASES))
+def test_stacked_moe_layers_know_their_index(dataset: str) -> None:
+    _, new_cls, args, inputs = CASES[dataset]
+    cfg = RunConfig.for_mode("load", dataset=dataset, num_layers=3, moe_layers="all", **SMALL)
+    torch.manual_seed(0)
+    model = new_cls(cfg, *args)
+    moes = model.moes if dataset == "wikitext2" else model.enc.moes
+    assert [m.layer for m in moes] == [0, 1, 2]
+    out = model(*inputs())
+    assert [t.layer for t in out.traces] == [0, 1, 2]
+    # the model's aux loss is the sum of the layers' weighted aux losses
+    torch.testing.assert_close(out.aux_loss.detach(), sum(t.aux_loss for t in out.traces))
+    assert all(t.aux_loss > 0 for t in out.traces)  # w_load = 0.1: each layer contributes
+    n = out.traces[0].token_idx.shape[0]
+    assert all(torch.equal(t.token_idx, out.traces[0].token_idx) for t in out.traces)
+    assert all(t.routing.expert_idx.shape == (n, 2) for t in out.traces)
+    if dataset == "wikitext2":
+        assert len(out.state) == 3
+
+
+def test_moe_layers_are_validated() -> None:
+    assert RunConfig(num_layers=3, moe_layers="3,1").moe_after() == [1, 3]
+    assert RunConfig(num_layers=3, moe_layers="all").moe_after() == [1, 2, 3]
+    assert RunConfig().moe_after() == [1]
+    for bad in ("4", "0", "x", ""):
+        with pytest.raises(ValueError, match="moe_layers"):
+            RunConfig(num_layers=3, moe_layers=bad)
+    with pytest.raises(ValueError, match="num_layers"):
+        RunConfig(num_layers=0)
