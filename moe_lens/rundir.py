@@ -123,7 +123,8 @@ class Metrics:
         self.rows.append(dict(step=step, epoch=epoch, split=split, name=name, layer=layer, expert=expert,
                               value=float(value)))  # fmt: skip
         if self.writer is not None:
-            tag = f"{split}/{name}" + (f"/expert{expert}" if expert is not None else "")
+            tag = f"{split}/{name}" + (f"/layer{layer}" if layer is not None else "") + \
+                (f"/expert{expert}" if expert is not None else "")
             self.writer.add_scalar(tag, float(value), step)
 
     def add_many(self, step: int, epoch: int, split: str, values: dict[str, float]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import random
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from moe_lens import resume as rs
 from moe_lens.record import Recorder, write_json_atomic
 from moe_lens.rundir import (Metrics, RunState, checkpoint_path, create_run_dir, environment, latest_checkpoint,
                              now, plan_run_dir, save_checkpoint)  # fmt: skip
+from moe_lens.stats_window import StatsWindow
 from moe_lens.tasks import get_task
 
 LOG_EVERY = 50
@@ -246,7 +246,7 @@ class _Loop:
         self.cfg, self.task, self.model, self.opt, self.sched, self.params = cfg, task, model, opt, sched, params
         self.device, self.recorder, self.metrics, self.state = device, recorder, metrics, state
         self.run_dir, self.vocab = run_dir, vocab
-        self.window = _Window(cfg.num_experts if cfg.router != "dense" else 1, device)
+        self.window = StatsWindow(device)
         self.step, self.fstate, self.last_checkpoint, self.train_through = 0, None, clock(), -1
         self.stop: rs.StopSignals | None = None
         self.bar = None
@@ -324,54 +324,6 @@ class _Loop:
     def interrupt(self, epoch: int, *, batch: int, trained: bool = False) -> None:
         self.checkpoint(epoch, batch=batch, trained=trained)
         raise rs.RunInterrupted(self.stop.signum, self.step, self.run_dir)
-
-
-class _Window:
-    """Sums over the steps since the last log, kept on the device (no host sync in the step)."""
-
-    def __init__(self, e: int, device: torch.device) -> None:
-        self.e, self.device = e, device
-        self.reset()
-
-    def reset(self) -> None:
-        z = lambda *s: torch.zeros(*s, device=self.device)  # noqa: E731
-        self.loss, self.aux, self.load, self.importance, self.dropped, self.n = z(()), z(()), z(self.e), z(self.e), z(()), 0
-        self.parts: dict[str, torch.Tensor] = {}
-
-    def state_dict(self) -> dict:
-        return {"loss": self.loss, "aux": self.aux, "load": self.load, "importance": self.importance,
-                "dropped": self.dropped, "n": self.n, "parts": dict(self.parts)}  # fmt: skip
-
-    def load_state_dict(self, d: dict) -> None:
-        to = lambda t: t.to(self.device) if torch.is_tensor(t) else t  # noqa: E731
-        self.loss, self.aux, self.load, self.importance = to(d["loss"]), to(d["aux"]), to(d["load"]), to(d["importance"])
-        self.dropped, self.n, self.parts = to(d["dropped"]), d["n"], {k: to(v) for k, v in d["parts"].items()}
-
-    def update(self, fwd) -> None:
-        self.loss += fwd.loss.detach()
-        self.aux += fwd.aux.detach()
-        for tr in fwd.traces:
-            r = tr.routing
-            self.load += r.load.detach()
-            self.importance += r.importance.detach()
-            self.dropped += r.num_dropped
-            for k, v in r.aux.items():
-                self.parts[k] = self.parts.get(k, 0) + v.detach()
-        self.n += 1
-
-    def log(self, metrics, step: int, epoch: int, tok_s: float, lr: float, bar) -> None:
-        loss = float(self.loss) / self.n  # the one host sync, every LOG_EVERY steps
-        if not math.isfinite(loss):
-            raise MoeLensError(f"non-finite training loss ({loss}) at step {step}; stopped. Traces, metrics and "
-                               f"checkpoints so far are kept. Try a lower --lr or --clip.")  # fmt: skip
-        vals = {"loss": loss, "aux_loss": float(self.aux) / self.n, "tokens_per_s": tok_s, "lr": lr,
-                "dropped": float(self.dropped)} | {f"aux_{k}": float(v) / self.n for k, v in self.parts.items()}  # fmt: skip
-        metrics.add_many(step, epoch, "train", vals)
-        for name, arr in (("load", self.load), ("importance", self.importance)):
-            for i, v in enumerate((arr / arr.sum().clamp_min(1e-12)).tolist()):
-                metrics.add(step, epoch, "train", name, v, layer=0, expert=i)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        self.reset()
 
 
 __all__ = ["train", "evaluate", "load_data", "resolve_device"]

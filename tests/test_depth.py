@@ -131,3 +131,96 @@ def test_moe_layers_are_validated() -> None:
             RunConfig(num_layers=3, moe_layers=bad)
     with pytest.raises(ValueError, match="num_layers"):
         RunConfig(num_layers=0)
+
+
+class _Rows:
+    """A stand-in for rundir.Metrics that keeps the rows."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, step, epoch, split, name, value, *, layer=None, expert=None) -> None:
+        self.rows.append(dict(step=step, epoch=epoch, split=split, name=name, layer=layer, expert=expert, value=value))
+
+    def add_many(self, step, epoch, split, values) -> None:
+        for k, v in values.items():
+            self.add(step, epoch, split, k, v)
+
+
+def test_window_keeps_each_layers_statistics_apart() -> None:
+    """Two MoE layers, 3 steps: each layer's load and importance shares, aux terms and dropped count are its
+    own rows (numpy over the routing), and the layer-NULL totals sum them. The old `train._Window` added
+    every trace into one vector labelled layer 0."""
+    from types import SimpleNamespace
+
+    from moe_lens.models import MoETrace
+    from moe_lens.moe import MoELayer
+    from moe_lens.stats_window import StatsWindow
+
+    torch.manual_seed(0)
+    layers = [MoELayer(6, 4, 2, router="noisy_topk", w_load=0.1),
+              MoELayer(6, 3, 1, router="switch", capacity_factor=1.0, w_switch=0.01, layer=1)]
+    window = StatsWindow(torch.device("cpu"))
+    want_load = [np.zeros(4), np.zeros(3)]
+    want_imp = [np.zeros(4), np.zeros(3)]
+    want_dropped, want_aux, want_parts = [0.0, 0.0], [0.0, 0.0], [{}, {}]
+    for step in range(3):
+        x = torch.randn(20, 6)
+        traces, total = [], 0.0
+        for j, m in enumerate(layers):
+            y, aux, r = m(x)
+            traces.append(MoETrace(j, torch.arange(20), r, x, aux.detach()))
+            e, g = r.expert_idx.numpy().ravel(), r.gate.detach().numpy().ravel()
+            kept = np.ones_like(g) if r.dropped is None else ~r.dropped.numpy().ravel()
+            want_load[j] += np.bincount(e, weights=kept, minlength=len(want_load[j]))
+            want_imp[j] += np.bincount(e, weights=g, minlength=len(want_imp[j]))
+            want_dropped[j] += float((~kept.astype(bool)).sum())
+            want_aux[j] += float(aux.detach()) / 3
+            for k, v in r.aux.items():
+                want_parts[j][k] = want_parts[j].get(k, 0.0) + float(v) / 3
+            total += float(aux.detach())
+        window.update(SimpleNamespace(loss=torch.tensor(1.0 + step), aux=torch.tensor(total), traces=traces))
+    assert want_dropped[1] > 0  # capacity 1.0 with top-1 drops some assignments of layer 1
+    rows = _Rows()
+    window.log(rows, step=3, epoch=0, tok_s=1.0, lr=1e-3)
+    got = {(r["name"], r["layer"], r["expert"]): r["value"] for r in rows.rows}
+    for j in (0, 1):
+        for name, want in (("load", want_load[j]), ("importance", want_imp[j])):
+            share = [got[(name, j, i)] for i in range(len(want))]
+            np.testing.assert_allclose(share, want / want.sum(), rtol=1e-6)
+        assert ("load", j, len(want_load[j])) not in got  # no expert beyond the layer's own
+        assert got[("dropped", j, None)] == want_dropped[j]
+        np.testing.assert_allclose(got[("aux_loss", j, None)], want_aux[j], rtol=1e-5)
+        for k, v in want_parts[j].items():
+            np.testing.assert_allclose(got[(f"aux_{k}", j, None)], v, rtol=1e-5)
+    np.testing.assert_allclose(got[("loss", None, None)], 2.0)
+    np.testing.assert_allclose(got[("aux_loss", None, None)], sum(want_aux), rtol=1e-5)
+    assert got[("dropped", None, None)] == sum(want_dropped)
+    np.testing.assert_allclose(got[("aux_switch", None, None)], want_parts[0]["switch"] + want_parts[1]["switch"],
+                               rtol=1e-5)
+    assert window.n == 0 and not window.layers  # reset after the log
+
+
+def test_window_state_round_trips() -> None:
+    """A window saved between two logs and loaded into a fresh one logs the same rows."""
+    from types import SimpleNamespace
+
+    from moe_lens.models import MoETrace
+    from moe_lens.moe import MoELayer
+    from moe_lens.stats_window import StatsWindow
+
+    torch.manual_seed(1)
+    m = [MoELayer(4, 3, 2, layer=0), MoELayer(4, 5, 1, router="switch", layer=1)]
+    a = StatsWindow(torch.device("cpu"))
+    for _ in range(2):
+        x = torch.randn(7, 4)
+        outs = [layer(x) for layer in m]
+        a.update(SimpleNamespace(loss=torch.tensor(0.5), aux=sum(o.aux_loss for o in outs).detach(),
+                                 traces=[MoETrace(j, torch.arange(7), o.routing, x, o.aux_loss.detach())
+                                         for j, o in enumerate(outs)]))
+    b = StatsWindow(torch.device("cpu"))
+    b.load_state_dict(a.state_dict())
+    ra, rb = _Rows(), _Rows()
+    a.log(ra, 2, 0, 1.0, 1e-3)
+    b.log(rb, 2, 0, 1.0, 1e-3)
+    assert ra.rows == rb.rows

@@ -1,0 +1,127 @@
+"""The train-time statistics window: sums over the steps since the last log, per MoE layer, on the device.
+
+`StatsWindow.update(fwd)` runs every step and only adds device tensors (no host sync): the task loss,
+the total weighted aux loss, and for each MoE layer (keyed by `MoETrace.layer`) its per-expert load
+(assignments kept) and importance (gate mass), dropped assignments, weighted aux loss and each unweighted
+aux term. `log()` reads them once every LOG_EVERY steps and writes `metrics.parquet` rows:
+
+- layer NULL, expert NULL: `loss`, `aux_loss` (summed over layers), `dropped` and `aux_<name>` (summed over
+  layers), `tokens_per_s`, `lr`, means over the window's steps (dropped: a count);
+- layer set, expert NULL: the same aux terms and `dropped` of that layer alone;
+- layer and expert set: `load` and `importance`, each layer's shares (summing to 1 over its experts).
+
+Layers never merge: a second MoE layer's loads are its own rows (the window before this one added every
+trace into one vector labelled layer 0). `state_dict()`/`load_state_dict()` carry a window across a resume.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moe_lens.errors import MoeLensError
+
+
+class _LayerSums:
+    """Sums of one MoE layer's statistics over the window (device tensors)."""
+
+    def __init__(self, e: int, device: torch.device) -> None:
+        z = lambda *s: torch.zeros(*s, device=device)  # noqa: E731
+        self.load, self.importance, self.dropped, self.aux = z(e), z(e), z(()), z(())  # (e,), (e,), (), ()
+        self.parts: dict[str, Tensor] = {}  # aux term name -> () sum
+
+    def add(self, trace: Any) -> None:
+        r = trace.routing
+        self.load += r.load.detach()
+        self.importance += r.importance.detach()
+        self.dropped += r.num_dropped
+        if trace.aux_loss is not None:
+            self.aux += trace.aux_loss.detach()
+        for k, v in r.aux.items():
+            self.parts[k] = self.parts.get(k, 0) + v.detach()
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"load": self.load, "importance": self.importance, "dropped": self.dropped, "aux": self.aux,
+                **{f"aux_{k}": v for k, v in self.parts.items()}}
+
+
+class StatsWindow:
+    """Per-layer sums since the last log, kept on `device`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.aux = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        self.n = 0
+        self.layers: dict[int, _LayerSums] = {}
+
+    def update(self, fwd: Any) -> None:
+        """Add one step's `Forward` (loss, aux, traces); device-side only."""
+        self.loss += fwd.loss.detach()
+        self.aux += fwd.aux.detach()
+        for tr in fwd.traces:
+            if tr.layer not in self.layers:
+                self.layers[tr.layer] = _LayerSums(tr.routing.load.shape[0], self.device)
+            self.layers[tr.layer].add(tr)
+        self.n += 1
+
+    def values(self) -> dict[tuple[str, int | None, int | None], float]:
+        """{(name, layer, expert): value} of the window, the metrics rows `log` writes. One host sync."""
+        loss = float(self.loss) / max(self.n, 1)
+        out: dict[tuple[str, int | None, int | None], float] = {("loss", None, None): loss,
+                                                               ("aux_loss", None, None): float(self.aux) / max(self.n, 1)}
+        dropped, parts = 0.0, {}
+        for layer in sorted(self.layers):
+            t = self.layers[layer].tensors()
+            d = float(t["dropped"])
+            dropped += d
+            out[("dropped", layer, None)] = d
+            out[("aux_loss", layer, None)] = float(t["aux"]) / self.n
+            for k in sorted(t):
+                if k.startswith("aux_"):
+                    v = float(t[k]) / self.n
+                    out[(k, layer, None)] = v
+                    parts[k] = parts.get(k, 0.0) + v
+            for name in ("load", "importance"):
+                arr = t[name]
+                for i, v in enumerate((arr / arr.sum().clamp_min(1e-12)).tolist()):
+                    out[(name, layer, i)] = v
+        out[("dropped", None, None)] = dropped
+        out.update({(k, None, None): v for k, v in parts.items()})
+        return out
+
+    def log(self, metrics: Any, step: int, epoch: int, tok_s: float, lr: float, bar: Any = None) -> None:
+        """Write the window to `metrics` (split 'train'), raise on a non-finite loss, then reset."""
+        vals = self.values()
+        loss = vals[("loss", None, None)]
+        if not math.isfinite(loss):
+            raise MoeLensError(f"non-finite training loss ({loss}) at step {step}; stopped. Traces, metrics and "
+                               f"checkpoints so far are kept. Try a lower --lr or --clip.")  # fmt: skip
+        vals[("tokens_per_s", None, None)], vals[("lr", None, None)] = tok_s, lr
+        for (name, layer, expert), v in vals.items():
+            metrics.add(step, epoch, "train", name, v, layer=layer, expert=expert)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        self.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The window's sums (CPU tensors), for a checkpoint taken between two logs."""
+        return {"loss": self.loss.cpu(), "aux": self.aux.cpu(), "n": self.n,
+                "layers": {k: {n: v.cpu() for n, v in s.tensors().items()} for k, s in self.layers.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        self.loss, self.aux, self.n = state["loss"].to(self.device), state["aux"].to(self.device), state["n"]
+        for layer, t in state["layers"].items():
+            s = _LayerSums(t["load"].shape[0], self.device)
+            s.load, s.importance = t["load"].to(self.device), t["importance"].to(self.device)
+            s.dropped, s.aux = t["dropped"].to(self.device), t["aux"].to(self.device)
+            s.parts = {k[4:]: v.to(self.device) for k, v in t.items() if k.startswith("aux_")}
+            self.layers[int(layer)] = s
+
+
+__all__ = ["StatsWindow"]
