@@ -16,14 +16,18 @@ Formulas are in each function's docstring, the .sql file and docs/sql.md (each m
 - `final_metrics`, `compare`  the last metric values, and all of the above across runs in one table (ranked by AMI)
 - `metric_curves`      scalar training curves (long format), for plotting
 - `contexts`           example contexts of a token routed to an expert (the app's top-tokens view)
+- `routing_paths`, `layer_transitions`, `coactivation`  across MoE layers: paths of top-1 experts (entropy,
+                       distinct paths, NMI/AMI with POS against each layer's), P(b | a) between two layers,
+                       P(j | i) within a token's top-k (analysis/depth.py)
 """
 from __future__ import annotations
 
 from moe_lens.analysis.balance import capacity, collapse, load_balance, router_confidence
 from moe_lens.analysis.compare import compare, final_metrics, metric_curves
+from moe_lens.analysis.depth import PATH_ATTRIBUTES, coactivation, layer_transitions, routing_paths
 from moe_lens.analysis.specialization import ATTRIBUTES, POSITION_BANDS, contexts, specialization
 from moe_lens.analysis.stability import agreement, agreement_scores, stability
 
 __all__ = ["load_balance", "collapse", "router_confidence", "capacity", "specialization", "stability",
            "agreement", "agreement_scores", "final_metrics", "compare", "metric_curves", "contexts",
-           "ATTRIBUTES", "POSITION_BANDS"]
+           "ATTRIBUTES", "POSITION_BANDS", "routing_paths", "layer_transitions", "coactivation", "PATH_ATTRIBUTES"]
