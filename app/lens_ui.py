@@ -63,7 +63,10 @@ def sidebar() -> None:
     if st.session_state["runs_dir"] != launched:
         why = "typed above"
     st.sidebar.caption(f"Opened `{Path(runs_dir()).resolve()}` ({why}).")
-    st.sidebar.number_input("MoE layer", min_value=0, max_value=63, value=0, step=1, key="layer")
+    layers = recorded_layers()
+    if st.session_state.get("layer") not in layers:  # a runs directory without that layer: its first one
+        st.session_state["layer"] = layers[0]
+    st.sidebar.selectbox("MoE layer", layers, key="layer", help="the MoE layers recorded in this runs directory")
     if st.sidebar.button("Reload runs", help="new runs, new part files: reopen the connection"):
         st.session_state["generation"] = _generation() + 1
         st.cache_data.clear()
@@ -176,6 +179,18 @@ def first_routed(names: list[str]) -> int:
         if e is not None and pd.notna(e) and e > 1:
             return i
     return 0
+
+
+def recorded_layers(run: str | None = None) -> list[int]:
+    """The MoE layers recorded in the runs directory (or in `run`), ascending; [0] when none is."""
+    if not Path(runs_dir()).is_dir() or not store.run_dirs(Path(runs_dir()).resolve()):
+        return [0]
+    try:
+        df = _call(runs_dir(), _generation(), "recorded_layers", (run,) if run else None, ())
+    except (MoeLensError, duckdb.Error, OSError):
+        return [0]
+    layers = sorted(int(x) for x in df["layer"].unique())
+    return layers or [0]
 
 
 def layer() -> int:

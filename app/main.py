@@ -1,6 +1,6 @@
 """moe-lens app: `streamlit run app/main.py [-- --runs-dir D]` (or `moe-lens app`), one page per question.
 
-Pages (app/pages/): Runs, Load balance, Collapse, Specialization, Clusters, Compare, SQL. Every number
+Pages (app/pages/): Runs, Load balance, Collapse, Specialization, Clusters, Layers, Compare, SQL. Every number
 comes from `moe_lens.analysis` (the SQL layer); the pages draw the small DataFrames it returns.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ PAGES = [
     st.Page("pages/collapse.py", title="Collapse"),
     st.Page("pages/specialization.py", title="Specialization"),
     st.Page("pages/clusters.py", title="Clusters"),
+    st.Page("pages/layers.py", title="Layers"),
     st.Page("pages/compare.py", title="Compare"),
     st.Page("pages/sql.py", title="SQL"),
 ]

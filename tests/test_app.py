@@ -19,7 +19,7 @@ from moe_lens.synthetic import write_synthetic_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / "app" / "main.py")
-PAGES = ["runs", "load_balance", "collapse", "specialization", "clusters", "compare", "sql"]
+PAGES = ["runs", "load_balance", "collapse", "specialization", "clusters", "layers", "compare", "sql"]
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from moe_lens.analysis.balance import capacity, collapse, load_balance, router_confidence
 from moe_lens.analysis.compare import compare, final_metrics, metric_curves
-from moe_lens.analysis.depth import PATH_ATTRIBUTES, coactivation, layer_transitions, routing_paths
+from moe_lens.analysis.depth import PATH_ATTRIBUTES, coactivation, layer_transitions, recorded_layers, routing_paths
 from moe_lens.analysis.specialization import ATTRIBUTES, POSITION_BANDS, contexts, specialization
 from moe_lens.analysis.stability import agreement, agreement_scores, stability
 
 __all__ = ["load_balance", "collapse", "router_confidence", "capacity", "specialization", "stability",
            "agreement", "agreement_scores", "final_metrics", "compare", "metric_curves", "contexts",
-           "ATTRIBUTES", "POSITION_BANDS", "routing_paths", "layer_transitions", "coactivation", "PATH_ATTRIBUTES"]
+           "ATTRIBUTES", "POSITION_BANDS", "routing_paths", "layer_transitions", "coactivation", "recorded_layers", "PATH_ATTRIBUTES"]

@@ -10,6 +10,7 @@ MI in nats, arithmetic NMI = I / ((H(A) + H(B)) / 2), AMI (Vinh et al. 2010), as
                        NMI/AMI(expert_l; attribute) on the same tokens; or the table of the most frequent paths
 - `layer_transitions`  P(expert at layer b | expert at layer a), with the table's MI, NMI and AMI
 - `coactivation`       P(j | i) over ordered pairs of experts in a token's top-k, per layer
+- `recorded_layers`    the (run, layer) pairs recorded (the app's layer picker)
 """
 from __future__ import annotations
 
@@ -104,4 +105,9 @@ def coactivation(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: st
     return query(con, sql_text("coactivation"), params)
 
 
-__all__ = ["routing_paths", "layer_transitions", "coactivation", "PATH_ATTRIBUTES"]
+def recorded_layers(con: duckdb.DuckDBPyConnection, runs: Runs = None) -> pd.DataFrame:
+    """(run, layer) for every MoE layer recorded in `runs` (None = all)."""
+    return query(con, sql_text("recorded_layers"), dict(runs=resolve_runs(con, runs)))
+
+
+__all__ = ["recorded_layers", "routing_paths", "layer_transitions", "coactivation", "PATH_ATTRIBUTES"]
