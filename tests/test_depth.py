@@ -224,3 +224,49 @@ def test_window_state_round_trips() -> None:
     a.log(ra, 2, 0, 1.0, 1e-3)
     b.log(rb, 2, 0, 1.0, 1e-3)
     assert ra.rows == rb.rows
+
+
+@pytest.mark.integration
+def test_three_moe_layer_lm_is_recorded_end_to_end(real_data_dir: Path, tmp_path: Path) -> None:
+    """A tiny WikiText-2 LM with an MoE layer after each of 3 LSTM layers: routing, hidden states and per-layer
+    metrics for every layer, and the cross-layer analyses over the recorded run."""
+    import pyarrow.parquet as pq
+
+    from moe_lens import analysis as A
+    from moe_lens.store import connect
+    from moe_lens.train import train
+
+    cfg = RunConfig.for_mode("load", dataset="wikitext2", data_dir=str(real_data_dir), runs_dir=str(tmp_path),
+                             run_name="lm3", num_layers=3, moe_layers="all", d_embed=16, d_model=16,
+                             expert_hidden=16, num_experts=4, batch_size=8, bptt=12, vocab_size=500, warmup_steps=2,
+                             record=True, record_every=2, pos_tags=False, hidden_sample=10**6, max_steps=4,
+                             max_eval_batches=2, epochs=1)  # fmt: skip
+    run_dir = train(cfg, progress=False)
+    con = connect(tmp_path)
+    per = con.execute("""SELECT split, step, layer, count(*) AS rows, count(DISTINCT token_idx) AS toks
+                         FROM routing WHERE run = 'lm3' GROUP BY ALL ORDER BY ALL""").df()
+    assert set(per["layer"]) == {0, 1, 2} and set(per["split"]) == {"train", "valid"}
+    assert (per.groupby(["split", "step"])["layer"].nunique() == 3).all()  # every recorded batch at every layer
+    assert (per["rows"] == per["toks"] * 2).all()
+    assert (per.groupby(["split", "step"])["toks"].nunique() == 1).all()  # the same tokens at each layer
+    hidden = con.execute("SELECT DISTINCT layer FROM hidden WHERE run = 'lm3' ORDER BY 1").fetchall()
+    assert [h[0] for h in hidden] == [0, 1, 2]
+    m = pq.read_table(run_dir / "metrics.parquet").to_pandas()
+    load = m[(m["name"] == "load") & (m["split"] == "train")]
+    assert sorted(load["layer"].unique()) == [0, 1, 2]
+    assert np.allclose(load.groupby(["step", "layer"])["value"].sum(), 1.0)
+    assert (load.groupby(["step", "layer"]).size() == 4).all()
+    aux = m[(m["name"] == "aux_load") & (m["split"] == "train")]
+    total = aux[aux["layer"].isna()].set_index("step")["value"]
+    by_layer = aux[aux["layer"].notna()].groupby("step")["value"].sum()
+    np.testing.assert_allclose(total.sort_index(), by_layer.sort_index(), rtol=1e-6)
+    paths = A.routing_paths(con, "lm3", split="valid", attribute="freq_band")
+    whole = paths[paths["layer"].isna()].iloc[0]
+    assert whole["num_layers"] == 3 and whole["tokens"] == per[per["split"] == "valid"]["toks"].iloc[0]
+    assert 1 <= whole["distinct"] <= 4 ** 3
+    tr = A.layer_transitions(con, "lm3", layer_a=0, layer_b=2)
+    assert np.allclose(tr.groupby("expert_a")["p_b_given_a"].sum(), 1.0)
+    co = A.coactivation(con, "lm3", split="train")
+    assert set(co["layer"]) == {0, 1, 2}
+    ckpt = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    assert any(k.startswith("moes.2.") for k in ckpt["model"])

@@ -2,6 +2,7 @@
 
     MOE_LENS_DATA=../shared/data python trainers/sample_runs.py [--out sample_runs] [--jobs 2]
         [--only conll2003 ...] [--modes load switch ...] [--seeds 0 ...] [--epochs N] [--epoch-steps N]
+        [--no-extra | --extra-only]
 
 Nine modes (dense, dense_flops, naive_topk, topk_mask, noisy_topk, importance, load, switch, hybrid)
 x three datasets (WikiText-2 with a 10k capped vocabulary, CoNLL-2003, SQuAD's dev file split by
@@ -12,7 +13,9 @@ so each mode comparison has a spread over three seeds (run names `conll2003-MODE
 each epoch, WikiText-2 continues where the last epoch stopped (150 x 35-token windows per epoch), so
 each run has a few short epochs (CoNLL 3, WikiText-2 and SQuAD 2), each followed by a full
 validation pass. Then `moe-lens record` replays the WikiText-2 `load` model over CoNLL-2003 and
-SQuAD validation text (the expert x dataset view).
+SQuAD validation text (the expert x dataset view). The variants in EXTRA are trained too (`--no-extra`
+leaves them out, `--extra-only` trains only them): `wikitext2-load-3layer`, the WikiText-2 `load`
+recipe with MoE after each of 3 LSTM layers (issue 20's depth run).
 
 What is kept, to stay under 45 MB in git: the valid traces of the first `record_tokens` tokens of
 each split (8,000; 2,000 for seeds > 0, which serve the seed spread of the collapse and F1 figures;
@@ -38,6 +41,9 @@ MODES = ("dense", "dense_flops", "naive_topk", "topk_mask", "noisy_topk", "impor
 DATASETS = ("wikitext2", "conll2003", "squad")
 SEEDS = {"wikitext2": (0,), "conll2003": (0, 1, 2), "squad": (0,)}  # CoNLL: the seed spread of every mode
 SMALLER = dict(record_tokens=2000, hidden_sample=100)  # seeds > 0: enough for the spread, within the budget
+# Variants beyond the mode grid: run name -> (dataset, mode, overrides), trained with the grid (each limited by
+# --only and --modes): the depth run is MoE after each of 3 LSTM layers (issue 20).
+EXTRA = {"wikitext2-load-3layer": ("wikitext2", "load", dict(num_layers=3, moe_layers="all"))}
 PROBE_RUN, PROBE_SPLITS = "wikitext2-load", (("conll2003", "valid"), ("squad", "valid"))
 GLOVE = "glove/glove.6B.50d.subset.txt"
 COMMON = dict(d_model=128, expert_hidden=128, num_experts=8, seed=0, warmup_steps=50, record=True, record_every=25,
@@ -50,15 +56,16 @@ PER_DATASET = {
 }
 
 
-def sample_config(dataset: str, mode: str, data_dir: str, out: str, seed: int = 0, **overrides) -> RunConfig:
-    """The RunConfig of one sample run (`overrides` on top: tests shrink it). dense_flops is resolved
-    by `RunConfig.for_mode` from the MoE fields of COMMON (top-2 of 8 experts of hidden 128)."""
+def sample_config(dataset: str, mode: str, data_dir: str, out: str, seed: int = 0, run_name: str | None = None,
+                  **overrides) -> RunConfig:
+    """The RunConfig of one sample run (`overrides` on top: tests shrink it; EXTRA variants name their run).
+    dense_flops is resolved by `RunConfig.for_mode` from the MoE fields of COMMON (top-2 of 8 experts of hidden 128)."""
     kw = {**COMMON, **PER_DATASET[dataset], **(SMALLER if seed else {}), "seed": seed, **overrides}
     if "embeddings" in kw and kw["embeddings"] == GLOVE:
         kw["embeddings"] = str(Path(data_dir) / GLOVE)
     if mode == "dense":
         kw["num_experts"] = 1
-    name = f"{dataset}-{mode}" + (f"-seed{seed}" if seed else "")
+    name = run_name or f"{dataset}-{mode}" + (f"-seed{seed}" if seed else "")
     return RunConfig.for_mode(mode, dataset=dataset, data_dir=data_dir, runs_dir=out, run_name=name, **kw)
 
 
@@ -125,13 +132,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-probe", action="store_true", help="skip the cross-dataset `moe-lens record` replay")
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--no-projections", action="store_true", help="skip caching PCA/UMAP of the hidden states")
+    p.add_argument("--no-extra", action="store_true", help=f"leave out the extra variants ({', '.join(EXTRA)})")
+    p.add_argument("--extra-only", action="store_true", help="train only the extra variants")
     p.add_argument("--project-only", action="store_true", help="only (re)cache the projections of --out's runs")
     args = p.parse_args(argv)
     if not args.data_dir:
         p.error("--data-dir (or $MOE_LENS_DATA) is required: the directory holding the datasets")
     overrides = {k: v for k, v in (("epochs", args.epochs), ("epoch_steps", args.epoch_steps)) if v is not None}
-    cfgs = [sample_config(d, m, args.data_dir, args.out, seed=s, **overrides)
-            for d in args.only for m in args.modes for s in (args.seeds if args.seeds is not None else SEEDS[d])]
+    cfgs = [] if args.extra_only else [
+        sample_config(d, m, args.data_dir, args.out, seed=s, **overrides)
+        for d in args.only for m in args.modes for s in (args.seeds if args.seeds is not None else SEEDS[d])]
+    if not args.no_extra:
+        cfgs += [sample_config(d, m, args.data_dir, args.out, run_name=name, **{**extra, **overrides})
+                 for name, (d, m, extra) in EXTRA.items() if d in args.only and m in args.modes]
     if args.project_only:
         print(f"{project_all(args.out, [c.run_name for c in cfgs])} projections cached")
         return
