@@ -71,9 +71,9 @@ def test_load_balance_matches_numpy(shape: dict, all_ranks: bool) -> None:
                 got, want = got.sort_values("epoch"), want.sort_values("epoch")
                 for col in ("tokens", "cv2_load", "cv2_importance", "max_over_mean", "gini"):
                     np.testing.assert_allclose(got[col].to_numpy(float), want[col].to_numpy(float), **TOL, err_msg=col)
-        per = A.load_balance(con, "r", per_expert=True, all_ranks=all_ranks)
-        assert len(per) == shape["num_experts"] * shape["epochs"]  # every expert, zeros included
-        np.testing.assert_allclose(per.groupby("epoch")["share"].sum(), 1.0, **TOL)
+        per = A.load_balance(con, "r", per_expert=True, all_ranks=all_ranks)  # every layer by default
+        assert len(per) == shape["num_experts"] * shape["epochs"] * shape["layers"]  # every expert, zeros included
+        np.testing.assert_allclose(per.groupby(["epoch", "layer"])["share"].sum(), 1.0, **TOL)
 
 
 def ref_collapse(r: pd.DataFrame, e: int, threshold: float) -> pd.DataFrame:
@@ -100,7 +100,7 @@ def test_collapse_matches_numpy(shape: dict, threshold: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root, con = make(tmp, **shape)
         r = load(root, "routing")
-        got = A.collapse(con, "r", threshold=threshold).sort_values("step")
+        got = A.collapse(con, "r", threshold=threshold, layer=0).sort_values("step")
         want = ref_collapse(r[(r["split"] == "train") & (r["layer"] == 0)], shape["num_experts"], threshold)
         assert got["step"].tolist() == want["step"].tolist()
         np.testing.assert_allclose(got["entropy"], want["entropy"], **TOL)
@@ -119,7 +119,7 @@ def test_router_confidence_and_capacity_match_numpy(shape: dict) -> None:
         root, con = make(tmp, **shape)
         r = load(root, "routing")
         v = r[(r["split"] == "valid") & (r["layer"] == 0)]
-        got = A.router_confidence(con, "r").sort_values("epoch")
+        got = A.router_confidence(con, "r", layer=0).sort_values("epoch")
         g = v.pivot_table(index=["epoch", "token_idx"], columns="rank", values="gate", aggfunc="first").astype(np.float64)
         top = v[v["rank"] == 0].astype({"gate": np.float64, "entropy": np.float64}).groupby("epoch")
         np.testing.assert_allclose(got["top1_gate"], top["gate"].mean(), **TOL)
@@ -128,7 +128,7 @@ def test_router_confidence_and_capacity_match_numpy(shape: dict) -> None:
             np.testing.assert_allclose(got["margin"], (g[0] - g[1]).groupby("epoch").mean(), **TOL)
         else:
             assert got["margin"].isna().all()
-        cap = A.capacity(con, "r", split="valid").sort_values("epoch")
+        cap = A.capacity(con, "r", split="valid", layer=0).sort_values("epoch")
         if shape["drop_rate"]:
             np.testing.assert_allclose(cap["dropped_rate"], v.groupby("epoch")["dropped"].mean(), **TOL)
         else:

@@ -188,3 +188,24 @@ def test_unknown_attribute_and_empty_split_are_one_line_errors(runs: Path) -> No
         A.routing_paths(con, attribute="colour")
     with pytest.raises(MoeLensError, match="no routing rows"):
         A.routing_paths(con, split="test")
+
+
+@pytest.mark.parametrize("name,kw", [("load_balance", {}), ("collapse", {}), ("router_confidence", {}),
+                                     ("specialization", dict(summary=True)), ("stability", {})])
+def test_every_analysis_gives_per_layer_rows_by_default(runs: Path, name: str, kw: dict) -> None:
+    """layer=None (the default) = every recorded layer, each layer's rows equal to asking for that layer."""
+    con = connect(runs)
+    fn = getattr(A, name)
+    every = fn(con, "a", **kw)
+    assert sorted(every["layer"].unique()) == [0, 1, 2]
+    for layer in (0, 1, 2):
+        one = fn(con, "a", layer=layer, **kw).reset_index(drop=True)
+        mine = every[every["layer"] == layer].reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine[one.columns], one, check_dtype=False)
+
+
+def test_agreement_per_layer(runs: Path) -> None:
+    con = connect(runs)
+    got = A.agreement(con, "a", "a")
+    assert got["layer"].tolist() == [0, 1, 2] and (got["agreement"] == 1.0).all()
+    assert A.agreement(con, "a", "a", layer=1)["layer"].tolist() == [1]

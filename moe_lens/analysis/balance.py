@@ -23,7 +23,7 @@ def _per_expert_sql() -> str:
 
 
 def load_balance(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "valid", by: str = "epoch",
-                 epoch: int | None = None, layer: int = 0, all_ranks: bool = True,
+                 epoch: int | None = None, layer: int | None = None, all_ranks: bool = True,
                  per_expert: bool = False, dataset: str | None = None) -> pd.DataFrame:
     """Expert load balance per (run, dataset, split, epoch, step, layer); `by` = 'epoch' or 'step'.
 
@@ -41,7 +41,7 @@ def load_balance(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: st
 
 
 def collapse(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "train", by: str = "step",
-             epoch: int | None = None, layer: int = 0, all_ranks: bool = False,
+             epoch: int | None = None, layer: int | None = None, all_ranks: bool = False,
              threshold: float = 2.0, dataset: str | None = None) -> pd.DataFrame:
     """Collapse of expert usage per recorded step (or epoch): `entropy`, `norm_entropy` = H / ln e,
     `effective_experts` = exp(H), `dead_experts` (under 1/(10 e) of all k assignments, every rank),
@@ -59,7 +59,7 @@ def collapse(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = 
 
 
 def router_confidence(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "valid",
-                      by: str = "epoch", epoch: int | None = None, layer: int = 0,
+                      by: str = "epoch", epoch: int | None = None, layer: int | None = None,
                       dataset: str | None = None) -> pd.DataFrame:
     """Mean top-1 gate, mean top-1 minus top-2 gate `margin` and mean router `entropy` (nats) per token,
     per (run, dataset, split, epoch[, step], layer). `margin` is NULL where tokens lack a rank-1 row (top-1 routers)."""
@@ -71,7 +71,7 @@ def router_confidence(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, spli
 
 
 def capacity(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "train",
-             epoch: int | None = None, layer: int = 0, dataset: str | None = None) -> pd.DataFrame:
+             epoch: int | None = None, layer: int | None = None, dataset: str | None = None) -> pd.DataFrame:
     """Dropped-token rate per (run, dataset, split, epoch, layer) for runs with a capacity factor:
     `dropped_rate` over all assignments, `dropped_top1_rate` over rank-0 rows. Empty when no selected run
     sets `capacity_factor`. Capacity applies in training only, so the default split is train; an eval split

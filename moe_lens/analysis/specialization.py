@@ -30,7 +30,7 @@ _SUMMARY = [*_GROUP, *_MEASURES]
 
 
 def specialization(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, attribute: str = "pos_tag",
-                   split: str = "valid", epoch: int | None = None, layer: int = 0, all_ranks: bool = False,
+                   split: str = "valid", epoch: int | None = None, layer: int | None = None, all_ranks: bool = False,
                    seed: int = 0, top: int | None = None, order_by: str = "count", min_count: int = 1,
                    summary: bool = False, shuffled: bool = True, dataset: str | None = None,
                    include_oov: bool = False) -> pd.DataFrame:

@@ -22,10 +22,11 @@ from moe_lens.errors import MoeLensError
 
 
 def stability(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "valid",
-              epoch: int | None = None, layer: int = 0, dataset: str | None = None) -> pd.DataFrame:
+              epoch: int | None = None, layer: int | None = None, dataset: str | None = None) -> pd.DataFrame:
     """Per (run, dataset, split, layer, epoch): `changed` (vs the previous recorded epoch, NULL for the first),
     `tokens_compared`, `same_next` and `pairs` (adjacent same-sequence token pairs). `epoch=None`: every
-    recorded epoch; an epoch: that one only (compared with the epoch recorded before it)."""
+    recorded epoch; an epoch: that one only (compared with the epoch recorded before it). `layer=None`: every
+    recorded MoE layer of each run, one set of rows each."""
     names = resolve_runs(con, runs)
     frames = []
     for key in run_datasets(con, names, split, dataset):
@@ -34,12 +35,19 @@ def stability(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str =
         if epoch is not None:
             i = epochs.index(epoch) if epoch in epochs else None
             epochs = [] if i is None else epochs[max(i - 1, 0):i + 1]
-        if epochs:
-            params = dict(run=run, dataset=ds, split=split, layer=layer, epochs=epochs)
+        for lay in _layers(con, run, layer) if epochs else []:
+            params = dict(run=run, dataset=ds, split=split, layer=lay, epochs=epochs)
             df = query(con, sql_text(_stability_sql(con, params)), params)
             frames.append(df if epoch is None else df[df["epoch"] == epoch])
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return nonempty(df, names, f"split={split!r}, layer={layer}, epoch={epoch}")
+
+
+def _layers(con: duckdb.DuckDBPyConnection, run: str, layer: int | None) -> list[int]:
+    """[layer], or every MoE layer recorded for `run` when layer is None."""
+    if layer is not None:
+        return [int(layer)]
+    return [int(x) for x in query(con, sql_text("recorded_layers"), dict(runs=[run]))["layer"]]
 
 
 def _stability_sql(con: duckdb.DuckDBPyConnection, params: dict) -> str:
@@ -53,11 +61,12 @@ def _stability_sql(con: duckdb.DuckDBPyConnection, params: dict) -> str:
 
 
 def agreement(con: duckdb.DuckDBPyConnection, run_a: str, run_b: str, *, split: str = "valid",
-              epoch_a: int | None = None, epoch_b: int | None = None, layer: int = 0,
+              epoch_a: int | None = None, epoch_b: int | None = None, layer: int | None = None,
               dataset: str | None = None) -> pd.DataFrame:
-    """One row: how often runs A and B pick the same top-1 expert for the same tokens of one dataset
-    (`dataset=None`: run A's own; default epochs: each run's last recorded one on that dataset). Columns
-    `dataset`, `tokens`, `agreement`, `matched_agreement`, `mi` (nats), `nmi`, `ami`."""
+    """How often runs A and B pick the same top-1 expert for the same tokens of one dataset (`dataset=None`:
+    run A's own; default epochs: each run's last recorded one on that dataset), one row per MoE layer both
+    runs recorded (`layer=None`) or for `layer`. Columns `dataset`, `layer`, `tokens`, `agreement`,
+    `matched_agreement`, `mi` (nats), `nmi`, `ami`."""
     if dataset == "*":
         raise MoeLensError("agreement: dataset='*' is not supported; name one dataset (default: run A's own)")
     (a, ds, ea), = (k.rsplit("|", 2) for k in last_epochs(con, resolve_runs(con, run_a), split, epoch_a, dataset))
@@ -65,12 +74,17 @@ def agreement(con: duckdb.DuckDBPyConnection, run_a: str, run_b: str, *, split: 
     if not found:
         raise MoeLensError(f"run {run_b!r} has no routing on dataset {ds!r} in split={split!r}")
     (b, _, eb), = found
-    table = query(con, sql_text("agreement"), dict(run_a=a, run_b=b, epoch_a=int(ea), epoch_b=int(eb),
-                                                     dataset=ds, split=split, layer=layer))
-    if table.empty:
+    layers = [lay for lay in _layers(con, a, layer) if layer is not None or lay in _layers(con, b, None)]
+    rows = []
+    for lay in layers:
+        table = query(con, sql_text("agreement"), dict(run_a=a, run_b=b, epoch_a=int(ea), epoch_b=int(eb),
+                                                         dataset=ds, split=split, layer=lay))
+        if not table.empty:
+            rows.append({"run_a": a, "run_b": b, "dataset": ds, "epoch_a": int(ea), "epoch_b": int(eb), "layer": lay,
+                         **agreement_scores(table)})
+    if not rows:
         raise MoeLensError(f"runs {run_a!r} and {run_b!r} share no routed tokens in split={split!r}, layer={layer}")
-    return pd.DataFrame([{"run_a": a, "run_b": b, "dataset": ds, "epoch_a": int(ea), "epoch_b": int(eb),
-                          **agreement_scores(table)}])
+    return pd.DataFrame(rows)
 
 
 def agreement_scores(table: pd.DataFrame) -> dict[str, float]:

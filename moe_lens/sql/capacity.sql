@@ -8,6 +8,6 @@ SELECT r.run, r.dataset, r.split, r.epoch, max(r.step) AS step, r.layer,
        avg(CAST(r.dropped AS DOUBLE)) FILTER (WHERE r.rank = 0) AS dropped_top1_rate
 FROM routing r JOIN runs c ON c.run = r.run
 WHERE list_contains($runs, r.run) AND list_contains($run_datasets, r.run || '|' || r.dataset) AND r.split = $split
-  AND r.layer = $layer AND ($epoch IS NULL OR r.epoch = $epoch) AND c.capacity_factor IS NOT NULL
+  AND ($layer IS NULL OR r.layer = $layer) AND ($epoch IS NULL OR r.epoch = $epoch) AND c.capacity_factor IS NOT NULL
 GROUP BY r.run, r.dataset, r.split, r.epoch, r.layer
 ORDER BY r.run, r.dataset, r.split, r.layer, r.epoch

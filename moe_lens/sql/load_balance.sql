@@ -13,7 +13,7 @@ WITH by_rank AS (
            max(step) AS last_step, count(*) AS n, sum(CAST(gate AS DOUBLE)) AS importance
     FROM routing
     WHERE list_contains($runs, run) AND list_contains($run_datasets, run || '|' || dataset) AND split = $split
-      AND layer = $layer AND ($epoch IS NULL OR epoch = $epoch)
+      AND ($layer IS NULL OR layer = $layer) AND ($epoch IS NULL OR epoch = $epoch)
     GROUP BY run, dataset, split, epoch, step_key, layer, expert, top
 ),
 fine AS (

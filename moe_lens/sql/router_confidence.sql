@@ -10,7 +10,7 @@ WITH by_rank AS (
            max(step) AS step, count(*) AS n, sum(CAST(gate AS DOUBLE)) AS gates, sum(CAST(entropy AS DOUBLE)) AS entropies
     FROM routing
     WHERE list_contains($runs, run) AND list_contains($run_datasets, run || '|' || dataset) AND split = $split
-      AND layer = $layer AND rank <= 1
+      AND ($layer IS NULL OR layer = $layer) AND rank <= 1
       AND ($epoch IS NULL OR epoch = $epoch)
     GROUP BY run, dataset, split, epoch, step_key, layer, rank
 )

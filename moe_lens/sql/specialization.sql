@@ -1,6 +1,6 @@
 -- Contingency counts of expert by token attribute A (pos_tag, freq_band, dataset, ner_tag, segment, in_answer,
 -- position_band, token), over the routing rows of one epoch per (run, dataset) ($keys: 'run|dataset|epoch'
--- strings), one split and layer, rank 0 only unless $all_ranks. Rows (run, dataset, layer, is_shuffled, value,
+-- strings), one split, one layer ($layer) or each recorded layer on its own rows ($layer NULL), rank 0 only unless $all_ranks. Rows (run, dataset, layer, is_shuffled, value,
 -- expert, n); every measure (P(e|v), lift, MI, NMI, AMI, chance) is computed from them in moe_lens/information.py.
 -- The analysed tokens of a (run, dataset): routed in that group, with a non-NULL value (ner_tag is NULL outside
 -- CoNLL), and in the vocabulary unless $include_oov: in_vocab = false is out; where in_vocab is NULL (traces
@@ -40,31 +40,31 @@ sizes AS (  -- one row per (run, dataset) of the split
     GROUP BY part
 ),
 kept AS (  -- the analysed routing rows with their token's value
-    SELECT r.part, r.token_idx, r.expert, t.value
-    FROM (SELECT hash(run, dataset) AS part, token_idx, expert FROM routing
+    SELECT r.part, r.layer, r.token_idx, r.expert, t.value
+    FROM (SELECT hash(run, dataset) AS part, layer, token_idx, expert FROM routing
           WHERE list_contains($runs, run) AND list_contains($keys, run || '|' || dataset || '|' || CAST(epoch AS VARCHAR))
-            AND split = $split AND layer = $layer AND ($all_ranks OR rank = 0)) r
+            AND split = $split AND ($layer IS NULL OR layer = $layer) AND ($all_ranks OR rank = 0)) r
     JOIN tok t ON t.part = r.part AND t.token_idx = r.token_idx
     WHERE t.value IS NOT NULL AND ($include_oov OR NOT t.oov)
 ),
-numbered AS (  -- the analysed tokens of each part, numbered 0..m-1 in token_idx order
-    SELECT part, token_idx, value, row_number() OVER (PARTITION BY part ORDER BY token_idx) - 1 AS i,
-           count(*) OVER (PARTITION BY part) AS m
-    FROM (SELECT DISTINCT part, token_idx, value FROM kept WHERE $shuffled)
+numbered AS (  -- the analysed tokens of each (part, layer), numbered 0..m-1 in token_idx order
+    SELECT part, layer, token_idx, value, row_number() OVER (PARTITION BY part, layer ORDER BY token_idx) - 1 AS i,
+           count(*) OVER (PARTITION BY part, layer) AS m
+    FROM (SELECT DISTINCT part, layer, token_idx, value FROM kept WHERE $shuffled)
 ),
-shuffled AS (  -- token i takes the value of token (i * 1000000007 + $seed) mod m of the same part
-    SELECT a.part, a.token_idx, b.value
-    FROM numbered a JOIN numbered b ON b.part = a.part AND b.i = (a.i * 1000000007 + $seed) % a.m
+shuffled AS (  -- token i takes the value of token (i * 1000000007 + $seed) mod m of the same (part, layer)
+    SELECT a.part, a.layer, a.token_idx, b.value
+    FROM numbered a JOIN numbered b ON b.part = a.part AND b.layer = a.layer AND b.i = (a.i * 1000000007 + $seed) % a.m
 ),
 counts AS (
-    SELECT part, false AS is_shuffled, value, expert, count(*) AS n FROM kept GROUP BY part, value, expert
+    SELECT part, layer, false AS is_shuffled, value, expert, count(*) AS n FROM kept GROUP BY part, layer, value, expert
     UNION ALL
-    SELECT k.part, true, s.value, k.expert, count(*)
-    FROM kept k JOIN shuffled s ON s.part = k.part AND s.token_idx = k.token_idx
-    GROUP BY k.part, s.value, k.expert
+    SELECT k.part, k.layer, true, s.value, k.expert, count(*)
+    FROM kept k JOIN shuffled s ON s.part = k.part AND s.layer = k.layer AND s.token_idx = k.token_idx
+    GROUP BY k.part, k.layer, s.value, k.expert
 )
-SELECT s.run, CASE WHEN $attribute = 'dataset' THEN '*' ELSE s.dataset END AS dataset, CAST($layer AS SMALLINT) AS layer,
+SELECT s.run, CASE WHEN $attribute = 'dataset' THEN '*' ELSE s.dataset END AS dataset, c.layer,
        c.is_shuffled, c.value, c.expert, CAST(sum(c.n) AS BIGINT) AS n
 FROM counts c JOIN sizes s ON s.part = c.part AND s.collision IS NULL
 GROUP BY ALL
-ORDER BY s.run, dataset, c.is_shuffled, c.value, c.expert
+ORDER BY s.run, dataset, c.layer, c.is_shuffled, c.value, c.expert
