@@ -46,7 +46,7 @@ def collapse_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None,
                   modes: list[str] | None = None) -> tuple[go.Figure, pd.DataFrame]:
     """Effective experts (top-1, last recorded epoch of `split`) per run, grouped by dataset, one bar per mode."""
     info = _routed_runs(con, runs, modes)
-    df = A.collapse(con, info["run"].tolist(), split=split, by="epoch")
+    df = A.collapse(con, info["run"].tolist(), split=split, by="epoch", layer=0)
     df = df.sort_values("epoch").groupby("run", as_index=False).last().drop(columns="dataset")
     df = df.merge(info[["run", "dataset", "mode"]], on="run")
     order = modes or list(dict.fromkeys(info["mode"]))
@@ -69,7 +69,7 @@ def collapse_curves(con: duckdb.DuckDBPyConnection, runs: list[str] | None = Non
                     modes: list[str] | None = None) -> tuple[go.Figure, pd.DataFrame]:
     """Effective experts of each recorded training batch against the step, one line per run."""
     info = _routed_runs(con, runs, modes)
-    df = A.collapse(con, info["run"].tolist(), split=split, by="step").merge(info[["run", "mode"]], on="run")
+    df = A.collapse(con, info["run"].tolist(), split=split, by="step", layer=0).merge(info[["run", "mode"]], on="run")
     fig = go.Figure()
     for run, d in df.sort_values("step").groupby("run", sort=False):
         fig.add_scatter(x=d["step"], y=d["effective_experts"], mode="lines+markers", name=d["mode"].iloc[0] + f" ({run})")
@@ -82,7 +82,8 @@ def specialization_heatmap(con: duckdb.DuckDBPyConnection, run: str, *, attribut
                            split: str = "valid", top_values: int = 16,
                            include_oov: bool = False) -> tuple[go.Figure, pd.DataFrame]:
     """Lift P(expert | value) / P(expert) for the `top_values` most frequent values of `attribute` (rows) x experts."""
-    df = A.specialization(con, run, attribute=attribute, split=split, shuffled=False, include_oov=include_oov)
+    df = A.specialization(con, run, attribute=attribute, split=split, shuffled=False, include_oov=include_oov,
+                          layer=0)
     counts = df.groupby("value")["n_value"].first().sort_values(ascending=False)
     keep = counts.index[:top_values]
     d = df[df["value"].isin(keep)]
@@ -104,7 +105,7 @@ def nmi_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, a
     """NMI and AMI (top-1 expert; attribute) per run, with the expected NMI under permutation (chance) beside them."""
     info = _routed_runs(con, runs)
     df = A.specialization(con, info["run"].tolist(), attribute=attribute, split=split, summary=True,
-                          include_oov=include_oov)
+                          include_oov=include_oov, layer=0)
     df = df.drop(columns="dataset").merge(info[["run", "dataset", "mode"]], on="run").sort_values(["dataset", "run"])
     fig = go.Figure()
     fig.add_bar(name="NMI", x=df["run"], y=df["nmi"])

@@ -77,15 +77,15 @@ def html_report(con: duckdb.DuckDBPyConnection, runs: list[str], path: str | Pat
     import plotly.express as px
     import plotly.io as pio
 
-    figs = [px.bar(A.load_balance(con, runs, split=split, per_expert=True), x="epoch", y="share", color="expert",
+    figs = [px.bar(A.load_balance(con, runs, split=split, per_expert=True, layer=0), x="epoch", y="share", color="expert",
                    facet_col="run", title=f"Expert token share per epoch ({split})")]
-    col = _try(A.collapse, con, runs)
+    col = _try(A.collapse, con, runs, layer=0)
     if not col.empty:
         figs.append(px.line(col, x="step", y="effective_experts", color="run", title="Effective number of experts exp(H), train"))
-    figs.append(px.line(A.router_confidence(con, runs, split=split), x="epoch", y=["top1_gate", "entropy"],
+    figs.append(px.line(A.router_confidence(con, runs, split=split, layer=0), x="epoch", y=["top1_gate", "entropy"],
                         facet_col="run", title="Router confidence"))
     nmi = [s.assign(attribute=a) for a in ("pos_tag", "freq_band", "position_band")
-           if not (s := _try(A.specialization, con, runs, attribute=a, split=split, summary=True)).empty]
+           if not (s := _try(A.specialization, con, runs, attribute=a, split=split, summary=True, layer=0)).empty]
     if nmi:
         figs.append(px.bar(pd.concat(nmi), x="attribute", y=["nmi", "ami", "nmi_shuffled", "nmi_chance"],
                            barmode="group", facet_col="run",
