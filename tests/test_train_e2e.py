@@ -118,7 +118,7 @@ def test_sigkill_while_recording_leaves_readable_files_and_resume_has_no_duplica
     train_steps = np.sort(routing.loc[routing["split"] == "train", "step"].unique())
     assert np.array_equal(train_steps, np.arange(0, train_steps.max() + 1))  # every step once from 0, none lost
     metrics = pq.read_table(run / "metrics.parquet").to_pandas()
-    assert not metrics.duplicated(["step", "split", "name", "expert"]).any()
+    assert not metrics.duplicated(["step", "split", "name", "layer", "expert"]).any()
 
 
 def test_nan_guard_stops_with_a_clear_message_and_keeps_what_was_written(
@@ -182,7 +182,8 @@ def test_tensorboard_mirrors_the_metrics(real_data_dir: Path, tmp_path: Path) ->
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/aux_loss", "valid/f1", "valid/accuracy", "train/load/expert0"} <= tags
+    assert {"train/loss", "train/aux_loss", "valid/f1", "valid/accuracy", "train/load/layer0/expert0",
+            "train/aux_loss/layer0"} <= tags
     metrics = pq.read_table(run_dir / "metrics.parquet").to_pandas()
     f1 = metrics.loc[(metrics["split"] == "valid") & (metrics["name"] == "f1"), "value"].iloc[0]
     assert events.Scalars("valid/f1")[0].value == pytest.approx(f1, rel=1e-6)
