@@ -10,6 +10,7 @@ Presets follow the papers they name:
 - Fedus et al. 2021 (Switch Transformer): top-1, balance loss alpha = 0.01, capacity factor 1.25.
 - Zhou et al. 2022 (expert choice): each expert takes its top ceil(c * n / e) tokens, c = 2.
 - Roller et al. 2021 (hash layers): expert = fixed hash of the token id.
+- Wang et al. 2024 (auxiliary-loss-free balancing, DeepSeek-V3): `sigmoid_bias`, top-k on sigmoid score + bias.
 - The 2025 LSTM-MoE study (shared/references/001): `lora` and `hybrid` (switch + LoRA rank 8).
 
 Dense baselines: `dense` is one expert of `expert_hidden` units. `dense_flops` and `dense_params` are
@@ -25,8 +26,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
 DATASETS = ("wikitext2", "conll2003", "squad")
-ROUTERS = ("dense", "naive_topk", "topk_mask", "noisy_topk", "switch", "expert_choice", "hash")
-EXPERT_TYPES = ("mlp", "lora", "lowrank", "shared")
+ROUTERS = ("dense", "naive_topk", "topk_mask", "noisy_topk", "switch", "expert_choice", "hash", "sigmoid_bias")
+EXPERT_TYPES = ("mlp", "lora", "lowrank", "shared", "ttlora")
 DENSE_MATCHES = ("flops", "params")
 
 _NOISY2 = dict(router="noisy_topk", top_k=2)
@@ -45,6 +46,7 @@ MODES: dict[str, dict[str, Any]] = {
     "shared": dict(_NOISY2, expert_type="shared", w_importance=0.1, w_load=0.1),
     "expert_choice": dict(router="expert_choice", top_k=2, capacity_factor=2.0),
     "hash": dict(router="hash", top_k=1),
+    "sigmoid_bias": dict(router="sigmoid_bias", top_k=2),  # no aux loss: balanced by a bias (moe/sigmoid_bias.py)
     # one expert matched to the MoE of the given top_k / num_experts / expert_hidden (see `for_mode`)
     "dense_flops": dict(router="dense", dense_match="flops"),
     "dense_params": dict(router="dense", dense_match="params"),
@@ -101,11 +103,14 @@ class RunConfig:
     expert_type: str = "mlp"  # expert bank: mlp, lora (shared base + adapters), lowrank (U V), shared (+ always-on expert)
     expert_hidden: int = 128  # hidden units of each expert MLP (Shazeer's experts are 2-layer ReLU MLPs)
     rank: int = 8  # LoRA / low-rank rank
+    tt_rank: int = 4  # ttlora: rank of the tensor-train cores of each expert's delta W (moe/ttlora.py)
     lora_train_base: bool = True  # False freezes the shared base MLP of LoRA experts
     dense_match: str | None = None  # "flops" / "params": set by the dense_flops / dense_params presets
     lora_alpha: float = 8.0  # LoRA update scaled by lora_alpha / rank (Hu et al. 2021); 8 = the presets' rank: scale 1
     capacity_factor: float | None = None  # switch: tokens per expert = cf * n / e; expert_choice: c
     noise_eps: float = 1e-2  # added to softplus(x W_noise) so the load estimator never divides by 0
+    bias_update_rate: float = 1e-2  # sigmoid_bias: u in b_i += u*sign(mean load - load_i); Wang et al.'s 1e-3
+    # leaves a 300-step WikiText-2 run imbalanced (benchmarks/bench_sigmoid_bias.py, docs/moe.md)
     router_init: str = "default"  # "zeros": W_g = 0 as Shazeer 2017 (ties then pick experts 0..k-1)
     dispatch: str = "auto"  # auto | grouped | loop (see moe/layer.py)
     w_importance: float = 0.0  # weight of the importance CV^2 loss (Shazeer 2017)
@@ -256,9 +261,11 @@ NUMERIC_RANGES: dict[str, Range] = {
     "top_k": _COUNT,
     "expert_hidden": _COUNT,
     "rank": _COUNT,
+    "tt_rank": _COUNT,
     "lora_alpha": _POS,
     "capacity_factor": Range(float, 0, lo_open=True, optional=True),
     "noise_eps": _POS,
+    "bias_update_rate": _NONNEG,
     "w_importance": _NONNEG,
     "w_load": _NONNEG,
     "w_switch": _NONNEG,

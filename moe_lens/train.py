@@ -27,6 +27,7 @@ from moe_lens.config import RunConfig
 from moe_lens.errors import MoeLensError
 from moe_lens.models import build_model, count_parameters
 from moe_lens import resume as rs
+from moe_lens.moe.step_hooks import step_hooks
 from moe_lens.record import Recorder, write_json_atomic
 from moe_lens.rundir import (Metrics, RunState, checkpoint_path, create_run_dir, environment, latest_checkpoint,
                              now, plan_run_dir, save_checkpoint)  # fmt: skip
@@ -251,6 +252,7 @@ class _Loop:
         self.stop: rs.StopSignals | None = None
         self.bar = None
         self._rate_started = False
+        self.after_step = step_hooks(model)  # e.g. the sigmoid_bias router's bias update
 
     def run_epoch(self, split, epoch: int, steps_per_epoch: int, *, skip: int | None = None) -> None:
         """Run the epoch's batches; `skip`: resume after its first `skip` batches (not run again)."""
@@ -275,6 +277,8 @@ class _Loop:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
             self.opt.step()
+            for hook in self.after_step:
+                hook()
             self.sched.step()
             self.step += 1
             step = self.step

@@ -638,7 +638,7 @@ class SharedExperts(MLPExperts):
 
 def build_experts(
     expert_type: str, d: int, hidden: int, num_experts: int, *, rank: int = 8, train_base: bool = True,
-    lora_alpha: float | None = None,
+    lora_alpha: float | None = None, tt_rank: int = 4,
 ) -> nn.Module:
     """The expert bank named `expert_type` (one of config.EXPERT_TYPES)."""
     if rank <= 0:
@@ -653,4 +653,8 @@ def build_experts(
         return LowRankExperts(d, hidden, num_experts, rank)
     if expert_type == "shared":
         return SharedExperts(d, hidden, num_experts)
-    raise ValueError(f"unknown expert_type {expert_type!r}; allowed: mlp, lora, lowrank, shared")
+    if expert_type == "ttlora":  # imported here: moe/ttlora.py imports this module
+        from moe_lens.moe.ttlora import TTLoRAExperts
+
+        return TTLoRAExperts(d, hidden, num_experts, tt_rank, train_base)
+    raise ValueError(f"unknown expert_type {expert_type!r}; allowed: mlp, lora, lowrank, shared, ttlora")

@@ -64,6 +64,8 @@ class MoELayer(nn.Module):
         lora_alpha: float | None = None,
         capacity_factor: float | None = None,
         noise_eps: float = 1e-2,
+        bias_update_rate: float = 1e-2,
+        tt_rank: int = 4,
         router_init: str = "default",
         w_importance: float = 0.0,
         w_load: float = 0.0,
@@ -84,10 +86,11 @@ class MoELayer(nn.Module):
             num_experts, top_k = 1, 1
         self.num_experts, self.top_k = num_experts, top_k
         self.router = build_router(
-            router, d, num_experts, top_k, capacity_factor=capacity_factor, noise_eps=noise_eps, init=router_init
+            router, d, num_experts, top_k, capacity_factor=capacity_factor, noise_eps=noise_eps, init=router_init,
+            bias_update_rate=bias_update_rate,
         )
         self.experts = build_experts(expert_type, d, expert_hidden, num_experts, rank=rank, train_base=lora_train_base,
-                                     lora_alpha=lora_alpha)  # fmt: skip
+                                     lora_alpha=lora_alpha, tt_rank=tt_rank)  # fmt: skip
         self.weights = {"importance": w_importance, "load": w_load, "switch": w_switch, "z": w_z}
         self.dispatch = dispatch
 
@@ -96,7 +99,7 @@ class MoELayer(nn.Module):
         """Build from a RunConfig (any object with its router/expert fields); `layer`: its MoE-layer index."""
         names = ("num_experts", "top_k", "router", "expert_type", "expert_hidden", "rank", "lora_train_base",
                  "lora_alpha", "capacity_factor", "noise_eps", "router_init", "w_importance", "w_load", "w_switch",
-                 "w_z", "dispatch")  # fmt: skip
+                 "w_z", "dispatch", "bias_update_rate", "tt_rank")  # fmt: skip
         return cls(d, layer=layer, **{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
 
     def forward(self, x: Tensor, mask: Tensor | None = None, token_ids: Tensor | None = None,

@@ -239,6 +239,7 @@ def build_router(
     *,
     capacity_factor: float | None = None,
     noise_eps: float = 1e-2,
+    bias_update_rate: float = 1e-2,
     init: str = "default",
 ) -> Router:
     """The router named `name` (one of config.ROUTERS)."""
@@ -254,4 +255,8 @@ def build_router(
         return HashRouter(d, num_experts)
     if name == "dense":
         return DenseRouter(d)
-    raise ValueError(f"unknown router {name!r}; allowed: dense, naive_topk, topk_mask, noisy_topk, switch, expert_choice, hash")
+    if name == "sigmoid_bias":  # imported here: moe/sigmoid_bias.py imports this module
+        from moe_lens.moe.sigmoid_bias import SigmoidBiasRouter
+
+        return SigmoidBiasRouter(d, num_experts, top_k, bias_update_rate, init=init)
+    raise ValueError(f"unknown router {name!r}; allowed: dense, naive_topk, topk_mask, noisy_topk, switch, expert_choice, hash, sigmoid_bias")

@@ -1,0 +1,68 @@
+"""The `sigmoid_bias` router: auxiliary-loss-free load balancing (Wang et al. 2024, "Auxiliary-loss-free
+load balancing strategy for mixture-of-experts", the router of DeepSeek-V3). Shapes as in `moe/layer.py`.
+
+    s = sigmoid(x W_g)                          (n, e) affinity scores
+    S = TopK(s + b, k)                          the k experts selected on the BIASED scores
+    g_i = s_i / sum_{j in S} s_j,  i in S       gates from the UNBIASED scores, renormalised
+    router_probs = s / sum_j s_j                (n, e) for the statistics; logits = log s, so that
+                                                router_probs = softmax(logits) exactly, as every router
+
+b (e,) is a buffer, not a parameter: no gradient reaches it and checkpoints carry it. After each
+optimizer step the training loop calls `after_step` (moe/step_hooks.py), which moves it outside
+the gradient by
+
+    b_i += u * sign(mean_j load_j - load_i)
+
+load_i being the tokens routed to expert i in training forwards since the last update, counted on
+the device (no host sync) in `load_since`. An overloaded expert's bias falls, so fewer tokens
+select it; the gates never see b, so the balancing adds no aux loss and no gradient that competes
+with the task. u is `bias_update_rate` (RunConfig; default 1e-2, see there).
+
+Slot 0 holds the selected expert with the largest gate. That is the argmax of `router_probs` until
+the bias overrides a token's choice; the layer's statistics that read slot 0 (logsumexp, entropy)
+are exact for any slot. With k = 1 the gate is the raw score s_i rather than s_i / s_i = 1: a
+renormalised single gate is constantly 1 and gives the router no task gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moe_lens.moe.routers import Router, Routing, top_k
+
+
+class SigmoidBiasRouter(Router):
+    """Sigmoid scores, top-k on score + bias, gates from the unbiased scores (Wang et al. 2024)."""
+
+    def __init__(self, d: int, num_experts: int, top_k: int, bias_update_rate: float = 1e-2, init: str = "default") -> None:
+        super().__init__(d, num_experts, top_k, init)
+        if not bias_update_rate >= 0:
+            raise ValueError(f"bias_update_rate={bias_update_rate}; allowed: >= 0")
+        self.bias_update_rate = bias_update_rate
+        self.register_buffer("bias", torch.zeros(num_experts))  # (e,) b, saved in the state_dict
+        # (e,) tokens per expert since the last update; 0 after every step, so checkpoints need not hold it
+        self.register_buffer("load_since", torch.zeros(num_experts), persistent=False)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        z = self.w_gate(x).float()  # (n, e)
+        scores = torch.sigmoid(z)  # (n, e) s
+        _, idx = top_k(scores.detach() + self.bias, self.top_k)  # (n, k) selected on s + b
+        gate = scores.gather(1, idx)  # (n, k) unbiased scores of the selected experts
+        if self.top_k > 1:
+            gate = gate / gate.sum(dim=-1, keepdim=True)
+            gate, order = gate.sort(dim=-1, descending=True)  # slot 0: the largest gate
+            idx = idx.gather(1, order)
+        if self.training:
+            with torch.no_grad():
+                self.load_since.index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), device=idx.device))
+        logits = F.logsigmoid(z)  # (n, e) log s: softmax(log s) = s / sum(s)
+        probs = scores / scores.sum(dim=-1, keepdim=True)  # (n, e)
+        return Routing(idx, gate, probs, logits)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """b_i += u * sign(mean load - load_i) over the tokens since the last call; then reset the count."""
+        load = self.load_since
+        self.bias.add_(torch.sign(load.mean() - load), alpha=self.bias_update_rate)
+        load.zero_()
