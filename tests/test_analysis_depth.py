@@ -75,7 +75,7 @@ def _last_top1(root: Path, run: str, split: str) -> pd.DataFrame:
 def test_routing_paths_match_sklearn(runs: Path) -> None:
     con = connect(runs)
     for split in ("valid", "train"):
-        got = A.routing_paths(con, split=split)
+        got = A.routing_paths(con, split=split, dataset="*")
         seen = 0
         for run in ("a", "b"):
             r = _last_top1(runs, run, split)
@@ -104,7 +104,7 @@ def test_routing_paths_match_sklearn(runs: Path) -> None:
                     np.testing.assert_allclose(row["ami"], adjusted_mutual_info_score(x, y), **TOL)
                     seen += 1
         assert seen == len(got)
-    valid = A.routing_paths(con, split="valid")
+    valid = A.routing_paths(con, split="valid", dataset="*")
     assert set(valid["dataset"]) == {"wikitext2", "conll2003"}  # the probe is its own group
     incomplete = valid[(valid["run"] == "a") & (valid["dataset"] == "wikitext2") & valid["layer"].isna()]
     assert int(incomplete["tokens"].iloc[0]) == 400 - len(range(0, 400, 13))  # unrouted at layer 2: no path
@@ -112,7 +112,7 @@ def test_routing_paths_match_sklearn(runs: Path) -> None:
 
 def test_paths_table_counts_paths(runs: Path) -> None:
     con = connect(runs)
-    got = A.routing_paths(con, "a", split="valid", summary=False, top=None)
+    got = A.routing_paths(con, "a", split="valid", summary=False, top=None, dataset="*")
     r = _last_top1(runs, "a", "valid")
     for dataset, g in r.groupby("dataset"):
         wide = g.pivot_table(index=["step", "token_idx"], columns="layer", values="expert").dropna()
@@ -120,7 +120,7 @@ def test_paths_table_counts_paths(runs: Path) -> None:
         mine = got[got["dataset"] == dataset].set_index("path")["n"]
         assert mine.to_dict() == want.to_dict()
         np.testing.assert_allclose(got[got["dataset"] == dataset]["share"].sum(), 1.0, **TOL)
-    top = A.routing_paths(con, "a", split="valid", summary=False, top=3)
+    top = A.routing_paths(con, "a", split="valid", summary=False, top=3, dataset="*")
     assert top.groupby("dataset").size().max() == 3
     assert (top.groupby("dataset")["n"].apply(lambda s: s.is_monotonic_decreasing)).all()
 
@@ -129,7 +129,7 @@ def test_paths_table_counts_paths(runs: Path) -> None:
 def test_layer_transitions_match_sklearn(runs: Path, layers: tuple[int, int]) -> None:
     la, lb = layers
     con = connect(runs)
-    got = A.layer_transitions(con, "a", split="valid", layer_a=la, layer_b=lb)
+    got = A.layer_transitions(con, "a", split="valid", layer_a=la, layer_b=lb, dataset="*")
     r = _last_top1(runs, "a", "valid")
     for dataset, g in r.groupby("dataset"):
         a = g[g["layer"] == la].set_index(["step", "token_idx"])["expert"]
@@ -145,7 +145,7 @@ def test_layer_transitions_match_sklearn(runs: Path, layers: tuple[int, int]) ->
         np.testing.assert_allclose(mine["nmi"].iloc[0], normalized_mutual_info_score(both["a"], both["b"]), **TOL)
         np.testing.assert_allclose(mine["ami"].iloc[0], adjusted_mutual_info_score(both["a"], both["b"]), **TOL)
         assert (mine["tokens"] == len(both)).all()
-    summary = A.layer_transitions(con, "a", split="valid", layer_a=la, layer_b=lb, summary=True)
+    summary = A.layer_transitions(con, "a", split="valid", layer_a=la, layer_b=lb, summary=True, dataset="*")
     assert len(summary) == 2 and set(summary.columns) >= {"run", "dataset", "split", "epoch", "mi", "nmi", "ami"}
     with pytest.raises(MoeLensError, match="layer_a"):
         A.layer_transitions(con, "a", layer_a=1, layer_b=1)
@@ -154,7 +154,7 @@ def test_layer_transitions_match_sklearn(runs: Path, layers: tuple[int, int]) ->
 def test_coactivation_matches_numpy(runs: Path) -> None:
     con = connect(runs)
     for split in ("valid", "train"):
-        got = A.coactivation(con, split=split)
+        got = A.coactivation(con, split=split, dataset="*")
         r = _table(runs, "a", "routing")
         r = r[(r["split"] == split)]
         r = r[r["epoch"] == r["epoch"].max()]
@@ -178,7 +178,7 @@ def test_coactivation_matches_numpy(runs: Path) -> None:
             n += len(mine)
         assert got[got["run"] == "b"].empty  # top-1: no pairs
         assert n == len(got)
-    one = A.coactivation(con, "a", layer=2)
+    one = A.coactivation(con, "a", layer=2, dataset="*")
     assert set(one["layer"]) == {2}
 
 

@@ -56,7 +56,7 @@ def test_no_analysis_pools_datasets(shapes, choice: int) -> None:
     s, con = shapes
     dataset = DATASET_CHOICES[choice]
     expected = {None: ["wikitext2"], "conll2003": ["conll2003"], "*": ["conll2003", "wikitext2"]}[dataset]
-    kw = {} if dataset is None else dict(dataset=dataset)  # the default as a user calls it
+    kw = dict(layer=0) if dataset is None else dict(dataset=dataset, layer=0)  # the default, on the layer checked
     lb = A.load_balance(con, "a", **kw)
     col = A.collapse(con, "a", split="valid", by="epoch", **kw)
     conf = A.router_confidence(con, "a", **kw)
@@ -94,7 +94,7 @@ def test_stability_keys_on_dataset_and_token(shapes) -> None:
     """Changed = top-1 differs from the token's previous recorded epoch, a token being (dataset, token_idx);
     on sparse train traces only tokens recorded in both epochs are compared."""
     s, con = shapes
-    got = A.stability(con, "a", split="train", dataset="*")
+    got = A.stability(con, "a", split="train", dataset="*", layer=0)
     for ds in ("wikitext2", "conll2003"):
         t = _rows(s, "a", "train", ds)
         t = t[t["rank"] == 0].pivot_table(index="token_idx", columns="epoch", values="expert")
@@ -102,7 +102,7 @@ def test_stability_keys_on_dataset_and_token(shapes) -> None:
         row = got[(got["dataset"] == ds) & (got["epoch"] == 1)]
         assert int(row["tokens_compared"].iloc[0]) == len(both)
         np.testing.assert_allclose(row["changed"], (both[0] != both[1]).mean(), **TOL)
-    own = A.stability(con, "a", split="train")
+    own = A.stability(con, "a", split="train", layer=0)
     assert own["dataset"].unique().tolist() == ["wikitext2"]
     pd.testing.assert_frame_equal(own.reset_index(drop=True),
                                   got[got["dataset"] == "wikitext2"].reset_index(drop=True))
@@ -115,7 +115,7 @@ def test_agreement_and_contexts_stay_in_one_dataset(shapes) -> None:
         a = _rows(s, "a", "valid", ds)
         b = _rows(s, "b", "valid", ds)
         a, b = (x[(x["rank"] == 0) & (x["epoch"] == EPOCHS - 1)].set_index("token_idx")["expert"] for x in (a, b))
-        got = A.agreement(con, "a", "b", dataset=dataset).iloc[0]
+        got = A.agreement(con, "a", "b", dataset=dataset, layer=0).iloc[0]
         assert got["dataset"] == ds and got["tokens"] == len(a)
         np.testing.assert_allclose(got["agreement"], (a == b.loc[a.index]).mean(), **TOL)
     tok = s.tokens[(s.tokens["run"] == "a") & (s.tokens["split"] == "valid")]
@@ -202,7 +202,7 @@ def test_agreement_nmi_ami_are_sklearns(shapes) -> None:
 
 def test_compare_ranks_by_ami(shapes) -> None:
     s, con = shapes
-    spec = A.specialization(con, ["a", "b"], summary=True).set_index("run")
+    spec = A.specialization(con, ["a", "b"], summary=True, layer=0).set_index("run")  # compare: layer 0
     by_ami = A.compare(con, ["a", "b"])
     assert by_ami["run"].tolist() == spec["ami"].sort_values(ascending=False).index.tolist()
     assert by_ami["rank"].tolist() == [1, 2]
@@ -216,7 +216,7 @@ def test_compare_ranks_by_ami(shapes) -> None:
 def test_dead_experts_count_all_assignments(shapes) -> None:
     """Expert E-1 is never any token's first choice but takes ~60% of the second choices: not dead."""
     s, con = shapes
-    got = A.collapse(con, "a", split="valid", by="epoch")
+    got = A.collapse(con, "a", split="valid", by="epoch", layer=0)
     for epoch in range(EPOCHS):
         v = _rows(s, "a", "valid", "wikitext2")
         v = v[v["epoch"] == epoch]
@@ -229,7 +229,7 @@ def test_dead_experts_count_all_assignments(shapes) -> None:
 
 def test_capacity_defaults_to_train_where_tokens_drop(shapes) -> None:
     s, con = shapes
-    got = A.capacity(con, "a")
+    got = A.capacity(con, "a", layer=0)
     assert got["split"].unique().tolist() == ["train"]
     t = _rows(s, "a", "train", "wikitext2")
     np.testing.assert_allclose(got.sort_values("epoch")["dropped_rate"], t.groupby("epoch")["dropped"].mean(), **TOL)
@@ -246,7 +246,7 @@ def test_oov_tokens_are_left_out_of_specialization(shapes) -> None:
     assert (~tok["in_vocab"]).sum() > 20  # the fixture has OOV tokens
     for include_oov in (False, True):
         keep = np.ones(len(r), bool) if include_oov else tok["in_vocab"].to_numpy()
-        got = A.specialization(con, "a", include_oov=include_oov)
+        got = A.specialization(con, "a", include_oov=include_oov, layer=0)
         want = pd.crosstab(tok["pos_tag"].to_numpy()[keep], r["expert"].to_numpy()[keep]).stack()
         want = want[want > 0].sort_index()
         mine = got.set_index(["value", "expert"])["n"].sort_index()

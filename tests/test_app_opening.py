@@ -86,7 +86,10 @@ def test_specialization_opens_in_log2_lift_with_mi_beside(tmp_path, monkeypatch)
     r = routing("wikitext2-importance", "valid")
     r = r[r["epoch"] == r["epoch"].max()]  # the trained router: the last recorded epoch
     t = pd.read_parquet(SAMPLE / "wikitext2-importance" / "tokens").astype({"split": str})
-    t = t[t["split"] == "valid"][["token_idx", "pos_tag"]]
+    t = t[t["split"] == "valid"]
+    unk = t.loc[t["token"] == "<unk>", "token_id"].iloc[0]  # OOV left out by default (docs/sql.md, in_vocab rule)
+    oov = ~t["in_vocab"].astype("boolean").fillna(t["token_id"] != unk) if "in_vocab" in t else t["token_id"] == unk
+    t = t[~oov.to_numpy(bool)][["token_idx", "pos_tag"]]
     m = r.merge(t, on="token_idx").dropna(subset=["pos_tag"])
     p_e = m["expert"].value_counts(normalize=True)
     p_e_v = pd.crosstab(m["expert"], m["pos_tag"], normalize="columns")

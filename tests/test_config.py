@@ -48,7 +48,6 @@ def test_mode_fields_stay_overridable() -> None:
 import math  # noqa: E402
 import types  # noqa: E402
 import typing  # noqa: E402
-from dataclasses import fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from moe_lens.config import NUMERIC_RANGES  # noqa: E402

@@ -30,7 +30,7 @@ from moe_lens.moe.experts import (
     grouped_linear,
     run_groups,
 )
-from moe_lens.moe.layer import MoELayer, assignments, by_token_rows
+from moe_lens.moe.layer import MoELayer
 
 
 def _assignments(n: int, e: int, k: int, empty: tuple[int, ...] = (), seed: int = 0):

@@ -34,7 +34,7 @@ def test_record_tokens_keeps_a_prefix_of_eval_and_only_referenced_train_tokens(r
     routed = con.execute("SELECT count(DISTINCT token_idx) FROM routing WHERE split = 'train'").fetchall()[0][0]
     assert train_tokens[0] == train_tokens[1] == routed > 0
     parts = list((run_dir / "tokens" / f"dataset={dataset}" / "split=train").glob("part-*.parquet"))
-    assert len(parts) == (2 if dataset == "conll2003" else 1)  # the LM's short epochs repeat the same batches
+    assert len(parts) == 2  # one per epoch: CoNLL reshuffles, the LM's short epochs continue the stream
     hidden = con.execute("SELECT epoch, count(*), max(token_idx) FROM hidden GROUP BY epoch").fetchall()
     assert all(h[1] == 40 and h[2] < 300 for h in hidden)
     values = np.concatenate(con.execute("SELECT hidden FROM hidden").df()["hidden"].map(np.asarray).tolist())

@@ -20,7 +20,8 @@ recipe with MoE after each of 3 LSTM layers (issue 20's depth run).
 What is kept, to stay under 45 MB in git: the valid traces of the first `record_tokens` tokens of
 each split (8,000; 2,000 for seeds > 0, which serve the seed spread of the collapse and F1 figures;
 metrics cover the whole split), a training batch every `record_every` steps with just the tokens it
-references, hidden states (bfloat16 precision) of 300 valid tokens (100 for seeds > 0) in the last
+references, hidden states (bfloat16 precision) of 300 valid tokens (100 for seeds > 0; 5,000 for
+wikitext2-importance, the Clusters page's opening run) in the last
 epoch only, no checkpoints (deleted at the end; `--keep-checkpoints` keeps them), and the PCA / UMAP
 projections of those hidden states cached in each run, so the app's Clusters page opens at once.
 Before the seeds: 21.5 minutes on a quiet 2-core CPU with `--jobs 2` (1292 s for 24 runs).
@@ -41,6 +42,8 @@ MODES = ("dense", "dense_flops", "naive_topk", "topk_mask", "noisy_topk", "impor
 DATASETS = ("wikitext2", "conll2003", "squad")
 SEEDS = {"wikitext2": (0,), "conll2003": (0, 1, 2), "squad": (0,)}  # CoNLL: the seed spread of every mode
 SMALLER = dict(record_tokens=2000, hidden_sample=100)  # seeds > 0: enough for the spread, within the budget
+# the run the app's Clusters page opens on draws every recorded hidden state: 5,000 of them (issue 21)
+PER_RUN = {"wikitext2-importance": dict(hidden_sample=5000)}
 # Variants beyond the mode grid: run name -> (dataset, mode, overrides), trained with the grid (each limited by
 # --only and --modes): the depth run is MoE after each of 3 LSTM layers (issue 20).
 EXTRA = {"wikitext2-load-3layer": ("wikitext2", "load", dict(num_layers=3, moe_layers="all"))}
@@ -66,6 +69,7 @@ def sample_config(dataset: str, mode: str, data_dir: str, out: str, seed: int = 
     if mode == "dense":
         kw["num_experts"] = 1
     name = run_name or f"{dataset}-{mode}" + (f"-seed{seed}" if seed else "")
+    kw = {**kw, **PER_RUN.get(name, {}), **overrides}
     return RunConfig.for_mode(mode, dataset=dataset, data_dir=data_dir, runs_dir=out, run_name=name, **kw)
 
 

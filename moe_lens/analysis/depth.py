@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from moe_lens.analysis._query import Runs, last_epochs, nonempty, query, resolve_runs, sql_text
-from moe_lens.analysis.information import scores
+from moe_lens.information import scores
 from moe_lens.errors import MoeLensError
 
 PATH_ATTRIBUTES = ("pos_tag", "freq_band", "ner_tag", "segment", "token")
@@ -27,7 +27,7 @@ GROUP = ["run", "dataset", "split", "epoch"]
 
 
 def routing_paths(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "valid",
-                  epoch: int | None = None, attribute: str = "pos_tag", summary: bool = True,
+                  epoch: int | None = None, attribute: str = "pos_tag", summary: bool = True, dataset: str | None = None,
                   top: int | None = 20) -> pd.DataFrame:
     """Routing paths (tuples of top-1 experts over the MoE layers) of one epoch per run.
 
@@ -39,7 +39,7 @@ def routing_paths(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: s
     if attribute not in PATH_ATTRIBUTES:
         raise MoeLensError(f"unknown attribute {attribute!r}; allowed: {', '.join(PATH_ATTRIBUTES)}")
     names = resolve_runs(con, runs)
-    params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch), split=split, attribute=attribute)
+    params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch, dataset), split=split, attribute=attribute)
     df = nonempty(query(con, sql_text("routing_paths"), params), names, f"split={split!r}, epoch={epoch}")
     df["layer"] = df["layer"].astype("Int64")
     if not summary:
@@ -57,7 +57,7 @@ def routing_paths(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: s
         p = labels / total
         with_value = g[g["value"].notna()]
         info = scores(with_value.pivot_table(index="label", columns="value", values="n", fill_value=0,
-                                             aggfunc="sum").to_numpy()) if len(with_value) else {}
+                                             aggfunc="sum").to_numpy())._asdict() if len(with_value) else {}
         rows.append(dict(zip(GROUP + ["layer"], key), tokens=int(total), distinct=len(labels),
                          entropy=float(-(p * np.log(p)).sum()), tokens_with_value=int(with_value["n"].sum()),
                          mi=info.get("mi", np.nan), nmi=info.get("nmi", np.nan), ami=info.get("ami", np.nan)))
@@ -69,7 +69,7 @@ def routing_paths(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: s
 
 def layer_transitions(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "valid",
                       epoch: int | None = None, layer_a: int = 0, layer_b: int = 1,
-                      summary: bool = False) -> pd.DataFrame:
+                      summary: bool = False, dataset: str | None = None) -> pd.DataFrame:
     """Transition table of top-1 experts from MoE layer `layer_a` to `layer_b` over the same token occurrences.
 
     Rows (run, dataset, split, epoch, layer_a, layer_b, expert_a, expert_b) with `n`, `n_a`, `p_b_given_a`
@@ -77,7 +77,7 @@ def layer_transitions(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, spli
     if layer_a == layer_b:
         raise MoeLensError(f"layer_a = layer_b = {layer_a}; choose two different MoE layers")
     names = resolve_runs(con, runs)
-    params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch), split=split,
+    params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch, dataset), split=split,
                   layer_a=int(layer_a), layer_b=int(layer_b))
     df = nonempty(query(con, sql_text("layer_transitions"), params), names,
                   f"split={split!r}, epoch={epoch}, layers {layer_a} and {layer_b} both recorded")
@@ -87,7 +87,7 @@ def layer_transitions(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, spli
     for key, g in df.groupby(GROUP, sort=False):
         s = scores(g.pivot_table(index="expert_a", columns="expert_b", values="n", fill_value=0,
                                  aggfunc="sum").to_numpy())
-        info.append(dict(zip(GROUP, key), tokens=int(s["total"]), mi=s["mi"], nmi=s["nmi"], ami=s["ami"]))
+        info.append(dict(zip(GROUP, key), tokens=s.rows, mi=s.mi, nmi=s.nmi, ami=s.ami))
     info = pd.DataFrame(info)
     if summary:
         return info.assign(layer_a=int(layer_a), layer_b=int(layer_b))[
@@ -96,11 +96,11 @@ def layer_transitions(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, spli
 
 
 def coactivation(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "valid",
-                 epoch: int | None = None, layer: int | None = None) -> pd.DataFrame:
+                 epoch: int | None = None, layer: int | None = None, dataset: str | None = None) -> pd.DataFrame:
     """P(j | i) of expert pairs in a token's experts, per (run, dataset, split, epoch, layer); every layer when
     `layer` is None. Rows (..., layer, expert_i, expert_j) with `n_ij`, `n_i`, `p_j_given_i`; empty for top-1."""
     names = resolve_runs(con, runs)
-    params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch), split=split,
+    params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch, dataset), split=split,
                   layer=None if layer is None else int(layer))
     return query(con, sql_text("coactivation"), params)
 

@@ -44,7 +44,8 @@ class SigmoidBiasRouter(Router):
         # (e,) tokens per expert since the last update; 0 after every step, so checkpoints need not hold it
         self.register_buffer("load_since", torch.zeros(num_experts), persistent=False)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, groups: int | None = None) -> Routing:
+        # per-token top-k: no capacity, so `groups` (the LM's time steps) changes nothing and routing is causal
         z = self.w_gate(x).float()  # (n, e)
         scores = torch.sigmoid(z)  # (n, e) s
         _, idx = top_k(scores.detach() + self.bias, self.top_k)  # (n, k) selected on s + b

@@ -1,6 +1,6 @@
 -- Co-activation of experts within a token's top-k: for each token occurrence (run, dataset, split, epoch, step,
 -- token_idx) at MoE layer l, every ordered pair (i, j), i != j, of the experts it was routed to (all ranks, dropped
--- slots included: the router's choice) counts once. One epoch per run ($run_epochs: 'run|epoch' strings); every
+-- slots included: the router's choice) counts once. One epoch per run ($run_epochs: 'run|dataset|epoch' strings, each run's own dataset unless one is named); every
 -- layer unless $layer is set. Per group g = (run, dataset, split, epoch, layer):
 --   n_i  = occurrences with expert i among their experts,   n_ij = occurrences with both i and j
 --   p_j_given_i = P(j | i) = n_ij / n_i    (rows i with n_i > 0; only pairs with n_ij > 0 are returned)
@@ -8,7 +8,7 @@
 WITH sel AS (
     SELECT DISTINCT run, dataset, split, epoch, layer, step, token_idx, expert
     FROM routing
-    WHERE list_contains($runs, run) AND list_contains($run_epochs, run || '|' || CAST(epoch AS VARCHAR))
+    WHERE list_contains($runs, run) AND list_contains($run_epochs, run || '|' || dataset || '|' || CAST(epoch AS VARCHAR))
       AND split = $split AND ($layer IS NULL OR layer = $layer)
 ),
 singles AS (

@@ -1,18 +1,18 @@
 -- Layer-to-layer transitions of the top-1 (rank 0) expert: for each token occurrence (run, dataset, split, epoch,
 -- step, token_idx) routed at both MoE layers $layer_a and $layer_b, one count in cell (expert_a, expert_b).
--- One epoch per run ($run_epochs: 'run|epoch' strings). Per group g = (run, dataset, split, epoch):
+-- One epoch per run ($run_epochs: 'run|dataset|epoch' strings, each run's own dataset unless one is named). Per group g = (run, dataset, split, epoch):
 --   n_a = sum_b n_ab,   p_b_given_a = P(b | a) = n_ab / n_a,   p_ab = n_ab / N_g
 -- (MI, NMI and AMI of the table are computed from these counts in analysis/depth.py).
 WITH a AS (
     SELECT run, dataset, split, epoch, step, token_idx, expert
     FROM routing
-    WHERE list_contains($runs, run) AND list_contains($run_epochs, run || '|' || CAST(epoch AS VARCHAR))
+    WHERE list_contains($runs, run) AND list_contains($run_epochs, run || '|' || dataset || '|' || CAST(epoch AS VARCHAR))
       AND split = $split AND rank = 0 AND layer = $layer_a
 ),
 b AS (
     SELECT run, dataset, split, epoch, step, token_idx, expert
     FROM routing
-    WHERE list_contains($runs, run) AND list_contains($run_epochs, run || '|' || CAST(epoch AS VARCHAR))
+    WHERE list_contains($runs, run) AND list_contains($run_epochs, run || '|' || dataset || '|' || CAST(epoch AS VARCHAR))
       AND split = $split AND rank = 0 AND layer = $layer_b
 ),
 cells AS (

@@ -1,7 +1,7 @@
 -- Routing paths across MoE layers: the path of a token occurrence is the tuple of its top-1 (rank 0) experts
 -- over the layers, in layer order, written 'e0-e1-...'. An occurrence is (run, dataset, split, epoch, step,
 -- token_idx); only occurrences routed at every layer recorded for their (run, dataset, split, epoch) form a path
--- (a token an expert_choice layer left unrouted has none). One epoch per run ($run_epochs: 'run|epoch' strings).
+-- (a token an expert_choice layer left unrouted has none). One epoch per run ($run_epochs: 'run|dataset|epoch' strings, each run's own dataset unless one is named).
 -- Returns the contingency counts the path and per-layer statistics are computed from (analysis/depth.py):
 --   layer NULL:  label = the path,             value = the token's $attribute (NULL if it has none), n
 --   layer = l:   label = the top-1 expert at l, value, n   (over the same occurrences as the paths)
@@ -9,7 +9,7 @@
 WITH top1 AS (
     SELECT run, dataset, split, epoch, step, token_idx, layer, expert
     FROM routing
-    WHERE list_contains($runs, run) AND list_contains($run_epochs, run || '|' || CAST(epoch AS VARCHAR))
+    WHERE list_contains($runs, run) AND list_contains($run_epochs, run || '|' || dataset || '|' || CAST(epoch AS VARCHAR))
       AND split = $split AND rank = 0
 ),
 depth AS (
