@@ -1,7 +1,8 @@
 """moe-lens app: `streamlit run app/main.py [-- --runs-dir D]` (or `moe-lens app`), one page per question.
 
-Pages (app/pages/): Runs, Load balance, Collapse, Specialization, Clusters, Layers, Compare, SQL. Every number
-comes from `moe_lens.analysis` (the SQL layer); the pages draw the small DataFrames it returns.
+Pages: app/pages/, in the order and with the titles of `moe_lens.app_pages.PAGES`, the one list that the
+CLI, the tests and the benchmarks read too. Every number comes from `moe_lens.analysis` (the SQL layer); the
+pages draw the small DataFrames it returns.
 """
 from __future__ import annotations
 
@@ -12,19 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # lens_ui, for the pag
 import streamlit as st  # noqa: E402
 
 import lens_ui as ui  # noqa: E402
+from moe_lens.app_pages import PAGES  # noqa: E402
 
 st.set_page_config(page_title="moe-lens", layout="wide")
-PAGES = [
-    st.Page("pages/runs.py", title="Runs", default=True),
-    st.Page("pages/load_balance.py", title="Load balance"),
-    st.Page("pages/collapse.py", title="Collapse"),
-    st.Page("pages/specialization.py", title="Specialization"),
-    st.Page("pages/clusters.py", title="Clusters"),
-    st.Page("pages/layers.py", title="Layers"),
-    st.Page("pages/compare.py", title="Compare"),
-    st.Page("pages/sql.py", title="SQL"),
-]
-page = st.navigation(PAGES)
+page = st.navigation([st.Page(p.file, title=p.title, icon=p.icon, default=p.default) for p in PAGES])
 ui.sidebar()
 ui.require_runs()
 ui.damage_banner()

@@ -20,9 +20,9 @@ from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from moe_lens.app_pages import NAMES as PAGES, page as registered  # noqa: E402
 from moe_lens.synthetic import write_synthetic_run  # noqa: E402
 
-PAGES = ["runs", "load_balance", "collapse", "specialization", "clusters", "compare", "sql"]
 
 
 def render(runs_dir: Path, page: str, repeats: int) -> tuple[float, float]:
@@ -32,8 +32,8 @@ def render(runs_dir: Path, page: str, repeats: int) -> tuple[float, float]:
     if page == "sql":
         at.session_state["sql_query"] = "SELECT expert, count(*) FROM routing WHERE rank = 0 GROUP BY ALL"
     at.run()
-    if page != "runs":
-        at.switch_page(f"pages/{page}.py")
+    if not registered(page).default:
+        at.switch_page(registered(page).file)
     t = time.perf_counter()
     at.run()
     if page == "sql":

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moe_lens.app_pages import PAGES
 from moe_lens.errors import MoeLensError
 
 APP = Path(__file__).resolve().parents[1] / "app" / "main.py"
@@ -26,7 +27,7 @@ def streamlit_command(runs_dir: str, *, port: int = 8501, address: str = "127.0.
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("app", help="open the Streamlit app over a runs directory (127.0.0.1)",
-                              description="Pages: Runs, Load balance, Collapse, Specialization, Clusters, Compare, SQL.")
+                              description=f"Pages: {', '.join(p.title for p in PAGES)}.")
     p.add_argument("--runs-dir", default=None,
                    help="runs directory (default: $MOE_LENS_RUNS_DIR, else runs/ when it holds runs, else sample_runs/)")
     p.add_argument("--port", type=int, default=8501)

@@ -14,11 +14,11 @@ import pytest
 from streamlit.testing.v1 import AppTest  # noqa: E402  (installed by the README's ".[all]")
 
 from moe_lens import analysis, projection, store  # noqa: E402
+from moe_lens.app_pages import NAMES as PAGES, page as registered  # noqa: E402
 from moe_lens.synthetic import write_synthetic_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / "app" / "main.py")
-PAGES = ["runs", "load_balance", "collapse", "specialization", "clusters", "layers", "compare", "sql"]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,8 @@ def app(runs_dir: Path, page: str, **state) -> AppTest:
     for k, v in state.items():
         at.session_state[k] = v
     at.run()
-    if page != "runs":
-        at.switch_page(f"pages/{page}.py").run()
+    if not registered(page).default:
+        at.switch_page(registered(page).file).run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     return at

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from moe_lens.app_pages import PAGES as REGISTERED
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ROOT = Path(__file__).resolve().parents[1]
+# the plotly charts each page must draw on sample_runs/; every registered page needs its number here
+CHARTS = {"runs": 2, "load_balance": 3, "collapse": 2, "specialization": 3, "clusters": 1, "layers": 4, "compare": 2,
+          "sql": 0}
+assert set(CHARTS) == {p.name for p in REGISTERED}, "CHARTS must name every page of moe_lens.app_pages.PAGES"
 # url path, the page's title, the plotly charts it must draw
-PAGES = [("", "Runs", 2), ("load_balance", "Load balance", 3), ("collapse", "Collapse", 2),
-         ("specialization", "Specialization", 3), ("clusters", "Clusters", 1), ("compare", "Compare", 2),
-         ("sql", "SQL", 0)]
+PAGES = [(p.url_path, p.title, CHARTS[p.name]) for p in REGISTERED]
 ERRORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
 
 from selenium import webdriver  # noqa: E402  (installed by the README's ".[all]")

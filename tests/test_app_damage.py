@@ -14,11 +14,11 @@ import pytest
 from streamlit.runtime.pages_manager import PagesManager
 from streamlit.testing.v1 import AppTest
 
+from moe_lens.app_pages import NAMES as PAGES, page as registered
 from moe_lens.synthetic import write_synthetic_run
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / "app" / "main.py")
-PAGES = ["runs", "load_balance", "collapse", "specialization", "clusters", "compare", "sql"]
 
 
 @pytest.fixture(autouse=True)
@@ -61,8 +61,8 @@ def _app(runs_dir: Path, page: str) -> AppTest:
     at.session_state["runs_dir"] = str(runs_dir)
     at.session_state["clusters_method"] = "PCA"
     at.run()
-    if page != "runs":
-        at.switch_page(f"pages/{page}.py").run()
+    if not registered(page).default:
+        at.switch_page(registered(page).file).run()
     return at
 
 

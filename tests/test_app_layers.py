@@ -11,6 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from moe_lens import analysis, store
+from moe_lens.app_pages import page as registered
 from moe_lens.synthetic import write_synthetic_run
 
 MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
@@ -30,7 +31,7 @@ def app(runs_dir: Path, page: str = "layers", **state) -> AppTest:
     for k, v in state.items():
         at.session_state[k] = v
     at.run()
-    at.switch_page(f"pages/{page}.py").run()
+    at.switch_page(registered(page).file).run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     return at

@@ -12,6 +12,8 @@ import pytest
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from moe_lens.app_pages import page as registered
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_runs"
 STORY = ["wikitext2-naive_topk", "wikitext2-importance"]
@@ -23,8 +25,8 @@ def opened(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AppTes
     at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
     at.session_state["runs_dir"] = str(SAMPLE)
     at.run()
-    if page != "runs":
-        at.switch_page(f"pages/{page}.py").run()
+    if not registered(page).default:
+        at.switch_page(registered(page).file).run()
     assert not at.exception and not at.error, ([e.value for e in at.exception], [e.value for e in at.error])
     return at
 
@@ -122,7 +124,7 @@ def test_clusters_draws_every_point_with_webgl(tmp_path, monkeypatch, colour) ->
     at.session_state["clusters_method"] = "PCA"
     at.session_state["clusters_colour"] = colour
     at.run()
-    at.switch_page("pages/clusters.py").run()
+    at.switch_page(registered("clusters").file).run()
     assert not at.exception and not at.error
     run = widget(at, "clusters_run").value
     assert run == "wikitext2-importance"
