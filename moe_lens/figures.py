@@ -22,10 +22,11 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from moe_lens import analysis as A
+from moe_lens.analysis.registry import FIGURE_KINDS
 from moe_lens.errors import MoeLensError
 from moe_lens.store import connect, default_runs_dir
 
-KINDS = ("collapse", "collapse-curve", "specialization", "nmi")
+KINDS = tuple(FIGURE_KINDS)  # the registry's figure kinds: collapse, collapse-curve, specialization, nmi
 _LAYOUT = dict(template="plotly_white", font=dict(size=13), margin=dict(l=60, r=20, t=60, b=60))
 
 
@@ -166,7 +167,7 @@ def build(con: duckdb.DuckDBPyConnection, kind: str, runs: list[str] | None, *, 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("figure", help="export a standard chart (PNG/HTML) and print the numbers behind it")
-    p.add_argument("kind", choices=KINDS)
+    p.add_argument("kind", choices=KINDS, help="; ".join(f"{k}: from analysis.{a}" for k, a in FIGURE_KINDS.items()))
     p.add_argument("--runs-dir", default=None, help="runs directory (default: runs, else sample_runs)")
     p.add_argument("--runs", nargs="*", default=None, metavar="RUN", help="runs to include (default: all)")
     p.add_argument("--modes", nargs="*", default=None, help="only these modes, in this order")

@@ -15,6 +15,7 @@ import duckdb
 import pandas as pd
 
 from moe_lens import analysis as A
+from moe_lens.analysis.registry import ANALYSES
 from moe_lens.errors import MoeLensError
 from moe_lens.store import connect, default_runs_dir
 
@@ -99,7 +100,8 @@ def html_report(con: duckdb.DuckDBPyConnection, runs: list[str], path: str | Pat
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("report", help="one-screen summary of recorded runs (and an HTML report)")
+    p = subparsers.add_parser("report", help="one-screen summary of recorded runs (and an HTML report)",
+                              description="Analyses: " + ", ".join(a.name for a in ANALYSES if a.report) + ".")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directory names under --runs-dir")
     p.add_argument("--runs-dir", default=None, help="runs directory (default: runs, else sample_runs)")
     p.add_argument("--split", default="valid", help="eval split to summarise (default: valid)")

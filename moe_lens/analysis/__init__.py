@@ -4,6 +4,7 @@ Every function takes a connection from `moe_lens.store.connect`, runs one of the
 queries in DuckDB with named parameters, and returns the aggregated result (never the trace itself).
 Every group, window and join key includes `dataset`: `dataset=None` analyses each run's own dataset
 (config.json), a name selects a probe dataset, '*' gives each dataset its own rows.
+Each is registered once, with its SQL files and where the CLI, report and app use it, in `analysis/registry.py`.
 Formulas are in each function's docstring, the .sql file and docs/sql.md (each metric defined once there):
 
 - `load_balance`       per-expert token share and gate importance; CV^2, max/mean, Gini (Shazeer et al. 2017)
