@@ -35,7 +35,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from moe_lens.config import RunConfig
 from moe_lens.moe import MoELayer, Routing
-from moe_lens.tasks.ner import CASE_CLASSES
+from moe_lens.data.case import CASE_CLASSES
 
 CASE_DIM = 8  # width of the casing-class embedding (cfg.case_features)
 

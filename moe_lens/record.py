@@ -8,19 +8,16 @@ with numpy (no Python loop over tokens), buffers rows per partition, and at `flu
 temporary name, then renamed. A run killed at any moment therefore leaves only readable files
 (a `ParquetWriter` kept open for a whole run would leave a footer-less, unreadable file).
 
-`write_json_atomic` and `write_table_atomic` are the same temp-then-rename pattern for run.json,
-config.json and metrics.parquet.
+The temp-then-rename writers (`write_table_atomic`, and `write_json_atomic` for run.json and config.json) are
+in moe_lens/atomic.py, shared with rundir.py.
 """
 from __future__ import annotations
 
-import errno
-import json
-import os
 import queue
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,47 +25,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from moe_lens.atomic import DiskFull, write_atomic, write_json_atomic, write_table_atomic  # noqa: F401  (re-exported)
 from moe_lens.errors import MoeLensError
-from moe_lens.models import MoETrace
+
+if TYPE_CHECKING:  # the type only: the recorder runs without the models (tests/test_import_layers.py)
+    from moe_lens.models import MoETrace
 
 TRACE_TABLES = ("routing", "probs", "hidden")
-
-
-class DiskFull(MoeLensError):
-    """A write failed for lack of space; what was written before stays readable."""
-
-    def __init__(self, path: Path, err: OSError) -> None:
-        self.path = path
-        super().__init__(f"disk full writing {path} ({err.strerror or err})")
-
-
-def is_disk_full(err: BaseException) -> bool:
-    # pyarrow's OSError carries the errno in its message only
-    return isinstance(err, OSError) and (err.errno == errno.ENOSPC or "No space left on device" in str(err))
-
-
-def write_atomic(path: Path, write, tmp: Path | None = None) -> None:
-    """`write(tmp)` then rename tmp to `path`: readers see the old file or the new one, never a part.
-    A failed write removes its temporary file; a full disk raises `DiskFull` naming `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp or path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise DiskFull(path, e) from e
-        raise
-
-
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-
-
-def write_json_atomic(obj: dict[str, Any], path: Path) -> None:
-    text = json.dumps(obj, indent=2, default=str)
-    write_atomic(path, lambda tmp: tmp.write_text(text), tmp=path.with_name(f".{path.name}.tmp"))
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

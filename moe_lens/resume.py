@@ -25,9 +25,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from moe_lens.atomic import write_table_atomic
 from moe_lens.config import MODES, RunConfig
 from moe_lens.errors import MoeLensError
-from moe_lens.record import TRACE_TABLES, write_table_atomic
+from moe_lens.record import TRACE_TABLES
 
 # Fields a resumed run may change: how long it runs, where, and what it records. Anything else would
 # make the rest of the run a different experiment from the one config.json describes.

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from moe_lens.atomic import write_atomic, write_json_atomic, write_table_atomic
 from moe_lens.errors import MoeLensError
 from moe_lens.health import read_json
-from moe_lens.record import write_atomic, write_json_atomic, write_table_atomic
 
 METRIC_SCHEMA = pa.schema([("step", pa.int64()), ("epoch", pa.int32()), ("split", pa.string()), ("name", pa.string()),
                            ("layer", pa.int16()), ("expert", pa.int16()), ("value", pa.float64())])  # fmt: skip

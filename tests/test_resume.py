@@ -164,7 +164,7 @@ def test_rewind_keeps_training_rows_up_to_the_checkpoint(tmp_path: Path) -> None
     """Part files spanning the checkpoint are cut at its step; later evaluation partitions go."""
     import pyarrow as pa
 
-    from moe_lens.record import write_table_atomic
+    from moe_lens.atomic import write_table_atomic
 
     def part(split: str, epoch: int, steps: list[int], name: str) -> Path:
         path = tmp_path / "routing" / "dataset=d" / f"split={split}" / f"epoch={epoch}" / name
