@@ -10,7 +10,6 @@ train-time statistics window and the number of metrics rows.
 """
 from __future__ import annotations
 
-import datetime as dt
 import os
 import platform
 import socket
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from moe_lens.atomic import write_atomic, write_json_atomic, write_table_atomic
+from moe_lens.clock import now, stamp
 from moe_lens.errors import MoeLensError
 from moe_lens.health import read_json
 
@@ -32,13 +32,9 @@ METRIC_SCHEMA = pa.schema([("step", pa.int64()), ("epoch", pa.int32()), ("split"
                            ("layer", pa.int16()), ("expert", pa.int16()), ("value", pa.float64())])  # fmt: skip
 
 
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def plan_run_dir(runs_dir: str, run_name: str | None, dataset: str, mode: str, *, resume: bool) -> Path:
     """The run directory's path, checked before any work: a resumed run must exist, a new one must not."""
-    name = run_name or f"{dataset}-{mode}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    name = run_name or f"{dataset}-{mode}-{stamp()}"
     path = Path(runs_dir).expanduser() / name
     if resume and not (path / "config.json").is_file():
         raise MoeLensError(f"--resume: no run at {path} (give the same --runs-dir and --run-name)")

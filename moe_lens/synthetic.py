@@ -89,8 +89,8 @@ def write_synthetic_run(
                 loads.append(_loads(routing, epoch, split, num_experts))
     _write_metrics(root, epochs, steps_per_epoch, loads)
     last = epochs * steps_per_epoch - 1
-    _write_json(root / "run.json", {"status": status, "started_at": "2026-01-01T00:00:00", "updated_at": "2026-01-01T01:00:00",
-                                    "finished_at": "2026-01-01T01:00:00" if status == "finished" else None,
+    _write_json(root / "run.json", {"status": status, "started_at": "2026-01-01T00:00:00+00:00", "updated_at": "2026-01-01T01:00:00+00:00",
+                                    "finished_at": "2026-01-01T01:00:00+00:00" if status == "finished" else None,
                                     "step": last, "epoch": epochs - 1, "error": None})
     return root
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from moe_lens import data as mdata
 from moe_lens.atomic import write_json_atomic
+from moe_lens.clock import now
 from moe_lens.config import RunConfig
 from moe_lens.errors import MoeLensError
 from moe_lens.models import build_model, count_parameters
@@ -31,7 +32,7 @@ from moe_lens import resume as rs
 from moe_lens.moe.step_hooks import step_hooks
 from moe_lens.record import Recorder
 from moe_lens.rundir import (Metrics, RunState, checkpoint_path, create_run_dir, environment, latest_checkpoint,
-                             now, plan_run_dir, save_checkpoint)  # fmt: skip
+                             plan_run_dir, save_checkpoint)  # fmt: skip
 from moe_lens.stats_window import StatsWindow
 from moe_lens.tasks import get_task
 

@@ -208,7 +208,7 @@ def _f(x: float | None, digits: int = 2) -> str:
 
 
 def _wall_s(state: dict) -> float | None:
-    """finished_at - started_at in seconds (started_at is UTC with offset, finished_at local time)."""
+    """finished_at - started_at in seconds (both UTC with offset, moe_lens.clock; older runs: naive local)."""
     if not state.get("started_at") or not state.get("finished_at"):
         return None
     a, b = (datetime.fromisoformat(state[k]) for k in ("started_at", "finished_at"))
