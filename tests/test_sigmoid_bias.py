@@ -18,9 +18,12 @@ def sig(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
 
-def identity_router(k: int = 2, u: float = 0.05) -> SigmoidBiasRouter:
-    """e = d = 4 and W_g = I, so a token's logits are its features."""
-    r = build_router("sigmoid_bias", 4, 4, k, bias_update_rate=u)
+def identity_router(k: int = 2, u: float = 0.05, load_ema: float | None = None) -> SigmoidBiasRouter:
+    """e = d = 4 and W_g = I, so a token's logits are its features. `load_ema`: None keeps the default."""
+    if load_ema is None:
+        r = build_router("sigmoid_bias", 4, 4, k, bias_update_rate=u)
+    else:
+        r = SigmoidBiasRouter(4, 4, k, u, load_ema=load_ema)
     with torch.no_grad():
         r.w_gate.weight.copy_(torch.eye(4))
     return r
@@ -59,7 +62,7 @@ def test_top1_gate_is_the_raw_score_so_the_router_learns() -> None:
 
 def test_update_rule_sign_and_size_over_the_tokens_since_the_last_step() -> None:
     u = 0.05
-    r = identity_router(u=u).train()
+    r = identity_router(u=u, load_ema=0.0).train()  # the paper's per-step count; the default average: below
     r(Z.repeat(3, 1))  # 3 tokens to experts 0, 1
     r(torch.tensor([[0.0, 0.0, 3.0, 2.0]]))  # one more forward before the step: 1 token to 2, 3
     r.eval()(Z.repeat(5, 1))  # evaluation does not count
@@ -72,6 +75,51 @@ def test_update_rule_sign_and_size_over_the_tokens_since_the_last_step() -> None
     torch.testing.assert_close(r.bias, torch.tensor([-u, -u, u, u]))  # sign(0) = 0: unchanged
     r.after_step()  # no tokens since the last step: unchanged
     torch.testing.assert_close(r.bias, torch.tensor([-u, -u, u, u]))
+
+
+def test_default_sign_reads_the_moving_average_of_the_load() -> None:
+    """beta = 0.9: load_avg <- 0.9 load_avg + 0.1 load_since, then b += u sign(mean(load_avg) - load_avg)."""
+    u = 0.05
+    r = identity_router(u=u).train()
+    assert r.load_ema == 0.9 and r.load_avg.tolist() == [0.0] * 4
+    r(Z.repeat(3, 1))
+    r(torch.tensor([[0.0, 0.0, 3.0, 2.0]]))  # load (3, 3, 1, 1), as above
+    r.after_step()  # avg 0.1 * (3, 3, 1, 1) = (0.3, 0.3, 0.1, 0.1), mean 0.2: the per-step signs
+    torch.testing.assert_close(r.load_avg, torch.tensor([0.3, 0.3, 0.1, 0.1]))
+    torch.testing.assert_close(r.bias, torch.tensor([-u, -u, u, u]))
+    assert r.load_since.tolist() == [0.0] * 4
+    r(torch.tensor([[3.0, 2.0, 0.0, 0.0], [0.0, 0.0, 3.0, 2.0]]))  # load (1, 1, 1, 1): per step, no change
+    r.after_step()  # avg 0.9 * (0.3, 0.3, 0.1, 0.1) + 0.1 = (0.37, 0.37, 0.19, 0.19), mean 0.28: 0, 1 still above
+    torch.testing.assert_close(r.load_avg, torch.tensor([0.37, 0.37, 0.19, 0.19]))
+    torch.testing.assert_close(r.bias, torch.tensor([-2 * u, -2 * u, 2 * u, 2 * u]))
+    r(torch.tensor([[0.0, 0.0, 3.0, 2.0]]).repeat(4, 1))  # load (0, 0, 4, 4)
+    r.after_step()  # avg (0.333, 0.333, 0.571, 0.571), mean 0.452: the signs turn
+    torch.testing.assert_close(r.load_avg, torch.tensor([0.333, 0.333, 0.571, 0.571]))
+    torch.testing.assert_close(r.bias, torch.tensor([-u, -u, u, u]))
+    sd = r.state_dict()  # a resumed run continues the average
+    assert "load_avg" in sd and "load_since" not in sd
+    torch.testing.assert_close(sd["load_avg"], r.load_avg)
+
+
+def test_moving_average_follows_the_mean_load_where_the_per_step_sign_follows_the_median() -> None:
+    """e = 2, k = 1. Expert 0 takes (0.9, 0.9, 0.9, 1.9) of every 4 steps' loads against a mean of 1: over-
+    loaded on average (1.15) but below the mean in 3 steps of 4, as an expert whose load comes in bursts.
+    Per step its bias gains u 3 times and loses it once per cycle: +20u after 40 steps, the wrong way.
+    The average (hand-worked: 0.09, 0.171, 0.2439, then 0.4095 > 0.2783 at the first burst) reads
+    expert 0 as overloaded from step 4 on: +3u, then -u every step, -34u after 40 steps."""
+    u = 0.01
+    for load_ema, want in ((0.0, 20 * u), (0.9, -34 * u)):
+        r = SigmoidBiasRouter(2, 2, 1, u, load_ema=load_ema)
+        for t in range(40):
+            r.load_since.copy_(torch.tensor([1.9, 0.1] if t % 4 == 3 else [0.9, 1.1]))
+            r.after_step()
+        torch.testing.assert_close(r.bias, torch.tensor([want, -want]))
+
+
+def test_load_ema_outside_its_range_is_refused() -> None:
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="load_ema"):
+            SigmoidBiasRouter(4, 4, 2, load_ema=bad)
 
 
 def test_no_gradient_reaches_the_bias_and_the_optimizer_never_sees_it() -> None:

@@ -13,10 +13,22 @@ the gradient by
 
     b_i += u * sign(mean_j load_j - load_i)
 
-load_i being the tokens routed to expert i in training forwards since the last update, counted on
-the device (no host sync) in `load_since`. An overloaded expert's bias falls, so fewer tokens
-select it; the gates never see b, so the balancing adds no aux loss and no gradient that competes
-with the task. u is `bias_update_rate` (RunConfig; default 1e-2, see there).
+An overloaded expert's bias falls, so fewer tokens select it; the gates never see b, so the
+balancing adds no aux loss and no gradient that competes with the task. u is `bias_update_rate`
+(RunConfig; default 1e-2, see there).
+
+Where the load is counted (a departure from the paper, measured in docs/moe.md): load_i is an
+exponential moving average, over optimizer steps, of the assignments to expert i in training
+forwards, `load_avg <- beta * load_avg + (1 - beta) * load_since` with beta = `load_ema` (0.9, about
+the last 10 steps), where `load_since` counts the assignments since the last update on the device
+(no host sync). Wang et al. count one step's batch, which at their scale holds millions of tokens.
+A WikiText-2 step holds 32 x 35 correlated tokens: one step's load swings between 0.1 and 2.6 times
+the mean while the 50-step average stays near 1, so the sign follows the noise, an expert that is
+overloaded on average still gets +u on many steps, and the bias trails the router's drift. The
+average only sets the sign: the update is still u * sign(.), outside the gradient. `load_avg` starts
+at 0, and since sign(mean - load) does not change when the load is scaled, that equals the
+bias-corrected average (the first update reads that step's load alone). `load_ema = 0` is the
+paper's per-step count.
 
 Slot 0 holds the selected expert with the largest gate. That is the argmax of `router_probs` until
 the bias overrides a token's choice; the layer's statistics that read slot 0 (logsumexp, entropy)
@@ -35,14 +47,19 @@ from moe_lens.moe.routers import Router, Routing, top_k
 class SigmoidBiasRouter(Router):
     """Sigmoid scores, top-k on score + bias, gates from the unbiased scores (Wang et al. 2024)."""
 
-    def __init__(self, d: int, num_experts: int, top_k: int, bias_update_rate: float = 1e-2, init: str = "default") -> None:
+    def __init__(self, d: int, num_experts: int, top_k: int, bias_update_rate: float = 1e-2, init: str = "default",
+                 load_ema: float = 0.9) -> None:  # fmt: skip
         super().__init__(d, num_experts, top_k, init)
         if not bias_update_rate >= 0:
             raise ValueError(f"bias_update_rate={bias_update_rate}; allowed: >= 0")
-        self.bias_update_rate = bias_update_rate
+        if not 0 <= load_ema < 1:
+            raise ValueError(f"load_ema={load_ema}; allowed: 0 <= load_ema < 1 (0: the per-step count)")
+        self.bias_update_rate, self.load_ema = bias_update_rate, load_ema
         self.register_buffer("bias", torch.zeros(num_experts))  # (e,) b, saved in the state_dict
-        # (e,) tokens per expert since the last update; 0 after every step, so checkpoints need not hold it
+        # (e,) assignments per expert since the last update; 0 after every step, so checkpoints need not hold it
         self.register_buffer("load_since", torch.zeros(num_experts), persistent=False)
+        # (e,) the moving average the sign reads; checkpoints carry it, so a resumed run updates as an unbroken one
+        self.register_buffer("load_avg", torch.zeros(num_experts))
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None, groups: int | None = None) -> Routing:
         # per-token top-k: no capacity, so `groups` (the LM's time steps) changes nothing and routing is causal
@@ -63,7 +80,8 @@ class SigmoidBiasRouter(Router):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """b_i += u * sign(mean load - load_i) over the tokens since the last call; then reset the count."""
-        load = self.load_since
-        self.bias.add_(torch.sign(load.mean() - load), alpha=self.bias_update_rate)
-        load.zero_()
+        """Fold the assignments since the last call into the average, b_i += u * sign(mean - load_avg_i),
+        then reset the count."""
+        avg = self.load_avg.mul_(self.load_ema).add_(self.load_since, alpha=1 - self.load_ema)  # (e,)
+        self.bias.add_(torch.sign(avg.mean() - avg), alpha=self.bias_update_rate)
+        self.load_since.zero_()
