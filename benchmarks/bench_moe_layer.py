@@ -76,14 +76,14 @@ def flops_per_token(d: int, h: int, e: int, k: int) -> int:
 def grouped_ceiling_step(layer, x):
     """The dense ceiling's six matmuls run once per expert group, at the group sizes the layer's
     router gives x (`ceiling_step` per group, each with its own weights), scheduled as the layer
-    schedules them (`experts.run_groups`: on worker threads, one BLAS thread each, for large
+    schedules them (`cpu_runtime.run_groups`: on worker threads, one BLAS thread each, for large
     experts): what per-expert BLAS calls can reach on this machine before any gather, scatter,
     routing or autograd. A dispatch that runs one matmul per expert group cannot pass it; the gap
     between it and the dense ceiling is the cost of small matmuls, not of the dispatch. Returns the
     step and the number of routed rows it runs."""
     import torch
 
-    from moe_lens.moe.experts import group_threads, run_groups
+    from moe_lens.moe.cpu_runtime import group_threads, run_groups
     from moe_lens.moe.layer import assignments
 
     with torch.no_grad():

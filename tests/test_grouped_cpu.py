@@ -15,21 +15,11 @@ import warnings
 import pytest
 import torch
 
-from moe_lens.moe import experts
-from moe_lens.moe.experts import (
-    ByToken,
-    Groups,
-    LowRankExperts,
-    MLPExperts,
-    ReusedMemory,
-    _CPUGroupedLinear,
-    _CPUGroupedMLP,
-    _CPUGroupedMLPExt,
-    cpu_extension,
-    group_threads,
-    grouped_linear,
-    run_groups,
-)
+from moe_lens.moe import cpu_runtime
+from moe_lens.moe.banks import LowRankExperts, MLPExperts
+from moe_lens.moe.cpu_runtime import ReusedMemory, cpu_extension, group_threads, run_groups
+from moe_lens.moe.grouped import Groups, _CPUGroupedLinear, grouped_linear
+from moe_lens.moe.grouped_mlp import ByToken, _CPUGroupedMLP, _CPUGroupedMLPExt
 from moe_lens.moe.layer import MoELayer
 
 
@@ -61,15 +51,15 @@ def _mlp_inputs(n=9, d=5, h=6, e=4, k=2, empty=(2,), seed=0):
 
 @pytest.fixture(params=[1, 2], ids=["serial", "threads"])
 def threads(request, monkeypatch) -> int:
-    """Run the expert groups in this thread or on two worker threads (experts.run_groups)."""
-    monkeypatch.setattr(experts, "GROUP_THREADS", request.param)
+    """Run the expert groups in this thread or on two worker threads (cpu_runtime.run_groups)."""
+    monkeypatch.setattr(cpu_runtime, "GROUP_THREADS", request.param)
     return request.param
 
 
 @pytest.fixture(params=["python", "compiled"])
 def kernel(request, monkeypatch) -> str:
     """The MLP bank on the pure-PyTorch kernel (MOE_LENS_CPU_EXT=0) or on the compiled one."""
-    monkeypatch.setenv(experts.CPU_EXT_ENV, "0" if request.param == "python" else "1")
+    monkeypatch.setenv(cpu_runtime.CPU_EXT_ENV, "0" if request.param == "python" else "1")
     if request.param == "compiled":
         _require_compiled()
     return request.param
@@ -114,9 +104,9 @@ def test_compiled_kernel_falls_back_with_a_warning_when_it_cannot_be_built(monke
     def broken() -> None:
         raise OSError("no compiler here\nsecond line")
 
-    monkeypatch.setenv(experts.CPU_EXT_ENV, "1")
-    monkeypatch.setattr(experts, "_ext", {})
-    monkeypatch.setattr(experts, "_build_cpu_extension", broken)
+    monkeypatch.setenv(cpu_runtime.CPU_EXT_ENV, "1")
+    monkeypatch.setattr(cpu_runtime, "_ext", {})
+    monkeypatch.setattr(cpu_runtime, "_build_cpu_extension", broken)
     with pytest.warns(RuntimeWarning, match=r"could not be built \(OSError: no compiler here\); using the pure-PyTorch"):
         assert cpu_extension() is None
     with warnings.catch_warnings():
@@ -128,9 +118,9 @@ def test_compiled_kernel_falls_back_with_a_warning_when_it_cannot_be_built(monke
         loop.load_state_dict(layer.state_dict())
         x = torch.randn(20, 8)
         torch.testing.assert_close(layer(x).y, loop(x).y)
-    monkeypatch.setenv(experts.CPU_EXT_ENV, "0")
-    monkeypatch.setattr(experts, "_build_cpu_extension", lambda: pytest.fail("built although turned off"))
-    monkeypatch.setattr(experts, "_ext", {})
+    monkeypatch.setenv(cpu_runtime.CPU_EXT_ENV, "0")
+    monkeypatch.setattr(cpu_runtime, "_build_cpu_extension", lambda: pytest.fail("built although turned off"))
+    monkeypatch.setattr(cpu_runtime, "_ext", {})
     assert cpu_extension() is None
 
 
@@ -357,14 +347,14 @@ def test_run_groups_covers_every_non_empty_group_once_and_raises_worker_errors()
 
 
 def test_one_worker_pool_per_thread_count_whose_workers_keep_one_blas_thread() -> None:
-    pool2 = experts._worker_pool(2)
-    assert experts._worker_pool(2) is pool2
+    pool2 = cpu_runtime._worker_pool(2)
+    assert cpu_runtime._worker_pool(2) is pool2
     assert pool2.submit(torch.get_num_threads).result() == 1  # one BLAS thread per worker ...
     caller = torch.get_num_threads()
-    pool3 = experts._worker_pool(3)
+    pool3 = cpu_runtime._worker_pool(3)
     assert pool3 is not pool2 and torch.get_num_threads() == caller  # ... and the caller keeps its own
     assert pool3.submit(torch.get_num_threads).result() == 1
-    assert experts._worker_pool(2) is pool2  # still usable by a caller that holds it
+    assert cpu_runtime._worker_pool(2) is pool2  # still usable by a caller that holds it
 
 
 def test_kernel_build_is_announced_in_one_line_with_its_duration(tmp_path, monkeypatch, capfd) -> None:
@@ -372,11 +362,23 @@ def test_kernel_build_is_announced_in_one_line_with_its_duration(tmp_path, monke
 
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
     monkeypatch.setattr(cpp_extension, "load", lambda name, sources, extra_cflags: "module")
-    assert experts._build_cpu_extension() == "module"
+    assert cpu_runtime._build_cpu_extension() == "module"
     lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "compiling the CPU expert kernel" in lines[0] and "about a minute" in lines[0]
     (tmp_path / "built").mkdir()
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path / "built"))
     (tmp_path / "built" / f"moe_lens_cpu_{torch.backends.cpu.get_cpu_capability().lower()}.so").write_bytes(b"")
-    experts._build_cpu_extension()
+    cpu_runtime._build_cpu_extension()
     assert capfd.readouterr().err == ""  # already built: no announcement
+
+
+def test_per_group_operands_are_placed_by_field_name() -> None:
+    """Each group's operands are a NamedTuple filled by name: a missing or misspelt field raises, and
+    the keyword order of the columns does not matter (a positional zip would swap them silently)."""
+    from moe_lens.moe.grouped_mlp import MLPGroup, per_group
+
+    cols = {n: [f"{n}{g}" for g in range(3)] for n in MLPGroup._fields}
+    parts = per_group(MLPGroup, 3, **dict(reversed(list(cols.items()))))
+    assert [p.w2 for p in parts] == ["w20", "w21", "w22"] and parts[1].x == "x1"
+    with pytest.raises(TypeError):
+        per_group(MLPGroup, 3, **{**{n: v for n, v in cols.items() if n != "b2"}, "b_2": cols["b2"]})

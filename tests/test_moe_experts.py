@@ -8,7 +8,7 @@ import torch
 
 from moe_lens.config import MODES, RunConfig
 from moe_lens.moe import MoELayer
-from moe_lens.moe.experts import LowRankExperts, MLPExperts
+from moe_lens.moe.banks import LowRankExperts, MLPExperts
 
 
 def hand_worked_lora(dispatch: str) -> MoELayer:

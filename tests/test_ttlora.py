@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_lens.moe import MoELayer
-from moe_lens.moe.experts import LoRAExperts
+from moe_lens.moe.banks import LoRAExperts
 from moe_lens.moe.ttlora import TTLoRAExperts, balanced_factors, tt_matrix
 
 D, H, E, R = 6, 4, 3, 2  # d = 2 * 3, h = 2 * 2

@@ -1,7 +1,7 @@
 """The mixture-of-experts layer, its routers, expert banks and auxiliary losses."""
 from __future__ import annotations
 
-from moe_lens.moe.experts import build_experts
+from moe_lens.moe.banks import build_experts
 from moe_lens.moe.layer import MoELayer, MoEOutput
 from moe_lens.moe.routers import Routing, build_router
 

@@ -24,9 +24,9 @@ is `grouped`, which was at least as fast as the loop in every measured configura
   - CUDA: gather rows, one `grouped_mm` per expert matrix, `index_add` the gate-weighted outputs back;
   - CPU: the group sizes are read on the host (free there) and each expert group runs as fused BLAS
     calls straight from x to y, with hand-written backward passes: MLP and shared experts in one
-    autograd function, on the compiled kernel (`experts._CPUGroupedMLPExt`, built on first use)
-    or, where it cannot be built, in PyTorch (`experts._CPUGroupedMLP`); the other expert types
-    chain `experts.grouped_linear`;
+    autograd function, on the compiled kernel (`grouped_mlp._CPUGroupedMLPExt`, built on first use)
+    or, where it cannot be built, in PyTorch (`grouped_mlp._CPUGroupedMLP`); the other expert types
+    chain `grouped.grouped_linear`;
 - `loop`: the straightforward per-expert loop (select, run, index_add), the baseline.
 """
 from __future__ import annotations
@@ -37,7 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from moe_lens.moe import losses
-from moe_lens.moe.experts import HAS_GROUPED_MM, ByToken, build_experts, make_groups
+from moe_lens.moe.banks import build_experts
+from moe_lens.moe.grouped import HAS_GROUPED_MM, make_groups
+from moe_lens.moe.grouped_mlp import ByToken
 from moe_lens.moe.routers import Routing, build_router
 
 DISPATCHES = ("auto", "grouped", "loop")

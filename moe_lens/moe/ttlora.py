@@ -18,7 +18,7 @@ variance 1 / fan_in, the variance of LoRA's A.
 
 Forward: the deltas are contracted to full matrices each step (e * d * h numbers, cheap next to
 the A rows they multiply) and added to the base, so both dispatches run a plain MLP bank:
-`forward_grouped` with `experts.grouped_linear`, `split` for the per-expert loop.
+`forward_grouped` with `grouped.grouped_linear`, `split` for the per-expert loop.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lens.moe.experts import Groups, grouped_linear
+from moe_lens.moe.grouped import Groups, grouped_linear
 
 
 def balanced_factors(n: int) -> tuple[int, int]:
