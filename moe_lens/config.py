@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
 DATASETS = ("wikitext2", "conll2003", "squad")
+# The keys of moe/registry.py's ROUTERS and EXPERT_BANKS, in order (copied here to keep this module
+# torch-free; tests/test_moe_registry.py fails when they differ).
 ROUTERS = ("dense", "naive_topk", "topk_mask", "noisy_topk", "switch", "expert_choice", "hash", "sigmoid_bias")
 EXPERT_TYPES = ("mlp", "lora", "lowrank", "shared", "ttlora")
 DENSE_MATCHES = ("flops", "params")

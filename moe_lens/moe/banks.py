@@ -18,7 +18,7 @@ whose backward writes each weight gradient once: indexing `w[i]` per expert woul
 matmul per matrix, `grouped.grouped_linear`, returning gate-weighted outputs). The MLP banks
 (`mlp`, `shared`) also have `combine_cpu(x, token, gate, counts, by_token)`: the whole gated bank
 as one autograd function from x (n, d) to y (n, d) on the CPU (`grouped_mlp._CPUGroupedMLPExt` on the
-compiled kernel, else `grouped_mlp._CPUGroupedMLP`). `build_experts` builds a bank by its name.
+compiled kernel, else `grouped_mlp._CPUGroupedMLP`). Banks are built by name from `moe/registry.py`.
 """
 from __future__ import annotations
 
@@ -82,13 +82,13 @@ class MLPExperts(nn.Module):
 
 class LoRAExperts(nn.Module):
     """A shared base MLP plus a rank-r LoRA adapter per expert on each of its two matrices, scaled by
-    alpha / r (None: alpha = r, scale 1)."""
+    alpha / r, alpha = `lora_alpha` (None: alpha = r, scale 1)."""
 
     def __init__(self, d: int, hidden: int, num_experts: int, rank: int, train_base: bool = True,
-                 alpha: float | None = None) -> None:
+                 lora_alpha: float | None = None) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.scale = (alpha if alpha is not None else rank) / rank  # Hu et al. 2021: delta W = (alpha / r) A B
+        self.scale = (lora_alpha if lora_alpha is not None else rank) / rank  # Hu et al. 2021: delta W = (alpha / r) A B
         self.base1, self.base2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
         for p in (*self.base1.parameters(), *self.base2.parameters()):
             p.requires_grad_(train_base)
@@ -148,27 +148,3 @@ class SharedExperts(MLPExperts):
 
     def shared(self, x: Tensor) -> Tensor | None:
         return self.shared_mlp(x)  # (n, d)
-
-
-def build_experts(
-    expert_type: str, d: int, hidden: int, num_experts: int, *, rank: int = 8, train_base: bool = True,
-    lora_alpha: float | None = None, tt_rank: int = 4,
-) -> nn.Module:
-    """The expert bank named `expert_type` (one of config.EXPERT_TYPES)."""
-    if rank <= 0:
-        raise ValueError(f"rank={rank}; allowed: an integer >= 1")
-    if lora_alpha is not None and not lora_alpha > 0:
-        raise ValueError(f"lora_alpha={lora_alpha}; allowed: > 0")
-    if expert_type == "mlp":
-        return MLPExperts(d, hidden, num_experts)
-    if expert_type == "lora":
-        return LoRAExperts(d, hidden, num_experts, rank, train_base, lora_alpha)
-    if expert_type == "lowrank":
-        return LowRankExperts(d, hidden, num_experts, rank)
-    if expert_type == "shared":
-        return SharedExperts(d, hidden, num_experts)
-    if expert_type == "ttlora":  # imported here: moe/ttlora.py imports this module
-        from moe_lens.moe.ttlora import TTLoRAExperts
-
-        return TTLoRAExperts(d, hidden, num_experts, tt_rank, train_base)
-    raise ValueError(f"unknown expert_type {expert_type!r}; allowed: mlp, lora, lowrank, shared, ttlora")

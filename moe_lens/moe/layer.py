@@ -37,10 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from moe_lens.moe import losses
-from moe_lens.moe.banks import build_experts
 from moe_lens.moe.grouped import HAS_GROUPED_MM, make_groups
 from moe_lens.moe.grouped_mlp import ByToken
-from moe_lens.moe.routers import Routing, build_router
+from moe_lens.moe.registry import build_experts, build_router
+from moe_lens.moe.routers import Routing
 
 DISPATCHES = ("auto", "grouped", "loop")
 

@@ -1,6 +1,7 @@
 """Routers: which experts each token goes to, and with what gate. Shapes as in `moe/layer.py`.
 
-Each router maps real tokens x (n, d) to a `Routing`. Formulas:
+Each router maps real tokens x (n, d) to a `Routing`; routers are built by name from `moe/registry.py`.
+Formulas:
 - `naive_topk`: G = TopK(softmax(x W_g)), kept probabilities not renormalised (SAiDL 2024 report).
 - `topk_mask`: the same, renormalised to sum to 1 over the k kept experts.
 - `noisy_topk` (Shazeer et al. 2017, eq. 3-5): H = x W_g + eps * (softplus(x W_noise) + noise_eps),
@@ -110,11 +111,9 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
-    """`naive_topk` (renormalize=False) and `topk_mask` (renormalize=True): softmax, then top-k."""
+    """`naive_topk`: softmax, then top-k, the kept probabilities as they are."""
 
-    def __init__(self, d: int, num_experts: int, top_k: int, renormalize: bool, init: str = "default") -> None:
-        super().__init__(d, num_experts, top_k, init)
-        self.renormalize = renormalize
+    renormalize = False
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None, groups: int | None = None) -> Routing:
         logits = self.w_gate(x)  # (n, e)
@@ -123,6 +122,12 @@ class TopKRouter(Router):
         if self.renormalize:
             gate = gate / gate.sum(dim=-1, keepdim=True)
         return Routing(idx, gate, probs, logits)
+
+
+class TopKMaskRouter(TopKRouter):
+    """`topk_mask`: `naive_topk` with the k kept probabilities renormalised to sum to 1."""
+
+    renormalize = True
 
 
 class NoisyTopKRouter(Router):
@@ -174,9 +179,9 @@ class SwitchRouter(Router):
 class ExpertChoiceRouter(Router):
     """Zhou et al. 2022: experts choose tokens; capacity C = ceil(c * m / e) tokens per expert and group of m."""
 
-    def __init__(self, d: int, num_experts: int, capacity_factor: float = 2.0, init: str = "default") -> None:
+    def __init__(self, d: int, num_experts: int, capacity_factor: float | None = 2.0, init: str = "default") -> None:
         super().__init__(d, num_experts, num_experts, init)
-        self.capacity_factor = capacity_factor
+        self.capacity_factor = capacity_factor if capacity_factor is not None else 2.0  # None: Zhou et al.'s c = 2
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None, groups: int | None = None) -> Routing:
         logits = self.w_gate(x)  # (n, e)
@@ -229,34 +234,3 @@ class DenseRouter(Router):
         idx = torch.zeros(n, 1, dtype=torch.long, device=x.device)
         ones = torch.ones(n, 1, device=x.device)
         return Routing(idx, ones, ones, torch.zeros_like(ones))
-
-
-def build_router(
-    name: str,
-    d: int,
-    num_experts: int,
-    top_k: int,
-    *,
-    capacity_factor: float | None = None,
-    noise_eps: float = 1e-2,
-    bias_update_rate: float = 1e-2,
-    init: str = "default",
-) -> Router:
-    """The router named `name` (one of config.ROUTERS)."""
-    if name in ("naive_topk", "topk_mask"):
-        return TopKRouter(d, num_experts, top_k, renormalize=name == "topk_mask", init=init)
-    if name == "noisy_topk":
-        return NoisyTopKRouter(d, num_experts, top_k, noise_eps, init=init)
-    if name == "switch":
-        return SwitchRouter(d, num_experts, capacity_factor, init=init)
-    if name == "expert_choice":
-        return ExpertChoiceRouter(d, num_experts, capacity_factor or 2.0, init=init)
-    if name == "hash":
-        return HashRouter(d, num_experts)
-    if name == "dense":
-        return DenseRouter(d)
-    if name == "sigmoid_bias":  # imported here: moe/sigmoid_bias.py imports this module
-        from moe_lens.moe.sigmoid_bias import SigmoidBiasRouter
-
-        return SigmoidBiasRouter(d, num_experts, top_k, bias_update_rate, init=init)
-    raise ValueError(f"unknown router {name!r}; allowed: dense, naive_topk, topk_mask, noisy_topk, switch, expert_choice, hash, sigmoid_bias")
