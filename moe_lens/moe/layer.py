@@ -31,6 +31,7 @@ is `grouped`, which was at least as fast as the loop in every measured configura
 """
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -52,6 +53,10 @@ class MoEOutput(NamedTuple):
 
 
 class MoELayer(nn.Module):
+    """Router + expert bank + statistics. Every parameter but d and layer is the RunConfig field of the
+    same name and default (`from_config` reads them by this signature; tests/test_moe_registry.py
+    checks the defaults), except lora_alpha: None means alpha = rank, RunConfig's 8.0 at its rank 8."""
+
     def __init__(
         self,
         d: int,
@@ -97,12 +102,20 @@ class MoELayer(nn.Module):
         self.dispatch = dispatch
 
     @classmethod
-    def from_config(cls, cfg: object, d: int, layer: int = 0) -> "MoELayer":
-        """Build from a RunConfig (any object with its router/expert fields); `layer`: its MoE-layer index."""
-        names = ("num_experts", "top_k", "router", "expert_type", "expert_hidden", "rank", "lora_train_base",
-                 "lora_alpha", "capacity_factor", "noise_eps", "router_init", "w_importance", "w_load", "w_switch",
-                 "w_z", "dispatch", "bias_update_rate", "tt_rank")  # fmt: skip
-        return cls(d, layer=layer, **{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
+    def config_fields(cls) -> tuple[str, ...]:
+        """The parameters of `__init__` that `from_config` reads from a config: all but d and layer."""
+        return tuple(p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "d", "layer"))
+
+    @classmethod
+    def from_config(cls, cfg: object, d: int, layer: int = 0) -> MoELayer:
+        """Build from a RunConfig (any object with a field for every name in `config_fields`); `layer`:
+        its MoE-layer index. A name the config lacks raises, naming it: a renamed field is never dropped."""
+        names = cls.config_fields()
+        missing = [n for n in names if not hasattr(cfg, n)]
+        if missing:
+            raise AttributeError(f"MoELayer.from_config: {type(cfg).__name__} has no field {', '.join(missing)} "
+                                 f"(every MoELayer parameter but d and layer is read from the config)")  # fmt: skip
+        return cls(d, layer=layer, **{n: getattr(cfg, n) for n in names})
 
     def forward(self, x: Tensor, mask: Tensor | None = None, token_ids: Tensor | None = None,
                 group: int | None = None) -> MoEOutput:
