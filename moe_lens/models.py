@@ -20,7 +20,7 @@ same seed draws the same weights; checkpoints of the one-MoE-layer names (`lstm1
 
 BiLSTMs run on packed sequences, so the MoE layer sees the packed data: real tokens only, no
 compute on padding. Every forward returns a `ModelOutput(logits, aux_loss, traces, state)`; its
-`MoETrace`s hold the routing of each MoE layer (`layer` its 0-based index among the MoE layers) with
+`MoETrace`s hold the routing and its statistics of each MoE layer (`layer` its 0-based index among the MoE layers) with
 the token_idx of each routed row and the hidden states that entered the layer, for the Recorder.
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from moe_lens.config import RunConfig
-from moe_lens.moe import MoELayer, Routing
 from moe_lens.data.case import CASE_CLASSES
+from moe_lens.moe import MoELayer, Routing, RoutingStats
 
 CASE_DIM = 8  # width of the casing-class embedding (cfg.case_features)
 
@@ -44,7 +44,8 @@ CASE_DIM = 8  # width of the casing-class embedding (cfg.case_features)
 class MoETrace:
     layer: int  # the MoE layer's index among the model's MoE layers, 0-based (the traces' `layer` column)
     token_idx: Tensor  # (n,) stream position of each routed row
-    routing: Routing
+    routing: Routing  # what the router decided (immutable)
+    stats: RoutingStats  # what the layer computed from it: load, importance, dropped, entropy, aux terms
     hidden: Tensor  # (n, d) what entered the MoE layer (detached)
     aux_loss: Tensor | None = None  # () this layer's weighted aux loss (detached)
 
@@ -124,10 +125,10 @@ class LanguageModel(nn.Module):
                 j = len(traces)
                 flat = h.reshape(b * t, -1)  # (b*t, d)
                 # group=t: row i*t + j is in group j, its time step, so routing never looks ahead (moe/layer.py)
-                y, layer_aux, routing = self.moes[j](flat, token_ids=ids.reshape(-1), group=t)
+                y, layer_aux, routing, stats = self.moes[j](flat, token_ids=ids.reshape(-1), group=t)
                 h = self.norms[j](flat + y).reshape(b, t, -1)
                 aux = layer_aux if aux is None else aux + layer_aux
-                traces.append(MoETrace(j, token_idx.reshape(-1), routing, flat.detach(), layer_aux.detach()))
+                traces.append(MoETrace(j, token_idx.reshape(-1), routing, stats, flat.detach(), layer_aux.detach()))
         return ModelOutput(self.head(self.drop(h)), aux, traces, tuple(states))
 
 
@@ -162,11 +163,11 @@ class _BiEncoder(nn.Module):
             if i in self.moe_after:
                 j = len(traces)
                 x_in = torch.cat([p.data for p in ps])  # (sum n_s, 2h): one MoE call routes every segment
-                y, layer_aux, routing = self.moes[j](x_in, token_ids=packed_ids)
+                y, layer_aux, routing, stats = self.moes[j](x_in, token_ids=packed_ids)
                 mixed = x_in + y
                 ps = [_repack(p, part) for p, part in zip(ps, mixed.split([p.data.shape[0] for p in ps]))]
                 aux = layer_aux if aux is None else aux + layer_aux
-                traces.append(MoETrace(j, packed_idx, routing, x_in.detach(), layer_aux.detach()))
+                traces.append(MoETrace(j, packed_idx, routing, stats, x_in.detach(), layer_aux.detach()))
         outs = [pad_packed_sequence(p, batch_first=True, total_length=x.shape[1])[0] for p, x in zip(ps, xs)]
         return outs, aux, traces
 

@@ -92,7 +92,7 @@ class Recorder:
         items = []
         for tr in traces:
             r = tr.routing
-            host = {"token_idx": tr.token_idx, "expert": r.expert_idx, "gate": r.gate, "entropy": r.entropy}
+            host = {"token_idx": tr.token_idx, "expert": r.expert_idx, "gate": r.gate, "entropy": tr.stats.entropy}
             if r.dropped is not None:
                 host["dropped"] = r.dropped
             if self.record_probs:

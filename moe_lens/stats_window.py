@@ -33,13 +33,13 @@ class _LayerSums:
         self.parts: dict[str, Tensor] = {}  # aux term name -> () sum
 
     def add(self, trace: Any) -> None:
-        r = trace.routing
-        self.load += r.load.detach()
-        self.importance += r.importance.detach()
-        self.dropped += r.num_dropped
+        s = trace.stats
+        self.load += s.load.detach()
+        self.importance += s.importance.detach()
+        self.dropped += s.num_dropped
         if trace.aux_loss is not None:
             self.aux += trace.aux_loss.detach()
-        for k, v in r.aux.items():
+        for k, v in s.aux.items():
             self.parts[k] = self.parts.get(k, 0) + v.detach()
 
     def tensors(self) -> dict[str, Tensor]:
@@ -65,7 +65,7 @@ class StatsWindow:
         self.aux += fwd.aux.detach()
         for tr in fwd.traces:
             if tr.layer not in self.layers:
-                self.layers[tr.layer] = _LayerSums(tr.routing.load.shape[0], self.device)
+                self.layers[tr.layer] = _LayerSums(tr.stats.load.shape[0], self.device)
             self.layers[tr.layer].add(tr)
         self.n += 1
 

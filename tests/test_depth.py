@@ -168,15 +168,15 @@ def test_window_keeps_each_layers_statistics_apart() -> None:
         x = torch.randn(20, 6)
         traces, total = [], 0.0
         for j, m in enumerate(layers):
-            y, aux, r = m(x)
-            traces.append(MoETrace(j, torch.arange(20), r, x, aux.detach()))
+            y, aux, r, st = m(x)
+            traces.append(MoETrace(j, torch.arange(20), r, st, x, aux.detach()))
             e, g = r.expert_idx.numpy().ravel(), r.gate.detach().numpy().ravel()
             kept = np.ones_like(g) if r.dropped is None else ~r.dropped.numpy().ravel()
             want_load[j] += np.bincount(e, weights=kept, minlength=len(want_load[j]))
             want_imp[j] += np.bincount(e, weights=g, minlength=len(want_imp[j]))
             want_dropped[j] += float((~kept.astype(bool)).sum())
             want_aux[j] += float(aux.detach()) / 3
-            for k, v in r.aux.items():
+            for k, v in st.aux.items():
                 want_parts[j][k] = want_parts[j].get(k, 0.0) + float(v) / 3
             total += float(aux.detach())
         window.update(SimpleNamespace(loss=torch.tensor(1.0 + step), aux=torch.tensor(total), traces=traces))
@@ -216,7 +216,7 @@ def test_window_state_round_trips() -> None:
         x = torch.randn(7, 4)
         outs = [layer(x) for layer in m]
         a.update(SimpleNamespace(loss=torch.tensor(0.5), aux=sum(o.aux_loss for o in outs).detach(),
-                                 traces=[MoETrace(j, torch.arange(7), o.routing, x, o.aux_loss.detach())
+                                 traces=[MoETrace(j, torch.arange(7), o.routing, o.stats, x, o.aux_loss.detach())
                                          for j, o in enumerate(outs)]))
     b = StatsWindow(torch.device("cpu"))
     b.load_state_dict(a.state_dict())

@@ -127,24 +127,24 @@ def test_padding_changes_no_output_loss_or_statistic() -> None:
         assert torch.all(padded.y[~mask] == 0)
         torch.testing.assert_close(padded.aux_loss, real.aux_loss)
         for name in ("load", "importance", "num_dropped", "entropy"):
-            torch.testing.assert_close(getattr(padded.routing, name), getattr(real.routing, name))
-        for name, v in real.routing.aux.items():
-            torch.testing.assert_close(padded.routing.aux[name], v)
+            torch.testing.assert_close(getattr(padded.stats, name), getattr(real.stats, name))
+        for name, v in real.stats.aux.items():
+            torch.testing.assert_close(padded.stats.aux[name], v)
         assert padded.routing.expert_idx.shape[0] == int(mask.sum())
 
 
 def test_routing_statistics_shapes_and_values() -> None:
     layer = make_layer("baseline").eval()
     x, _ = inputs(50)
-    r = layer(x).routing
+    _, _, r, s = layer(x)
     e, k = 8, 2
     assert r.expert_idx.shape == (50, k) and r.gate.shape == (50, k)
-    assert r.router_probs.shape == (50, e) and r.entropy.shape == (50,)
-    assert r.load.shape == (e,) and r.importance.shape == (e,)
+    assert r.router_probs.shape == (50, e) and s.entropy.shape == (50,)
+    assert s.load.shape == (e,) and s.importance.shape == (e,)
     g = dense_gates(r, e)
-    torch.testing.assert_close(r.importance, g.sum(dim=0))  # summed over tokens, not experts
-    torch.testing.assert_close(r.load, (g > 0).sum(dim=0).float())
-    assert float(r.load.sum()) == 50 * k and float(r.num_dropped) == 0
+    torch.testing.assert_close(s.importance, g.sum(dim=0))  # summed over tokens, not experts
+    torch.testing.assert_close(s.load, (g > 0).sum(dim=0).float())
+    assert float(s.load.sum()) == 50 * k and float(s.num_dropped) == 0
 
 
 def test_switch_capacity_drops_tokens_to_the_residual_and_counts_them() -> None:
@@ -156,8 +156,8 @@ def test_switch_capacity_drops_tokens_to_the_residual_and_counts_them() -> None:
     x = torch.rand(40, D)  # ... (positive inputs)
     out = layer(x)
     capacity = 5  # ceil(0.5 * 40 / 4)
-    assert float(out.routing.load[0]) == capacity
-    assert float(out.routing.num_dropped) == 40 - capacity
+    assert float(out.stats.load[0]) == capacity
+    assert float(out.stats.num_dropped) == 40 - capacity
     dropped = out.routing.dropped[:, 0]
     assert torch.all(out.y[dropped] == 0)  # expert output 0: the model's residual passes x through
     assert torch.all(out.y[~dropped].abs().sum(-1) > 0)
@@ -171,14 +171,14 @@ def test_entropy_and_z_loss_match_their_direct_formulas(mode: str, training: boo
     entropy and z-loss must equal the direct formulas on the routing it returns, in every mode."""
     layer = make_layer(mode).train(training)
     x, ids = inputs(60)
-    r = layer(x, token_ids=ids).routing
+    _, _, r, s = layer(x, token_ids=ids)
     torch.testing.assert_close(r.router_probs, r.logits.float().softmax(dim=-1), atol=1e-6, rtol=1e-6)
     if r.top1 is not None:  # noisy_topk in training: slot 0 is the noisy choice, top1 the clean argmax
         torch.testing.assert_close(r.router_probs.gather(1, r.top1[:, None]).squeeze(1), r.router_probs.amax(-1))
     elif r.assign is None:  # slot 0 is the argmax, which the statistics rely on
         torch.testing.assert_close(r.router_probs.gather(1, r.expert_idx[:, :1]).squeeze(1), r.router_probs.amax(-1))
-    torch.testing.assert_close(r.entropy, losses.entropy(r.router_probs), atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(r.aux["z"], losses.z_loss(r.logits), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(s.entropy, losses.entropy(r.router_probs), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(s.aux["z"], losses.z_loss(r.logits), atol=1e-6, rtol=1e-5)
 
 
 def test_z_loss_gradient_through_the_top1_identity_is_the_direct_one() -> None:
@@ -188,3 +188,22 @@ def test_z_loss_gradient_through_the_top1_identity_is_the_direct_one() -> None:
     (got,) = torch.autograd.grad(out.aux_loss, layer.router.w_gate.weight)
     (want,) = torch.autograd.grad(losses.z_loss(layer.router.w_gate(x)), layer.router.w_gate.weight)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_routing_is_immutable_and_the_statistics_are_their_own_record() -> None:
+    """The router's Routing is returned as it was made: the layer puts load, importance, dropped count,
+    entropy and aux terms in a RoutingStats of its own instead of filling in the Routing."""
+    import dataclasses
+
+    from moe_lens.moe import RoutingStats
+
+    layer = make_layer("switch").train()
+    x, _ = inputs(30)
+    out = layer(x)
+    assert isinstance(out.stats, RoutingStats) and out.stats.load.shape == (layer.num_experts,)
+    assert [f.name for f in dataclasses.fields(out.routing)] == [
+        "expert_idx", "gate", "router_probs", "logits", "load_prob", "dropped", "assign", "top1"]  # fmt: skip
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.routing.gate = out.routing.gate * 0
+    with pytest.raises(AttributeError):
+        out.stats.load = out.stats.load * 0

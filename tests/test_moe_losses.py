@@ -83,7 +83,7 @@ def test_layer_aux_loss_is_the_weighted_sum_of_the_components() -> None:
     torch.manual_seed(0)
     layer = MoELayer(8, 4, 2, router="noisy_topk", w_importance=0.3, w_load=0.2, w_z=0.05).train()
     out = layer(torch.randn(20, 8))
-    a = out.routing.aux
+    a = out.stats.aux
     torch.testing.assert_close(out.aux_loss, 0.3 * a["importance"] + 0.2 * a["load"] + 0.05 * a["z"])
     # the load loss uses the smooth estimator in training, so it has a gradient
     a["load"].backward()

@@ -8,7 +8,8 @@ Shape letters (used in comments across moe_lens):
     n  real tokens (padding removed)          A  (token, expert) assignments, n * s or e * C
     h  expert hidden
 
-`MoELayer.forward(x, mask, token_ids, group) -> MoEOutput(y, aux_loss, routing)`. Padding never
+`MoELayer.forward(x, mask, token_ids, group) -> MoEOutput(y, aux_loss, routing, stats)`: the router's
+immutable `Routing` and the layer's `RoutingStats` computed from it. Padding never
 reaches the router: with a mask, the real tokens are gathered first (models that already hold packed
 sequences pass those and no mask), so padding cannot touch a loss or a statistic.
 
@@ -46,10 +47,22 @@ from moe_lens.moe.routers import Routing
 DISPATCHES = ("auto", "grouped", "loop")
 
 
+class RoutingStats(NamedTuple):
+    """What the layer computes from a `Routing`, over the real tokens: its own record, so the router's
+    returned `Routing` is never changed after the fact."""
+
+    load: Tensor  # (e,) assignments kept per expert
+    importance: Tensor  # (e,) gate mass per expert, differentiable in the gates
+    num_dropped: Tensor  # () dropped (token, slot) assignments
+    entropy: Tensor  # (n,) router entropy, nats
+    aux: dict[str, Tensor]  # each unweighted aux loss by name: importance, load, switch, z
+
+
 class MoEOutput(NamedTuple):
     y: Tensor  # same shape as x; zero at padding positions
     aux_loss: Tensor  # () weighted sum of the auxiliary losses
-    routing: Routing
+    routing: Routing  # what the router decided
+    stats: RoutingStats  # what the layer computed from it
 
 
 class MoELayer(nn.Module):
@@ -135,10 +148,11 @@ class MoELayer(nn.Module):
         shared = self.experts.shared(xf)
         if shared is not None:
             y = y + shared
-        aux_loss = self._statistics(routing, expert, gate)
+        stats = self._statistics(routing, expert, gate)
+        aux_loss = self._weighted_aux(stats)
         if keep is not None:
             y = y.new_zeros(x.numel() // d, d).index_copy(0, keep, y)  # padding rows stay 0
-        return MoEOutput(y.reshape(x.shape), aux_loss, routing)
+        return MoEOutput(y.reshape(x.shape), aux_loss, routing, stats)
 
     def dispatch_for(self, x: Tensor) -> str:
         """The dispatch used for x: `grouped` under `auto` (benchmarks/bench_moe_layer.py: never slower
@@ -150,13 +164,14 @@ class MoELayer(nn.Module):
             return "loop"
         return "grouped"
 
-    def _statistics(self, r: Routing, expert: Tensor, gate: Tensor) -> Tensor:
-        """Fill r.load, r.importance, r.num_dropped, r.entropy, r.aux; return the weighted aux loss."""
+    def _statistics(self, r: Routing, expert: Tensor, gate: Tensor) -> RoutingStats:
+        """Load, importance, dropped count, entropy and each unweighted aux loss of routing r, whose
+        assignments (A,) are `expert` and `gate`."""
         e = self.num_experts
         kept = gate.new_ones(gate.shape) if r.dropped is None else (~r.dropped).reshape(-1).to(gate.dtype)
-        r.load = gate.new_zeros(e).index_add(0, expert, kept)  # (e,)
-        r.importance = gate.new_zeros(e).index_add(0, expert, gate)  # (e,) differentiable in the gates
-        r.num_dropped = (kept.numel() - kept.sum()).detach()
+        load = gate.new_zeros(e).index_add(0, expert, kept)  # (e,)
+        importance = gate.new_zeros(e).index_add(0, expert, gate)  # (e,) differentiable in the gates
+        num_dropped = (kept.numel() - kept.sum()).detach()
         # Slot 0 holds the argmax of router_probs unless the router says otherwise (`top1`, noisy_topk
         # in training) or sets `assign` (expert_choice).
         if r.top1 is not None:
@@ -164,18 +179,22 @@ class MoELayer(nn.Module):
         else:
             top1 = r.expert_idx[:, 0] if r.assign is None else r.router_probs.argmax(dim=-1)  # (n,)
         lse = losses.logsumexp_at_top1(r.logits, r.router_probs, top1)  # (n,)
-        r.entropy = losses.entropy_from_lse(r.router_probs.detach(), r.logits.detach(), lse.detach())  # (n,)
-        load_for_loss = r.load_prob.sum(dim=0) if r.load_prob is not None else r.load
-        r.aux = {
-            "importance": losses.cv_squared(r.importance),
+        entropy = losses.entropy_from_lse(r.router_probs.detach(), r.logits.detach(), lse.detach())  # (n,)
+        load_for_loss = r.load_prob.sum(dim=0) if r.load_prob is not None else load
+        aux = {
+            "importance": losses.cv_squared(importance),
             "load": losses.cv_squared(load_for_loss),
             "switch": losses.switch_loss(r.router_probs, top1),
             "z": losses.z_loss_from_lse(lse),
         }
-        total = r.importance.new_zeros(())
+        return RoutingStats(load, importance, num_dropped, entropy, aux)
+
+    def _weighted_aux(self, stats: RoutingStats) -> Tensor:
+        """() the sum of the aux losses weighted by w_importance, w_load, w_switch, w_z (zero weights skipped)."""
+        total = stats.importance.new_zeros(())
         for name, w in self.weights.items():
             if w:
-                total = total + w * r.aux[name]
+                total = total + w * stats.aux[name]
         return total
 
 

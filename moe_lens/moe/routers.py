@@ -38,9 +38,10 @@ from torch import Tensor, nn
 from moe_lens.moe.losses import smooth_load_prob
 
 
-@dataclass
+@dataclass(frozen=True)
 class Routing:
-    """What a router decided for n real tokens, s slots per token (s = k; e for expert_choice)."""
+    """What a router decided for n real tokens, s slots per token (s = k; e for expert_choice). Immutable:
+    the statistics the layer computes from it are a record of their own (`layer.RoutingStats`)."""
 
     # (n, s) int64 in [0, e); -1 marks an empty slot (expert_choice). Slot 0 holds the argmax of
     # router_probs for every router that leaves `assign` and `top1` None (the layer's statistics rely on it).
@@ -54,12 +55,6 @@ class Routing:
     assign: tuple[Tensor, Tensor, Tensor] | None = None
     # (n,) argmax of router_probs where slot 0 is not it (noisy_topk in training); None: slot 0
     top1: Tensor | None = None
-    # Filled in by MoELayer: statistics over real tokens.
-    load: Tensor | None = None  # (e,) assignments kept per expert
-    importance: Tensor | None = None  # (e,) gate mass per expert
-    num_dropped: Tensor | None = None  # () dropped (token, slot) assignments
-    entropy: Tensor | None = None  # (n,) router entropy, nats
-    aux: dict[str, Tensor] | None = None  # each unweighted aux loss by name
 
 
 def top_k(t: Tensor, k: int) -> tuple[Tensor, Tensor]:
