@@ -80,10 +80,9 @@ def test_pos_on_slices(real_data_dir):
     assert flat.count("NNP") > 10 and flat.count("DT") > 10
 
 
-def test_cached_wikitext_train_load_under_2s(real_data_dir, monkeypatch):
-    """The cache path, timed: a fake tagger fills the cache, the second load must not tag and be fast."""
-    import time
-
+def test_cached_wikitext_train_load_never_retags(real_data_dir, monkeypatch):
+    """The cache path: a fake tagger fills the cache, the second load reads it and must not tag (its speed,
+    cold vs cached, is benchmarks/bench_data.py's figure, never a timed assertion here)."""
     monkeypatch.setattr(pos, "find_model", lambda: ("fake_model", "0"))
     monkeypatch.setattr(pos, "tag_sentences", lambda sents, **k: [["NN"] * len(s) for s in sents])
     load_split("wikitext2", "train", real_data_dir, progress=False)
@@ -92,11 +91,8 @@ def test_cached_wikitext_train_load_under_2s(real_data_dir, monkeypatch):
         raise AssertionError("re-tagged although cached")
 
     monkeypatch.setattr(pos, "tag_sentences", boom)
-    t0 = time.perf_counter()
     s = load_split("wikitext2", "train", real_data_dir, progress=False)
-    elapsed = time.perf_counter() - t0
     assert s.tokens["pos_tag"].notna().all() and int((s.tokens["pos_tag"] == "EOS").sum()) == 36718
-    assert elapsed <= 2.0, f"cached load took {elapsed:.2f} s"
 
 
 def test_glove_subset_coverage(real_data_dir):
