@@ -45,22 +45,33 @@ def _routed_runs(con: duckdb.DuckDBPyConnection, runs: list[str] | None,
 
 def collapse_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, split: str = "valid",
                   modes: list[str] | None = None) -> tuple[go.Figure, pd.DataFrame]:
-    """Effective experts (top-1, last recorded epoch of `split`) per run, grouped by dataset, one bar per mode."""
+    """Effective experts (top-1, layer 0, last recorded epoch of `split`) per dataset, one bar per mode: the mean
+    over the runs of that (dataset, mode) (seeds), with a min-max error bar when there are several. Runs of
+    another depth than the default (`num_layers` 2, `moe_layers` "1") are left out: the Layers page shows them."""
     info = _routed_runs(con, runs, modes)
+    depth = con.execute("SELECT run, num_layers, moe_layers FROM runs").df().set_index("run")
+    default = depth["num_layers"].fillna(2).eq(2) & depth["moe_layers"].fillna("1").astype(str).eq("1")
+    info = info[info["run"].map(default).fillna(True).astype(bool)]
     df = A.collapse(con, info["run"].tolist(), split=split, by="epoch", layer=0)
     df = df.sort_values("epoch").groupby("run", as_index=False).last().drop(columns="dataset")
     df = df.merge(info[["run", "dataset", "mode"]], on="run")
+    agg = df.groupby(["dataset", "mode"], sort=False).agg(
+        mean=("effective_experts", "mean"), lo=("effective_experts", "min"), hi=("effective_experts", "max"),
+        runs=("run", "size"), dead=("dead_experts", lambda x: f"{x.min()}-{x.max()}" if x.nunique() > 1 else str(x.iloc[0]))
+    ).reset_index()
     order = modes or list(dict.fromkeys(info["mode"]))
     fig = go.Figure()
     for mode in order:
-        d = df[df["mode"] == mode]
-        fig.add_bar(name=mode, x=d["dataset"], y=d["effective_experts"], text=d["effective_experts"].round(1),
-                    textposition="outside", customdata=d[["run", "dead_experts", "never_top1"]],
-                    hovertemplate="%{customdata[0]}: %{y:.2f} effective, %{customdata[1]} dead, "
-                                  "%{customdata[2]} never first<extra></extra>")  # fmt: skip
+        d = agg[agg["mode"] == mode]
+        fig.add_bar(name=mode, x=d["dataset"], y=d["mean"], text=d["mean"].round(1), textposition="outside",
+                    error_y=dict(type="data", symmetric=False, array=d["hi"] - d["mean"], arrayminus=d["mean"] - d["lo"]),
+                    customdata=d[["runs", "lo", "hi", "dead"]],
+                    hovertemplate=f"{mode}: mean %{{y:.2f}} effective experts over %{{customdata[0]}} run(s) "
+                                  "(min %{customdata[1]:.2f}, max %{customdata[2]:.2f}), dead %{customdata[3]}<extra></extra>")  # fmt: skip
     e = int(df["num_experts"].max()) if len(df) else 0
     fig.add_hline(y=e, line_dash="dot", annotation_text=f"all {e} experts used equally", annotation_position="top left")
-    fig.update_layout(barmode="group", title=f"Effective experts exp(H) of top-1 routing ({split}, last epoch)",
+    seeds = " (mean over seeds, min-max bars)" if (agg["runs"] > 1).any() else ""
+    fig.update_layout(barmode="group", title=f"Effective experts exp(H) of top-1 routing ({split}, last epoch){seeds}",
                       yaxis_title="effective experts", xaxis_title="dataset", legend_title="mode", **_LAYOUT)  # fmt: skip
     return fig, df[["run", "dataset", "mode", "epoch", "step", "effective_experts", "dead_experts", "never_top1",
                   "norm_entropy"]]

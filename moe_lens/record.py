@@ -82,7 +82,7 @@ class Recorder:
                 done[pq.read_table(f, columns=["token_idx"]).column(0).to_numpy()] = True
             self._lazy[(dataset, split)] = (table, done)
             return
-        write_table_atomic(table.slice(0, limit) if limit is not None else table, path)
+        write_table_atomic(compact_dictionaries(table.slice(0, limit) if limit is not None else table), path)
 
     def add(self, traces: list[MoETrace], *, dataset: str, split: str, epoch: int, step: int,
             hidden_keep: torch.Tensor | None = None) -> None:
@@ -199,11 +199,33 @@ class Recorder:
         directory = self.run_dir / table / f"dataset={dataset}" / f"split={split}"
         if table == "tokens":
             first = int(parts[0].column("token_idx")[0].as_py())
-            write_table_atomic(pa.concat_tables(parts), directory / f"part-t{first:09d}-{uuid.uuid4().hex[:8]}.parquet")
+            write_table_atomic(compact_dictionaries(pa.concat_tables(parts)),
+                               directory / f"part-t{first:09d}-{uuid.uuid4().hex[:8]}.parquet")
             return
         first_step = int(parts[0].column("step")[0].as_py())
         path = directory / f"epoch={epoch}" / f"part-{first_step:09d}-{uuid.uuid4().hex[:8]}.parquet"
         write_table_atomic(pa.concat_tables(parts), path)
+
+
+def compact_dictionaries(table: pa.Table) -> pa.Table:
+    """`table` with each dictionary column keeping only the values its rows use, in their order, with the same
+    index type. A slice or take of a split's token table otherwise carries its whole dictionary (the vocabulary,
+    ~170 KB) into every tokens part file. Same rows, same Arrow types, same schema metadata."""
+    table = table.unify_dictionaries().combine_chunks()
+    cols = []
+    for col in table.columns:
+        if not pa.types.is_dictionary(col.type) or col.num_chunks == 0 or len(col.chunk(0).dictionary) == 0:
+            cols.append(col)
+            continue
+        arr = col.chunk(0)  # (n,) DictionaryArray
+        idx = arr.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)  # (n,), 0 at nulls
+        valid = arr.indices.is_valid().to_numpy(zero_copy_only=False)  # (n,)
+        used = np.unique(idx[valid]).astype(np.int64)  # (u,) ascending: the dictionary's own order
+        remap = np.zeros(len(arr.dictionary), dtype=np.int64)  # (d,)
+        remap[used] = np.arange(len(used))
+        new_idx = pa.array(remap[idx], type=arr.indices.type, mask=~valid)
+        cols.append(pa.DictionaryArray.from_arrays(new_idx, arr.dictionary.take(pa.array(used)), ordered=arr.type.ordered))
+    return pa.Table.from_arrays(cols, schema=table.schema)
 
 
 def routing_rows(a: dict[str, np.ndarray], step: int, layer: int) -> pa.Table:

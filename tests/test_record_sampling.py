@@ -57,3 +57,33 @@ def test_lazy_train_tokens_survive_resume_without_duplicates(real_data_dir: Path
     n, distinct = con.execute("SELECT count(*), count(DISTINCT (split, token_idx)) FROM tokens").fetchall()[0]
     assert n == distinct > before
     check_traces(tmp_path, run_dir.name, cfg)
+
+
+def test_tokens_parts_keep_only_the_dictionary_values_they_use(tmp_path: Path) -> None:
+    """A slice of a split's token table carried the whole vocabulary into every part file (~170 KB each on
+    CoNLL); compact_dictionaries keeps the used values, in order, with the same Arrow types and metadata."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from moe_lens.record import compact_dictionaries
+
+    vocab = [f"w{i}" for i in range(5000)]
+    df = pd.DataFrame({"token_idx": np.arange(6),
+                       "token": pd.Categorical.from_codes(np.array([7, 3, 7, 4999, 3, 0], dtype=np.int16), vocab),
+                       "pos_tag": pd.Categorical.from_codes(np.array([1, -1, 0, 1, 1, -1], dtype=np.int8), ["NN", "VB"]),
+                       "band": pd.Categorical.from_codes(np.zeros(6, dtype=np.int8), ["a", "b"], ordered=True),
+                       "empty": pd.Categorical.from_codes(np.full(6, -1, dtype=np.int8), pd.Index([], dtype="str"))})
+    full = pa.Table.from_pandas(df, preserve_index=False)
+    part = pa.concat_tables([full.slice(0, 2), full.take([2, 3, 4, 5])])  # two chunks, as the recorder's flush
+    got = compact_dictionaries(part)
+    assert got.schema == part.schema and got.schema.metadata == part.schema.metadata
+    assert got.column("token").chunk(0).dictionary.to_pylist() == ["w0", "w3", "w7", "w4999"]
+    assert got.column("band").type.ordered and got.column("band").chunk(0).dictionary.to_pylist() == ["a"]
+    pd.testing.assert_frame_equal(got.to_pandas().astype(str), part.to_pandas().astype(str))
+    assert got.column("pos_tag").null_count == 2 and got.column("empty").null_count == 6
+    small, big = tmp_path / "small.parquet", tmp_path / "big.parquet"
+    pq.write_table(got, small, compression="zstd")
+    pq.write_table(part, big, compression="zstd")
+    assert len(pq.read_table(small).column("token").chunk(0).dictionary) == 4  # the file holds 4 words, not 5000
+    assert len(pq.read_table(big).column("token").chunk(0).dictionary) == 5000
+    assert small.stat().st_size < big.stat().st_size

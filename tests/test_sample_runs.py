@@ -1,12 +1,14 @@
 """The committed sample_runs/: complete, small, joinable, and what trainers/sample_runs.py writes today."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -14,9 +16,19 @@ from moe_lens.store import connect
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_runs"
-MODES = ("dense", "naive_topk", "topk_mask", "noisy_topk", "importance", "load", "switch", "hybrid")
-RUNS = [f"{d}-{m}" for d in ("wikitext2", "conll2003", "squad") for m in MODES]
-# config fields added after the committed sample runs were recorded (drop at the next regeneration)
+
+
+def _sample_runs_module():
+    spec = importlib.util.spec_from_file_location("sample_runs", REPO / "trainers" / "sample_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SR = _sample_runs_module()
+# every run trainers/sample_runs.py writes by default: the mode grid (CoNLL with seeds 0-2) and the EXTRA variants
+RUNS = [f"{d}-{m}" + (f"-seed{s}" if s else "") for d in SR.DATASETS for m in SR.MODES for s in SR.SEEDS[d]]
+RUNS += list(SR.EXTRA)
 
 
 def test_sample_runs_are_committed_complete_and_small() -> None:
@@ -51,11 +63,6 @@ def _schema(run_dir: Path) -> dict[str, object]:
     return out
 
 
-# Keys added after the committed sample runs were recorded (issue 19: checkpoints within an epoch, the
-# signal that stopped a run); drop this once sample_runs/ is regenerated.
-NEW_KEYS = {"config.json": {"checkpoint_every", "num_layers", "moe_layers"}, "run.json": {"stopped_by"}}
-
-
 @pytest.mark.integration
 def test_regenerated_run_has_the_committed_schema(real_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "regen"
@@ -64,9 +71,6 @@ def test_regenerated_run_has_the_committed_schema(real_data_dir: Path, tmp_path:
            "--jobs", "1", "--seeds", "0"]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     fresh, committed = _schema(out / "conll2003-naive_topk"), _schema(SAMPLE / "conll2003-naive_topk")
-    for name, keys in NEW_KEYS.items():
-        assert keys <= set(fresh[name]), name
-        fresh[name] = [k for k in fresh[name] if k not in keys or k in committed[name]]
     for key in committed:
         assert fresh[key] == committed[key], key
     assert not (out / "conll2003-naive_topk" / "checkpoints").exists()
@@ -90,36 +94,102 @@ def test_readme_sql_examples_run_on_sample_runs(capsys: pytest.CaptureFixture) -
 
 def test_readme_findings_numbers() -> None:
     """The numbers the README's "What the sample runs show" quotes, recomputed from the committed traces."""
+    import numpy as np
+
     from moe_lens import analysis as A
 
     con = connect(SAMPLE)
-    last = A.collapse(con, split="valid", by="epoch").sort_values("epoch").groupby("run").last()
-    eff, dead = last["effective_experts"].round(2), last["dead_experts"]
+    last = A.collapse(con, split="valid", by="epoch", layer=0).sort_values("epoch").groupby("run").last()
+    eff, dead, never = last["effective_experts"].round(2), last["dead_experts"], last["never_top1"]
+    metrics = A.final_metrics(con)
+    metric = lambda name: metrics[(metrics["name"] == name) & (metrics["split"] == "valid")].set_index("run")["value"]  # noqa: E731
+    f1, ppl, squad_f1 = metric("f1"), metric("ppl"), metric("f1")
+    conll = [r for r in RUNS if r.startswith("conll2003")]
+    assert (round(f1[conll].min(), 1), round(f1[conll].max(), 1)) == (71.2, 75.8)
+    wt = [r for r in RUNS if r.startswith("wikitext2") and r != "wikitext2-load-3layer"]
+    assert (round(ppl[wt].min()), round(ppl[wt].max()), round(ppl["wikitext2-load-3layer"])) == (344, 455, 233)
+    sq = [r for r in RUNS if r.startswith("squad")]
+    assert (round(squad_f1[sq].min(), 1), round(squad_f1[sq].max(), 1)) == (9.2, 10.3)
     # 1. WikiText-2: collapse without a balancing loss (each run on its own dataset's tokens)
-    assert eff[["wikitext2-naive_topk", "wikitext2-topk_mask", "wikitext2-noisy_topk"]].tolist() == [1.33, 1.42, 1.29]
-    assert dead[["wikitext2-naive_topk", "wikitext2-topk_mask", "wikitext2-noisy_topk"]].tolist() == [5, 4, 6]
-    assert eff[["wikitext2-importance", "wikitext2-load", "wikitext2-switch"]].tolist() == [7.85, 7.29, 7.77]
-    curve = A.collapse(con, ["wikitext2-naive_topk", "wikitext2-topk_mask", "wikitext2-noisy_topk"], split="train")
+    unbalanced = ["wikitext2-naive_topk", "wikitext2-topk_mask", "wikitext2-noisy_topk"]
+    assert eff[unbalanced].tolist() == [1.33, 1.38, 1.34]
+    assert dead[unbalanced].tolist() == [4, 4, 5] and never[unbalanced].tolist() == [5, 4, 5]
+    assert eff[["wikitext2-importance", "wikitext2-load", "wikitext2-switch"]].tolist() == [7.77, 6.53, 7.77]
+    curve = A.collapse(con, unbalanced, split="train", layer=0)
     at = curve.pivot_table(index="step", columns="run", values="effective_experts").round(2)
-    assert at.loc[50, "wikitext2-naive_topk"] == 1.00 and at.loc[50, "wikitext2-topk_mask"] == 1.03
-    assert at.loc[100, "wikitext2-noisy_topk"] == 1.00
-    # 2. CoNLL-2003: the SAiDL collapse and its cure
-    assert eff[["conll2003-naive_topk", "conll2003-topk_mask", "conll2003-noisy_topk"]].tolist() == [3.03, 3.00, 1.74]
-    assert dead[["conll2003-naive_topk", "conll2003-topk_mask", "conll2003-noisy_topk"]].tolist() == [0, 1, 3]
-    assert eff[["conll2003-importance", "conll2003-load", "conll2003-switch"]].tolist() == [7.54, 6.40, 7.37]
+    assert at.loc[50, "wikitext2-naive_topk"] == 1.00 and at.loc[50, "wikitext2-topk_mask"] == 1.11
+    assert at.loc[100, "wikitext2-topk_mask"] == 1.00 and at.loc[100, "wikitext2-noisy_topk"] == 1.00
+    # 2. CoNLL-2003 over seeds 0-2: mean (min-max) effective experts, dead experts, F1; what exceeds the spread
+    seeds = lambda m: [f"conll2003-{m}", f"conll2003-{m}-seed1", f"conll2003-{m}-seed2"]  # noqa: E731
+    spread = {m: (round(last.loc[seeds(m), "effective_experts"].mean(), 2), *last.loc[seeds(m), "effective_experts"].agg(["min", "max"]).round(2))
+              for m in SR.MODES}  # fmt: skip
+    assert spread["naive_topk"] == (2.39, 1.97, 3.03) and spread["topk_mask"] == (2.50, 2.12, 3.00)
+    assert spread["noisy_topk"] == (2.24, 1.72, 3.00) and spread["importance"] == (7.27, 6.92, 7.61)
+    assert spread["load"] == (6.62, 6.40, 6.81) and spread["switch"] == (7.33, 7.24, 7.50)
+    assert spread["hybrid"] == (7.28, 6.62, 7.70)
+    span = lambda m: (dead[seeds(m)].min(), dead[seeds(m)].max())  # noqa: E731
+    assert [span(m) for m in ("naive_topk", "topk_mask", "noisy_topk")] == [(0, 2), (1, 1), (3, 5)]
+    assert all(span(m) == (0, 0) for m in ("importance", "load", "switch", "hybrid"))
+
+    def above(col: pd.Series, a: str, b: str) -> bool:  # a's worst seed beats b's best
+        return col[seeds(a)].min() > col[seeds(b)].max()
+
+    eff_all = last["effective_experts"]
+    balanced, collapsing = ("importance", "load", "switch", "hybrid"), ("naive_topk", "topk_mask", "noisy_topk")
+    assert all(above(eff_all, a, b) for a in balanced for b in collapsing)
+    assert above(eff_all, "importance", "load") and above(eff_all, "switch", "load")
+    assert not above(eff_all, "hybrid", "load")
+    moe = [m for m in SR.MODES if not m.startswith("dense")]
+    assert not any(above(f1, a, b) for a in moe for b in moe)  # F1 separates no MoE mode from another
+    assert (round(f1[[r for m in moe for r in seeds(m)]].min(), 1), round(f1[[r for m in moe for r in seeds(m)]].max(), 1)) == (71.2, 75.5)
+    sep = {(a, b) for a in SR.MODES for b in SR.MODES if above(f1, a, b)}
+    assert sep == {("dense_flops", "load"), ("dense_flops", "switch"), ("dense_flops", "hybrid"), ("dense", "hybrid")}
+    assert [round(f1[seeds(m)].mean(), 1) for m in ("dense_flops", "load", "switch", "hybrid", "dense")] == \
+        [75.1, 73.3, 72.6, 73.0, 74.4]
     # 3. POS experts
-    s = A.specialization(con, ["wikitext2-importance", "wikitext2-noisy_topk"], attribute="pos_tag", summary=True)
-    s = s.set_index("run").round(4)
+    s = A.specialization(con, ["wikitext2-importance", "wikitext2-noisy_topk"], attribute="pos_tag", summary=True, layer=0)
+    s = s.set_index("run")
     imp, noisy = s.loc["wikitext2-importance"], s.loc["wikitext2-noisy_topk"]
-    assert (imp["nmi"], imp["ami"], imp["nmi_chance"], imp["nmi_shuffled"]) == (0.3053, 0.2990, 0.0090, 0.0092)
-    assert round(imp["nmi"] / imp["nmi_chance"]) == 34  # "34x above chance"
-    assert (noisy["uncertainty_coef"], imp["uncertainty_coef"], round(noisy["mi"], 2), round(imp["mi"], 2)) == \
-        (0.7653, 0.3742, 0.21, 0.76)
-    assert (round(noisy["nmi"], 3), round(noisy["ami"], 3)) == (0.132, 0.130)
-    pos = A.specialization(con, "wikitext2-importance", attribute="pos_tag").set_index(["value", "expert"])
-    assert round(pos.loc[(".", 0), "p_expert_given_value"], 2) == 0.98 and pos.loc[("TO", 6), "p_expert_given_value"] == 1.0
+    assert (round(imp["nmi"], 3), round(imp["ami"], 3), round(imp["mi"], 2)) == (0.287, 0.280, 0.72)
+    assert (round(imp["nmi_chance"], 4), round(imp["nmi_shuffled"], 4)) == (0.0091, 0.0097)
+    assert round(imp["nmi"] / imp["nmi_chance"]) == 32  # "32x above chance"
+    assert (round(noisy["uncertainty_coef"], 3), round(imp["uncertainty_coef"], 3), round(noisy["mi"], 2)) == \
+        (0.741, 0.353, 0.23)
+    assert (round(noisy["nmi"], 3), round(noisy["ami"], 3)) == (0.142, 0.138)
+    pos = A.specialization(con, "wikitext2-importance", attribute="pos_tag", layer=0).set_index(["value", "expert"])
+    p = pos["p_expert_given_value"]
+    assert (round(p[(",", 5)], 2), round(p[("CC", 7)], 2), p[("TO", 6)], round(p[("IN", 6)], 2)) == (0.97, 0.95, 1.0, 0.63)
+    tok = A.specialization(con, "wikitext2-importance", attribute="token", layer=0, include_oov=True)
+    tok = tok.set_index(["value", "expert"])["p_expert_given_value"]
+    assert (tok[("and", 7)], tok[("the", 7)], tok[("to", 6)], round(tok[("<unk>", 1)], 2)) == (1.0, 1.0, 1.0, 0.99)
     # 4. the cross-dataset replay
-    d = A.specialization(con, "wikitext2-load", attribute="dataset", include_oov=True).set_index(["value", "expert"])
-    assert round(d.loc[("conll2003", 0), "p_expert_given_value"], 3) == 0.267
-    assert round(d.loc[("wikitext2", 0), "p_expert_given_value"], 3) == 0.107
-    assert (round(d["nmi"].iloc[0], 3), round(d["nmi_chance"].iloc[0], 5)) == (0.014, 0.00019)
+    d = A.specialization(con, "wikitext2-load", attribute="dataset", include_oov=True, layer=0).set_index(["value", "expert"])
+    assert (round(d.loc[("conll2003", 7), "p_expert_given_value"], 3), round(d.loc[("wikitext2", 7), "p_expert_given_value"], 3)) == \
+        (0.472, 0.273)
+    assert (round(d.loc[("conll2003", 7), "lift"], 2), round(d.loc[("wikitext2", 7), "lift"], 2)) == (1.31, 0.76)
+    assert (round(d["nmi"].iloc[0], 3), round(d["nmi_chance"].iloc[0], 4)) == (0.014, 0.0002)
+    known = A.specialization(con, "wikitext2-load", attribute="dataset", layer=0).set_index(["value", "expert"])
+    assert (round(known.loc[("conll2003", 7), "p_expert_given_value"], 3), round(known.loc[("wikitext2", 7), "p_expert_given_value"], 3)) == \
+        (0.254, 0.172)
+    assert (round(known.loc[("conll2003", 7), "lift"], 2), round(known.loc[("wikitext2", 7), "lift"], 2)) == (1.23, 0.83)
+    assert (round(known["nmi"].iloc[0], 4), round(known["nmi_chance"].iloc[0], 5)) == (0.0066, 0.00024)
+    assert round(known["nmi"].iloc[0] / known["nmi_chance"].iloc[0]) == 27
+    q = con.execute("SELECT r.dataset, avg((NOT t.in_vocab)::INT), avg((r.expert = 7)::INT) FILTER (NOT t.in_vocab) "
+                    "FROM routing r JOIN tokens t USING (run, dataset, split, token_idx) WHERE r.run = 'wikitext2-load' "
+                    "AND r.split = 'valid' AND r.epoch = 1 AND r.rank = 0 GROUP BY ALL ORDER BY ALL").fetchall()  # fmt: skip
+    assert [(ds, round(oov, 2)) for ds, oov, _ in q] == [("conll2003", 0.29), ("squad", 0.16), ("wikitext2", 0.13)]
+    assert min(x for *_, x in q) >= 0.97
+    # 5. depth: wikitext2-load-3layer
+    run = "wikitext2-load-3layer"
+    spec = A.specialization(con, run, summary=True).set_index("layer")
+    assert spec["nmi"].round(3).tolist() == [0.237, 0.239, 0.387] and spec["ami"].round(3).tolist() == [0.230, 0.232, 0.382]
+    col = A.collapse(con, run, split="valid", by="epoch").sort_values("epoch").groupby("layer").last()
+    assert col["effective_experts"].round(2).tolist() == [7.81, 7.37, 6.45]
+    st = A.stability(con, run).dropna(subset=["changed"]).set_index("layer")
+    assert st["changed"].round(3).tolist() == [0.295, 0.436, 0.276]
+    paths = A.routing_paths(con, run)
+    path = paths[paths["layer"].isna()].iloc[0]
+    assert (int(path["distinct"]), round(path["entropy"], 2), round(path["nmi"], 3), round(path["ami"], 3)) == (393, 4.98, 0.439, 0.363)
+    assert round(paths[paths["layer"] == 2]["ami"].iloc[0], 3) == 0.367
+    trans = [A.layer_transitions(con, run, layer_a=a, layer_b=b, summary=True)["ami"].iloc[0] for a, b in ((0, 1), (1, 2))]
+    assert np.round(trans, 3).tolist() == [0.094, 0.232]
