@@ -75,7 +75,7 @@ def _last_top1(root: Path, run: str, split: str) -> pd.DataFrame:
 def test_routing_paths_match_sklearn(runs: Path) -> None:
     con = connect(runs)
     for split in ("valid", "train"):
-        got = A.routing_paths(con, split=split, dataset="*")
+        got = A.routing_paths(con, split=split, dataset="*", include_oov=True)
         seen = 0
         for run in ("a", "b"):
             r = _last_top1(runs, run, split)
@@ -209,3 +209,19 @@ def test_agreement_per_layer(runs: Path) -> None:
     got = A.agreement(con, "a", "a")
     assert got["layer"].tolist() == [0, 1, 2] and (got["agreement"] == 1.0).all()
     assert A.agreement(con, "a", "a", layer=1)["layer"].tolist() == [1]
+
+
+def test_routing_paths_leave_oov_words_out_like_specialization() -> None:
+    """By default a word outside the vocabulary has no POS for the path statistics (the in_vocab rule): on the
+    3-layer sample run, where every valid token is routed at every layer, each layer's NMI/AMI equal
+    specialization's on that layer; the OOV occurrences still count in the paths."""
+    con = connect(Path(__file__).resolve().parents[1] / "sample_runs")
+    run = "wikitext2-load-3layer"
+    got = A.routing_paths(con, run)
+    every = A.routing_paths(con, run, include_oov=True)
+    spec = A.specialization(con, run, summary=True).set_index("layer")
+    for layer in (0, 1, 2):
+        row = got[got["layer"] == layer].iloc[0]
+        assert row["tokens_with_value"] == spec.loc[layer, "rows"] < every[every["layer"] == layer]["tokens_with_value"].iloc[0]
+        np.testing.assert_allclose([row["nmi"], row["ami"]], spec.loc[layer, ["nmi", "ami"]].astype(float), **TOL)
+    assert got["tokens"].tolist() == every["tokens"].tolist() and got["distinct"].tolist() == every["distinct"].tolist()

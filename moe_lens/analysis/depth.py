@@ -28,18 +28,24 @@ GROUP = ["run", "dataset", "split", "epoch"]
 
 def routing_paths(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "valid",
                   epoch: int | None = None, attribute: str = "pos_tag", summary: bool = True, dataset: str | None = None,
-                  top: int | None = 20) -> pd.DataFrame:
+                  top: int | None = 20, include_oov: bool = False) -> pd.DataFrame:
     """Routing paths (tuples of top-1 experts over the MoE layers) of one epoch per run.
 
     `summary=True`: per (run, dataset, split, epoch) one row with `layer` NULL for the path, then one row per
     layer, each with `num_layers`, `tokens` (occurrences routed at every layer), `distinct` (distinct paths, or
     experts used at the layer), `entropy` (nats), `tokens_with_value` (those with a non-NULL `attribute`) and
-    `mi`, `nmi`, `ami` of (path or expert; attribute) over those. `summary=False`: the paths table,
+    `mi`, `nmi`, `ami` of (path or expert; attribute) over those: words outside the model's vocabulary have no
+    value unless `include_oov` (the in_vocab rule of `specialization`, docs/sql.md). `summary=False`: the paths table,
     (run, dataset, split, epoch, path, n, share) with each group's `top` most frequent paths (None: all)."""
     if attribute not in PATH_ATTRIBUTES:
         raise MoeLensError(f"unknown attribute {attribute!r}; allowed: {', '.join(PATH_ATTRIBUTES)}")
     names = resolve_runs(con, runs)
-    params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch, dataset), split=split, attribute=attribute)
+    from moe_lens.analysis.specialization import _unk_ids
+
+    unk = _unk_ids(con, names) if not include_oov else pd.DataFrame({"run": [], "unk_id": []})
+    params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch, dataset), split=split, attribute=attribute,
+                  include_oov=bool(include_oov), unk_runs=unk["run"].astype(str).tolist(),
+                  unk_ids=[int(i) for i in unk["unk_id"]])
     df = nonempty(query(con, sql_text("routing_paths"), params), names, f"split={split!r}, epoch={epoch}")
     df["layer"] = df["layer"].astype("Int64")
     if not summary:

@@ -6,6 +6,8 @@
 --   layer NULL:  label = the path,             value = the token's $attribute (NULL if it has none), n
 --   layer = l:   label = the top-1 expert at l, value, n   (over the same occurrences as the paths)
 -- so H(path), the number of distinct paths, I(path; A) and each layer's I(expert_l; A) share one population.
+-- value is NULL for a word outside the model's vocabulary unless $include_oov (in_vocab false; where in_vocab is NULL,
+-- token_id = the run's <unk> id, $unk_ids[i] for $unk_runs[i]): such occurrences count in the paths, not in I(.; A).
 WITH top1 AS (
     SELECT run, dataset, split, epoch, step, token_idx, layer, expert
     FROM routing
@@ -23,8 +25,10 @@ paths AS (
     GROUP BY t.run, t.dataset, t.split, t.epoch, t.step, t.token_idx
 ),
 complete AS (
-    SELECT p.*, CASE $attribute WHEN 'pos_tag' THEN k.pos_tag WHEN 'freq_band' THEN k.freq_band
-                    WHEN 'ner_tag' THEN k.ner_tag WHEN 'segment' THEN k.segment WHEN 'token' THEN k.token END AS value
+    SELECT p.*, CASE WHEN NOT $include_oov AND coalesce(NOT k.in_vocab, k.token_id = $unk_ids[list_position($unk_runs, k.run)], false)
+                     THEN NULL  -- a word outside the vocabulary: no value (specialization's in_vocab rule)
+                     ELSE CASE $attribute WHEN 'pos_tag' THEN k.pos_tag WHEN 'freq_band' THEN k.freq_band
+                    WHEN 'ner_tag' THEN k.ner_tag WHEN 'segment' THEN k.segment WHEN 'token' THEN k.token END END AS value
     FROM paths p
     JOIN depth d ON d.run = p.run AND d.dataset = p.dataset AND d.split = p.split AND d.epoch = p.epoch
     LEFT JOIN tokens k ON k.run = p.run AND k.dataset = p.dataset AND k.split = p.split AND k.token_idx = p.token_idx
