@@ -106,9 +106,11 @@ def test_quick_is_the_sample_runs_recipe(real_data_dir: Path, dataset: str) -> N
         want.update(TRIMMED, run_name=None)
         assert cfg.to_dict() == want, mode
     committed = json.loads((ROOT / "sample_runs" / f"{dataset}-load" / "config.json").read_text())
-    cfg = _quick_config("--dataset", dataset, "--mode", "load", "--data-dir", committed["data_dir"]).to_dict()
-    skip = {*TRIMMED, "runs_dir", "run_name", "device"}
+    cfg = _quick_config("--dataset", dataset, "--mode", "load", "--data-dir", str(real_data_dir)).to_dict()
+    skip = {*TRIMMED, "runs_dir", "run_name", "device", "data_dir", "embeddings"}  # paths: relative to where it ran
     assert {k: v for k, v in cfg.items() if k not in skip} == {k: committed[k] for k in cfg if k not in skip}
+    rel = lambda path, root: None if path is None else Path(path).relative_to(root).as_posix()  # noqa: E731
+    assert rel(cfg["embeddings"], real_data_dir) == rel(committed["embeddings"], committed["data_dir"])
     # explicit flags win over --quick, --quick over the --mode preset
     cfg = _quick_config("--dataset", dataset, "--mode", "switch", "--d-model", "64", "--data-dir", str(real_data_dir))
     assert cfg.d_model == 64 and cfg.router == "switch" and cfg.record and cfg.hidden_sample == 5000
