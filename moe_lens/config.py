@@ -32,9 +32,11 @@ ROUTERS = ("dense", "naive_topk", "topk_mask", "noisy_topk", "switch", "expert_c
 EXPERT_TYPES = ("mlp", "lora", "lowrank", "shared", "ttlora")
 DENSE_MATCHES = ("flops", "params")
 
+# What router "dense" means, written once: one expert, every token to it (MODES, RunConfig and MoELayer read it).
+DENSE_SHAPE: dict[str, int] = dict(num_experts=1, top_k=1)
 _NOISY2 = dict(router="noisy_topk", top_k=2)
 MODES: dict[str, dict[str, Any]] = {
-    "dense": dict(router="dense", num_experts=1, top_k=1),  # the LSTM baseline: one expert, no routing
+    "dense": dict(router="dense", **DENSE_SHAPE),  # the LSTM baseline: one expert, no routing
     "naive_topk": dict(router="naive_topk", top_k=2),
     "topk_mask": dict(router="topk_mask", top_k=2),
     "noisy_topk": dict(_NOISY2),
@@ -149,6 +151,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         for name, rule in NUMERIC_RANGES.items():  # first: the checks below compare numbers
             rule.check(name, getattr(self, name))
+        if self.router == "dense":  # one expert whatever num_experts/top_k say, so config.json tells the truth
+            self.num_experts, self.top_k = DENSE_SHAPE["num_experts"], DENSE_SHAPE["top_k"]
         _check_choice("mode", self.mode, MODES)
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("router", self.router, ROUTERS)

@@ -51,3 +51,17 @@ def test_dense_flops_spends_the_expert_flops_and_dense_params_holds_the_weights(
     weights = lambda layer: layer.experts.w1.numel() + layer.experts.w2.numel()  # noqa: E731
     assert weights(params) == weights(moe) == e * 2 * D * h
     assert flops.num_experts == params.num_experts == 1
+
+
+def test_dense_means_one_expert_everywhere_from_one_fact() -> None:
+    """config.DENSE_SHAPE is the one place saying what router 'dense' is: the preset, a RunConfig built with more
+    experts (config.json then records the one expert the model has) and a standalone MoELayer all read it."""
+    from moe_lens.config import DENSE_SHAPE, MODES
+    from moe_lens.moe import MoELayer
+
+    assert DENSE_SHAPE == {"num_experts": 1, "top_k": 1}
+    assert {k: MODES["dense"][k] for k in DENSE_SHAPE} == DENSE_SHAPE
+    for cfg in (RunConfig.for_mode("dense", num_experts=8, top_k=2), RunConfig(router="dense", num_experts=8, top_k=2)):
+        assert (cfg.num_experts, cfg.top_k) == (1, 1) and cfg.to_dict()["num_experts"] == 1
+    layer = MoELayer(16, num_experts=8, top_k=2, router="dense", expert_hidden=8)
+    assert (layer.num_experts, layer.top_k) == (1, 1)

@@ -66,8 +66,6 @@ def sample_config(dataset: str, mode: str, data_dir: str, out: str, seed: int = 
     kw = {**COMMON, **PER_DATASET[dataset], **(SMALLER if seed else {}), "seed": seed, **overrides}
     if "embeddings" in kw and kw["embeddings"] == GLOVE:
         kw["embeddings"] = str(Path(data_dir) / GLOVE)
-    if mode == "dense":
-        kw["num_experts"] = 1
     name = run_name or f"{dataset}-{mode}" + (f"-seed{seed}" if seed else "")
     kw = {**kw, **PER_RUN.get(name, {}), **overrides}
     return RunConfig.for_mode(mode, dataset=dataset, data_dir=data_dir, runs_dir=out, run_name=name, **kw)

@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from moe_lens.config import DENSE_SHAPE
 from moe_lens.moe import losses
 from moe_lens.moe.grouped import HAS_GROUPED_MM, make_groups
 from moe_lens.moe.grouped_mlp import ByToken
@@ -102,8 +103,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"capacity_factor={capacity_factor}; allowed: > 0, or None")
         if dispatch not in DISPATCHES:
             raise ValueError(f"unknown dispatch {dispatch!r}; allowed: {', '.join(DISPATCHES)}")
-        if router == "dense":
-            num_experts, top_k = 1, 1
+        if router == "dense":  # one expert, every token to it (config.DENSE_SHAPE)
+            num_experts, top_k = DENSE_SHAPE["num_experts"], DENSE_SHAPE["top_k"]
         self.num_experts, self.top_k = num_experts, top_k
         self.router = build_router(
             router, d, num_experts, top_k, capacity_factor=capacity_factor, noise_eps=noise_eps, init=router_init,
