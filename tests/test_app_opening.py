@@ -17,7 +17,6 @@ from moe_lens.app_pages import page as registered
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_runs"
 STORY = ["wikitext2-naive_topk", "wikitext2-importance"]
-pytestmark = pytest.mark.skipif(not (SAMPLE / STORY[0]).is_dir(), reason="needs the committed sample_runs/")
 
 
 def opened(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:

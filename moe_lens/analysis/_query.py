@@ -86,3 +86,14 @@ def last_epochs(con: duckdb.DuckDBPyConnection, runs: list[str], split: str, epo
         return [f"{k}|{epoch}" for k in pairs]
     df = query(con, sql_text("last_epochs"), {"runs": runs, "run_datasets": pairs, "split": split})
     return [f"{r}|{d}|{e}" for r, d, e in zip(df["run"], df["dataset"], df["epoch"])]
+
+
+def oov_params(con: duckdb.DuckDBPyConnection, runs: list[str], include_oov: bool) -> dict[str, Any]:
+    """The in_vocab rule's SQL parameters (docs/sql.md): `include_oov`, and for runs whose tokens lack `in_vocab`
+    (NULL) their `<unk>` id read by unk_ids.sql (`unk_ids[i]` for `unk_runs[i]`); none are needed with include_oov."""
+    lacking = [] if include_oov else con.execute(
+        "SELECT DISTINCT run FROM tokens WHERE list_contains($runs, run) AND in_vocab IS NULL", {"runs": runs}
+    ).df()["run"].tolist()
+    unk = query(con, sql_text("unk_ids"), {"runs": lacking}) if lacking else pd.DataFrame({"run": [], "unk_id": []})
+    return dict(include_oov=bool(include_oov), unk_runs=unk["run"].astype(str).tolist(),
+                unk_ids=[int(i) for i in unk["unk_id"]])

@@ -18,7 +18,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from moe_lens.analysis._query import Runs, last_epochs, nonempty, query, resolve_runs, sql_text
+from moe_lens.analysis._query import Runs, last_epochs, nonempty, oov_params, query, resolve_runs, sql_text
 from moe_lens.information import scores
 from moe_lens.errors import MoeLensError
 
@@ -40,12 +40,8 @@ def routing_paths(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: s
     if attribute not in PATH_ATTRIBUTES:
         raise MoeLensError(f"unknown attribute {attribute!r}; allowed: {', '.join(PATH_ATTRIBUTES)}")
     names = resolve_runs(con, runs)
-    from moe_lens.analysis.specialization import _unk_ids
-
-    unk = _unk_ids(con, names) if not include_oov else pd.DataFrame({"run": [], "unk_id": []})
     params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch, dataset), split=split, attribute=attribute,
-                  include_oov=bool(include_oov), unk_runs=unk["run"].astype(str).tolist(),
-                  unk_ids=[int(i) for i in unk["unk_id"]])
+                  **oov_params(con, names, include_oov))
     df = nonempty(query(con, sql_text("routing_paths"), params), names, f"split={split!r}, epoch={epoch}")
     df["layer"] = df["layer"].astype("Int64")
     if not summary:

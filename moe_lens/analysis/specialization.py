@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from moe_lens import information
-from moe_lens.analysis._query import Runs, last_epochs, nonempty, query, resolve_runs, sql_text
+from moe_lens.analysis._query import Runs, last_epochs, nonempty, oov_params, query, resolve_runs, sql_text
 from moe_lens.errors import MoeLensError
 
 ATTRIBUTES = ("pos_tag", "freq_band", "dataset", "ner_tag", "segment", "in_answer", "position_band", "token")
@@ -56,10 +56,8 @@ def specialization(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, attribu
     names = resolve_runs(con, runs)
     if attribute == "dataset" and dataset is None:
         dataset = "*"
-    unk = _unk_ids(con, names) if not include_oov else pd.DataFrame({"run": [], "unk_id": []})
     params = dict(runs=names, keys=last_epochs(con, names, split, epoch, dataset), split=split, layer=layer,
-                  all_ranks=all_ranks, attribute=attribute, seed=seed, include_oov=bool(include_oov),
-                  unk_runs=unk["run"].astype(str).tolist(), unk_ids=[int(i) for i in unk["unk_id"]],
+                  all_ranks=all_ranks, attribute=attribute, seed=seed, **oov_params(con, names, include_oov),
                   shuffled=bool(shuffled) and attribute != "dataset")
     counts = query(con, sql_text("specialization"), params)
     nonempty(counts, names, f"split={split!r}, layer={layer}, epoch={epoch} and a non-NULL {attribute}")
@@ -69,15 +67,6 @@ def specialization(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, attribu
     if top is not None:
         df = _top(df, top, order_by, min_count)
     return df.reset_index(drop=True)
-
-
-def _unk_ids(con: duckdb.DuckDBPyConnection, runs: list[str]) -> pd.DataFrame:
-    """(run, unk_id) of the runs that have tokens without `in_vocab` (unk_ids.sql); empty when all have it."""
-    lacking = con.execute("SELECT DISTINCT run FROM tokens WHERE list_contains($runs, run) AND in_vocab IS NULL",
-                          {"runs": runs}).df()["run"].tolist()
-    if not lacking:
-        return pd.DataFrame({"run": [], "unk_id": []})
-    return query(con, sql_text("unk_ids"), {"runs": lacking})
 
 
 def _table(counts: pd.DataFrame) -> pd.DataFrame:
