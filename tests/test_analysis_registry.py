@@ -24,7 +24,8 @@ SQL = {p.name[:-4] for p in resources.files("moe_lens").joinpath("sql").iterdir(
 # when the packing does not fit (analysis/stability.py `_stability_sql`), so one call loads one of the two.
 ONE_OF = {"stability": {"stability", "stability_sorted"}}
 MODULES = [importlib.import_module(f"moe_lens.analysis.{m}")  # each holds its own `sql_text` name
-           for m in ("_query", "balance", "compare", "depth", "specialization", "stability")]
+           for m in ("_query", "balance", "compare", "depth", "specialization", "stability", "literature",
+                     "bootstrap")]
 
 
 def test_every_sql_file_is_an_analysis_or_a_helper() -> None:

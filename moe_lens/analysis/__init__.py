@@ -20,9 +20,11 @@ Formulas are in each function's docstring, the .sql file and docs/sql.md (each m
 - `routing_paths`, `layer_transitions`, `coactivation`  across MoE layers: paths of top-1 experts (entropy,
                        distinct paths, NMI/AMI with POS against each layer's), P(b | a) between two layers,
                        P(j | i) within a token's top-k (analysis/depth.py)
+- `bootstrap`          a 95% percentile interval per output row, resampling documents or sentences (bootstrap.py)
 """
 from __future__ import annotations
 
+from moe_lens.analysis.bootstrap import bootstrap
 from moe_lens.analysis.balance import capacity, collapse, load_balance, router_confidence
 from moe_lens.analysis.compare import compare, final_metrics, metric_curves
 from moe_lens.analysis.depth import PATH_ATTRIBUTES, coactivation, layer_transitions, recorded_layers, routing_paths
@@ -31,4 +33,5 @@ from moe_lens.analysis.stability import agreement, agreement_scores, stability
 
 __all__ = ["load_balance", "collapse", "router_confidence", "capacity", "specialization", "stability",
            "agreement", "agreement_scores", "final_metrics", "compare", "metric_curves", "contexts",
-           "ATTRIBUTES", "POSITION_BANDS", "routing_paths", "layer_transitions", "coactivation", "recorded_layers", "PATH_ATTRIBUTES"]
+           "ATTRIBUTES", "POSITION_BANDS", "routing_paths", "layer_transitions", "coactivation", "recorded_layers", "PATH_ATTRIBUTES",
+           "bootstrap"]

@@ -75,6 +75,8 @@ HELPER_SQL: dict[str, str] = {
     "epochs": "the recorded epochs of one run, dataset and split (stability)",
     "unk_ids": "the unknown-token id of runs without an in_vocab column (specialization)",
     "recorded_layers": "the MoE layers a run recorded (stability over every layer)",
+    "collapse_units": "collapse's expert counts per document or sentence (analysis.bootstrap)",
+    "specialization_units": "specialization's contingency counts per document or sentence (analysis.bootstrap)",
 }
 
 BY_NAME: dict[str, Analysis] = {a.name: a for a in ANALYSES}
