@@ -119,6 +119,9 @@ def _call(root: str, generation: int, name: str, runs: tuple[str, ...] | None, k
     with lock:
         if name == "runs_table":
             return con.table("runs").df()
+        if name == "bootstrap":  # analysis.bootstrap(fn, con, runs, ...): the analysis named by `fn`
+            kw = dict(kw)
+            return analysis.bootstrap(kw.pop("fn"), con, list(runs) if runs is not None else None, **kw)
         if name == "hidden_keys":
             from moe_lens import projection
             return projection.hidden_keys(con, runs[0])

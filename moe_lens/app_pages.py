@@ -35,6 +35,7 @@ PAGES: tuple[Page, ...] = (
     Page("specialization", "Specialization"),
     Page("clusters", "Clusters"),
     Page("layers", "Layers"),
+    Page("literature", "Literature"),
     Page("compare", "Compare"),
     Page("sql", "SQL"),
 )

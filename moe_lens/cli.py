@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "moe_lens.data.commands",  # data download / info
     "moe_lens.store",  # sql
     "moe_lens.report",  # report
+    "moe_lens.analyze_cli",  # analyze
     "moe_lens.figures",  # figure
     "moe_lens.app_cli",  # app
     "moe_lens.health",  # check

@@ -7,6 +7,8 @@ the analysis DataFrame the figure plots, so every number in a figure can be prin
 - `collapse-curve`  effective experts over training steps (recorded training batches)
 - `specialization`  expert x attribute-value lift heatmap of one run (POS tag, frequency band, dataset...)
 - `nmi`             NMI and AMI (expert; attribute) per run next to the expected NMI under permutation (chance)
+- `consecutive`, `saturation`, `vocabulary`, `fluctuation`, `coactivation`: the literature's routing analyses with
+                    chance levels and bootstrap intervals (moe_lens/literature_figures.py)
 
 PNG export uses kaleido, which drives a local Chrome/Chromium (`apt-get install chromium`); `.html` needs
 nothing else (plotly.js inlined, opens offline).
@@ -22,6 +24,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from moe_lens import analysis as A
+from moe_lens import literature_figures
 from moe_lens.analysis.registry import FIGURE_KINDS
 from moe_lens.errors import MoeLensError
 from moe_lens.store import connect, default_runs_dir
@@ -173,6 +176,8 @@ def build(con: duckdb.DuckDBPyConnection, kind: str, runs: list[str] | None, *, 
             raise MoeLensError("figure specialization needs exactly one run: --runs RUN")
         return specialization_heatmap(con, runs[0], attribute=attribute, split=split or "valid",
                                       include_oov=include_oov)
+    if kind in literature_figures.KINDS:
+        return literature_figures.build(con, kind, runs, split=split)
     raise MoeLensError(f"unknown figure {kind!r}; allowed: {', '.join(KINDS)}")
 
 

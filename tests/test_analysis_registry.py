@@ -68,6 +68,10 @@ CALLS = {
     "layer_transitions": [dict(runs="a", layer_a=0, layer_b=1)],
     "coactivation": [dict(runs="a")],
     "recorded_layers": [dict(runs="a")],
+    "consecutive": [dict(runs="a")],
+    "saturation": [dict(runs="a")],
+    "vocabulary": [dict(runs="a")],
+    "fluctuation": [dict(runs="a")],
 }
 
 
@@ -121,7 +125,9 @@ def test_registered_pages_exist() -> None:
 
 
 def test_figure_kinds_come_from_the_registry(con) -> None:
-    assert figures.KINDS == tuple(FIGURE_KINDS) == ("collapse", "collapse-curve", "specialization", "nmi")
+    assert figures.KINDS == tuple(FIGURE_KINDS) == ("collapse", "collapse-curve", "specialization", "nmi",
+                                                    "coactivation", "consecutive", "saturation", "vocabulary",
+                                                    "fluctuation")
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["figure"]
     kind = next(a for a in sub._actions if a.dest == "kind")
     assert tuple(kind.choices) == figures.KINDS

@@ -44,7 +44,9 @@ LAYER_OF = {
     "moe_lens.projection": "analysis",  # PCA/UMAP of recorded hidden states
     "moe_lens.report": "top",
     "moe_lens.figures": "top",
+    "moe_lens.literature_figures": "top",  # figure kinds of the literature's analyses
     "moe_lens.app_cli": "top",
+    "moe_lens.analyze_cli": "top",      # `moe-lens analyze NAME RUN...` over the analysis registry
     "moe_lens.app_pages": "top",
     "moe_lens.cli": "top",              # imports the command modules by name (COMMAND_MODULES)
     "moe_lens": "top",                  # the package facade: `moe_lens.connect` re-exports store.connect

@@ -34,6 +34,7 @@ class Resampler(NamedTuple):
     units: Callable[..., UnitTables]  # units(con, runs, by=..., **options of the analysis) -> UnitTables
     statistic: Callable[..., dict[str, np.ndarray]]  # statistic(sums (n, *shape), labels, key) -> metric: (n,)
     metrics: tuple[str, ...]          # the metrics given an interval
+    options: tuple[str, ...] = ()     # options of the analysis its statistic takes too (vocabulary's min_count)
 
 
 def draw_weights(rng: np.random.Generator, units: int, n: int) -> np.ndarray:
@@ -58,23 +59,23 @@ def bootstrap(fn: Callable[..., pd.DataFrame] | str, con: duckdb.DuckDBPyConnect
         raise MoeLensError(f"bootstrap: n={n} must be >= 1 and level={level} in (0, 1)")
     from moe_lens.analysis.registry import analysis  # the registry imports every analysis module
     call = analysis(name).fn if isinstance(fn, str) else fn
-    opts = {**options, **(fn_options or {})}
+    opts = {**options, **dict(fn_options or {})}
     point = call(con, runs, **opts)
     r = RESAMPLERS[name]
     t = r.units(con, runs, by=by, **{("fn_by" if k == "by" else k): v for k, v in opts.items()})
-    ci = intervals(t, r, n=n, seed=seed, level=level)
+    ci = intervals(t, r, n=n, seed=seed, level=level, **{k: v for k, v in opts.items() if k in r.options})
     keys = [c for c in t.keys.columns if c in point.columns]
     return point.merge(ci, on=keys, how="left")
 
 
-def intervals(t: UnitTables, r: Resampler, *, n: int, seed: int, level: float = 0.95) -> pd.DataFrame:
+def intervals(t: UnitTables, r: Resampler, *, n: int, seed: int, level: float = 0.95, **options: Any) -> pd.DataFrame:
     """Per group of `t`: its keys, `units`, and `<metric>_lo`, `<metric>_hi` over n replicates."""
     rng = np.random.default_rng(seed)
     q = [(1 - level) / 2, 1 - (1 - level) / 2]
     rows = []
     for g, key in enumerate(t.keys.to_dict("records")):
         u = t.tables[g].shape[0]
-        stats = r.statistic(summed(t, g, draw_weights(rng, u, n)), t.labels[g], key)
+        stats = r.statistic(summed(t, g, draw_weights(rng, u, n)), t.labels[g], key, **options)
         row = {**key, "units": u}
         for m in r.metrics:
             v = np.asarray(stats[m], dtype=np.float64)
@@ -150,5 +151,10 @@ def specialization_statistic(sums: np.ndarray, labels: list, key: dict) -> dict[
 RESAMPLERS: dict[str, Resampler] = {
     "collapse": Resampler(collapse_units, collapse_statistic, ("entropy", "norm_entropy", "effective_experts")),
     "specialization": Resampler(specialization_units, specialization_statistic, ("mi", "nmi", "ami")),
-    **literature.RESAMPLERS,
+    "consecutive": Resampler(literature.consecutive_units, literature.consecutive_statistic,
+                             ("same_top1", "same_top1_chance", "top1_in_next_top2", "top1_in_next_top2_chance")),
+    "saturation": Resampler(literature.saturation_units, literature.saturation_statistic,
+                            ("top1_match", "top1_match_chance", "topk_overlap", "topk_overlap_chance")),
+    "vocabulary": Resampler(literature.vocabulary_units, literature.vocabulary_statistic, ("mean_share", "token_share"),
+                            options=("min_count",)),
 }

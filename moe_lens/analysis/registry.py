@@ -16,6 +16,7 @@ import pandas as pd
 from moe_lens.analysis.balance import capacity, collapse, load_balance, router_confidence
 from moe_lens.analysis.compare import compare, final_metrics, metric_curves
 from moe_lens.analysis.depth import coactivation, layer_transitions, recorded_layers, routing_paths
+from moe_lens.analysis.literature import consecutive, fluctuation, saturation, vocabulary
 from moe_lens.analysis.specialization import contexts, specialization
 from moe_lens.analysis.stability import agreement, stability
 
@@ -36,14 +37,15 @@ ANALYSES: tuple[Analysis, ...] = (
              report=True, pages=("load_balance", "compare")),
     Analysis("collapse", collapse, ("load_balance", "collapse"),
              "normalised entropy, effective experts exp(H), dead experts, never top-1, collapse step",
-             figures=("collapse", "collapse-curve"), report=True, pages=("collapse", "layers", "compare")),
+             figures=("collapse", "collapse-curve"), report=True,
+             pages=("collapse", "layers", "compare", "literature")),
     Analysis("router_confidence", router_confidence, ("router_confidence",),
              "mean top-1 gate, top-1 minus top-2 margin, mean router entropy", report=True, pages=("compare",)),
     Analysis("capacity", capacity, ("capacity",),
              "dropped-token rate where a capacity factor is set (Fedus et al. 2021)", pages=("compare",)),
     Analysis("specialization", specialization, ("specialization",),
              "P(expert | attribute), lift, MI, NMI, AMI, uncertainty coefficient, exact chance NMI",
-             figures=("specialization", "nmi"), report=True, pages=("specialization", "compare")),
+             figures=("specialization", "nmi"), report=True, pages=("specialization", "compare", "literature")),
     Analysis("stability", stability, ("stability", "stability_sorted"),
              "top-1 changes between epochs, same expert for adjacent tokens"),
     Analysis("agreement", agreement, ("agreement",),
@@ -63,9 +65,21 @@ ANALYSES: tuple[Analysis, ...] = (
     Analysis("layer_transitions", layer_transitions, ("layer_transitions",),
              "P(expert at layer b | expert at layer a) and its NMI/AMI", pages=("layers",)),
     Analysis("coactivation", coactivation, ("coactivation",),
-             "P(j | i) of expert pairs within a token's top-k", pages=("layers",)),
+             "P(j | i) of expert pairs within a token's top-k", figures=("coactivation",), pages=("layers", "literature")),
     Analysis("recorded_layers", recorded_layers, ("recorded_layers",),
              "the MoE layers each run recorded (the app's layer picker)", pages=("layers",)),
+    Analysis("consecutive", consecutive, ("consecutive",),
+             "same top-1 expert for consecutive tokens, top-1 in the next token's top-2, vs chance (Mixtral, Table 5)",
+             figures=("consecutive",), pages=("literature",)),
+    Analysis("saturation", saturation, ("saturation",),
+             "each epoch's top-1 match and top-k overlap with the final epoch, vs chance (OLMoE router saturation)",
+             figures=("saturation",), pages=("literature",)),
+    Analysis("vocabulary", vocabulary, ("vocabulary",),
+             "share of each token type routed to its most frequent expert, vs chance (OLMoE vocabulary specialization)",
+             figures=("vocabulary",), pages=("literature",)),
+    Analysis("fluctuation", fluctuation, ("fluctuation", "epoch_steps"),
+             "last epoch each token's top-1 changed; share still changing after 20/50/80% (StableMoE)",
+             figures=("fluctuation",), pages=("literature",)),
 )
 
 # .sql files that are building blocks of several analyses rather than an analysis of their own.
