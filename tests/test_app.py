@@ -269,3 +269,21 @@ def test_one_default_runs_dir_rule_for_both_launchers(tmp_path: Path, monkeypatc
     capsys.readouterr()
     assert main(["sql", "SELECT run FROM runs"]) == 0
     assert capsys.readouterr().out.split() == ["run", run]
+
+
+def test_literature_numbers_and_intervals(runs_dir: Path) -> None:
+    """The Literature page draws consecutive/vocabulary shares with their bootstrap intervals and chance levels."""
+    runs = ["a-noisy", "b-switch"]
+    at = app(runs_dir, "literature", runs_literature=runs, literature_n=40)
+    c = con(runs_dir)
+    want = analysis.bootstrap(analysis.consecutive, c, runs, n=40, split="valid", layer=0)
+    fig = figure(at, "literature-consecutive")
+    bars = {t["name"]: t for t in fig["data"]}
+    assert np.allclose(_decode(bars["same top-1"]["y"]), want["same_top1"])
+    assert np.allclose(_decode(bars["chance sum p_i^2"]["y"]), want["same_top1_chance"])
+    assert np.allclose(_decode(bars["same top-1"]["error_y"]["array"]), want["same_top1_hi"] - want["same_top1"])
+    voc = analysis.vocabulary(c, runs, min_count=20)
+    assert np.allclose(first(figure(at, "literature-vocabulary"))["y"], voc["mean_share"])
+    for key in ("literature-saturation", "literature-fluctuation", "literature-coactivation",
+                "literature-collapse", "literature-specialization"):
+        figure(at, key)

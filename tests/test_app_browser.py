@@ -20,7 +20,7 @@ from moe_lens.app_pages import PAGES as REGISTERED
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ROOT = Path(__file__).resolve().parents[1]
 # the plotly charts each page must draw on sample_runs/; every registered page needs its number here
-CHARTS = {"runs": 2, "load_balance": 3, "collapse": 2, "specialization": 3, "clusters": 1, "layers": 4, "compare": 2,
+CHARTS = {"runs": 2, "load_balance": 3, "collapse": 2, "specialization": 3, "clusters": 1, "layers": 4, "literature": 7, "compare": 2,
           "sql": 0}
 assert set(CHARTS) == {p.name for p in REGISTERED}, "CHARTS must name every page of moe_lens.app_pages.PAGES"
 # url path, the page's title, the plotly charts it must draw
