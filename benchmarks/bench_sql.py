@@ -40,6 +40,12 @@ def cases(run: str) -> dict[str, object]:
         "agreement (two runs)": lambda con: A.agreement(con, run, run + "-b"),
         "capacity": lambda con: A.capacity(con, run),
         "compare (all of the above, last epoch)": lambda con: A.compare(con, run),
+        "coactivation (last epoch)": lambda con: A.coactivation(con, run),
+        "consecutive (last epoch)": lambda con: A.consecutive(con, run),
+        "saturation (10 epochs vs the last)": lambda con: A.saturation(con, run),
+        "vocabulary (last epoch)": lambda con: A.vocabulary(con, run),
+        "fluctuation (10 epochs)": lambda con: A.fluctuation(con, run),
+        "consecutive + bootstrap n=200": lambda con: A.bootstrap(A.consecutive, con, run, n=200),
     }
 
 
@@ -56,6 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/tmp/moe-lens-bench")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", nargs="*", default=None, help="run only the cases whose name starts with one of these")
     args = ap.parse_args()
     root = Path(args.dir)
     ensure_trace(root)
@@ -65,6 +72,8 @@ def main() -> None:
     print(f"| analysis | median s (n={args.repeat}) | peak RSS MB | result rows | <= 1 s |")
     print("|---|---|---|---|---|")
     for name, fn in cases("bench").items():
+        if args.only and not any(name.startswith(o) for o in args.only):
+            continue
         fn(con)  # warm-up
         times, n = [], 0
         for _ in range(args.repeat):

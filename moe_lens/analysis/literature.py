@@ -199,8 +199,9 @@ def vocabulary(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str 
 
 def fluctuation(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "valid", layer: int | None = None,
                 dataset: str | None = None, summary: bool = True) -> pd.DataFrame:
-    """Routing fluctuation (StableMoE) per (run, dataset, split, epoch = the last recorded, layer): for each token,
-    the last recorded epoch whose top-1 differs from the token's previous recorded epoch. `summary=True`: `tokens`,
+    """Routing fluctuation (StableMoE) per (run, dataset, split, epoch = the last recorded, layer): for each token
+    routed in every recorded epoch (valid: every token), the last recorded epoch whose top-1 differs from the
+    token's previous recorded epoch. `summary=True`: `tokens`,
     `never_changed` (share), `changing_after_20` / `_50` / `_80` = share of tokens whose last change came at an
     epoch whose step is > 20/50/80% of the last epoch's step, and `chance_after_*` = 1 - (sum_i p_i^2)^m, m the
     recorded epoch transitions after that point, p the final top-1 frequencies: a router that redraws each
@@ -209,8 +210,17 @@ def fluctuation(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str
     names = resolve_runs(con, runs)
     params = dict(runs=names, run_datasets=run_datasets(con, names, split, dataset), split=split, layer=layer,
                   **unit_params(None))
-    df = _check(query(con, sql_text("fluctuation"), params), names, f"split={split!r}, layer={layer}")
     steps = query(con, sql_text("epoch_steps"), params)
+    hi = steps["max_expert"].max() if len(steps) else 0
+    params["bits"] = bits = max(int(hi if pd.notna(hi) else 0) + 1, 1).bit_length()
+    last = int(steps["epoch"].max()) if len(steps) else 0
+    if bits * (last + 1) > 127:
+        raise MoeLensError(f"fluctuation: {last + 1} epochs x {bits}-bit expert ids do not fit the 127-bit packing; "
+                           "pass fewer runs or a trace with fewer epochs")
+    keys = params["run_datasets"]
+    params["epoch_lists"] = [[int(e) for e in steps.loc[(steps["run"] + "|" + steps["dataset"]) == k, "epoch"]]
+                             for k in keys]
+    df = _check(query(con, sql_text("fluctuation"), params), names, f"split={split!r}, layer={layer}")
     rows = []
     for key, g in df.groupby(KEYS, sort=True):
         k = dict(zip(KEYS, key))
