@@ -86,7 +86,9 @@ def saturation_units(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, by: s
                       {"runs": names, "split": split}).fetchone()[0]
     if big is not None and big > 126:
         raise MoeLensError(f"saturation: expert ids up to {big}; at most 127 experts are supported")
-    params = dict(runs=names, run_datasets=pairs, final_keys=last_epochs(con, names, split, final_epoch, dataset),
+    finals = last_epochs(con, names, split, final_epoch, dataset)
+    final_of = {k.rsplit("|", 1)[0]: int(k.rsplit("|", 1)[1]) for k in finals}
+    params = dict(runs=names, run_datasets=pairs, final_keys=finals, final_epochs=[final_of.get(k, -1) for k in pairs],
                   split=split, layer=layer, **unit_params(by))
     df = _check(query(con, sql_text("saturation"), params), names,
                 f"split={split!r}, layer={layer} and an epoch before the final one")

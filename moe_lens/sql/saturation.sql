@@ -8,47 +8,53 @@
 --   match_i, inter_i, kf_i = over the tokens whose final top-1 is i: top-1 equal, |S & S_final|, |S_final|
 -- numpy: top1_match = sum match / T, topk_overlap = sum |S & S_final| / sum |S_final| (|∩|/k for a fixed k),
 -- chance: sum a_i b_i / T^2 and sum c_i d_i / (T sum |S_final|), their expectations were the two epochs' routings
--- independent with these frequencies (T = sum b, tokens compared).
-WITH occ AS (
-    SELECT hash(run, dataset) AS part, epoch, layer, token_idx, max(CASE WHEN rank = 0 THEN expert END) AS e0,
-           bit_or(CAST(1 AS HUGEINT) << expert) AS s
-    FROM routing
-    WHERE list_contains($runs, run) AND list_contains($run_datasets, run || '|' || dataset) AND split = $split
-      AND ($layer IS NULL OR layer = $layer)
-    GROUP BY part, epoch, layer, token_idx
-),
-finals AS (  -- the final epoch of each (run, dataset), its name and number of experts
-    SELECT DISTINCT hash(r.run, r.dataset) AS part, r.run, r.dataset, r.epoch AS final_epoch,
-           greatest(coalesce(c.num_experts, 1), 1) AS num_experts
-    FROM (SELECT DISTINCT run, dataset, epoch FROM routing
-          WHERE list_contains($runs, run) AND list_contains($final_keys, run || '|' || dataset || '|' || CAST(epoch AS VARCHAR))
-            AND split = $split) r
-    LEFT JOIN runs c ON c.run = r.run
-),
-tok AS (
+-- independent with these frequencies (T = sum b, tokens compared: those with a top-1 in both epochs).
+-- Speed: no per-epoch aggregate of the trace; the final epoch's tokens (top-1, set as bits, unit) are hashed once
+-- and every earlier routing row probes them, counted per (epoch, unit, expert, rank 0?, final top-1, final set).
+WITH tok AS (
     SELECT hash(run, dataset) AS part, token_idx, doc_id, sent_id FROM tokens WHERE list_contains($runs, run) AND split = $split
 ),
-agg AS (  -- pairs (token at epoch, token at the final epoch) counted per distinct (top-1s, sets, unit)
-    SELECT o.part, o.epoch, o.layer, CASE WHEN $by_unit THEN t.doc_id ELSE -1 END AS unit_doc,
-           CASE WHEN $by_sentence THEN t.sent_id ELSE -1 END AS unit_sent,
-           o.e0 AS oe, f.e0 AS fe, o.s AS os, f.s AS fs, count(*) AS n
-    FROM occ o
-    JOIN finals x ON x.part = o.part AND o.epoch < x.final_epoch
-    JOIN occ f ON f.part = o.part AND f.epoch = x.final_epoch AND f.layer = o.layer AND f.token_idx = o.token_idx
-    JOIN tok t ON t.part = o.part AND t.token_idx = o.token_idx
-    WHERE o.e0 IS NOT NULL AND f.e0 IS NOT NULL
+finals AS (  -- each (run, dataset): its name, final epoch ($final_epochs[i] for $run_datasets[i]), number of experts
+    SELECT DISTINCT hash(t.run, t.dataset) AS part, t.run, t.dataset,
+           $final_epochs[list_position($run_datasets, t.run || '|' || t.dataset)] AS final_epoch,
+           greatest(coalesce(c.num_experts, 1), 1) AS num_experts
+    FROM tokens t LEFT JOIN runs c ON c.run = t.run
+    WHERE list_contains($runs, t.run) AND t.split = $split AND list_contains($run_datasets, t.run || '|' || t.dataset)
+),
+fin AS (  -- the final epoch per token: top-1 fe, set fs (bits), resampling unit
+    SELECT f.part, f.layer, f.token_idx, f.fe, f.fs, CASE WHEN $by_unit THEN t.doc_id ELSE -1 END AS unit_doc,
+           CASE WHEN $by_sentence THEN t.sent_id ELSE -1 END AS unit_sent
+    FROM (SELECT hash(run, dataset) AS part, layer, token_idx, max(CASE WHEN rank = 0 THEN expert END) AS fe,
+                 bit_or(CAST(1 AS HUGEINT) << expert) AS fs
+          FROM routing
+          WHERE list_contains($runs, run) AND split = $split AND ($layer IS NULL OR layer = $layer)
+            AND list_contains($final_keys, run || '|' || dataset || '|' || CAST(epoch AS VARCHAR))
+          GROUP BY part, layer, token_idx) f
+    JOIN tok t ON t.part = f.part AND t.token_idx = f.token_idx
+    WHERE f.fe IS NOT NULL
+),
+agg AS (  -- earlier epochs' routing rows of those tokens, counted per (epoch, unit, expert, rank 0?, fe, fs)
+    SELECT r.part, r.epoch, r.layer, f.unit_doc, f.unit_sent, r.expert, r.top, f.fe, f.fs, count(*) AS n
+    FROM (SELECT hash(run, dataset) AS part, epoch, layer, token_idx, expert, rank = 0 AS top FROM routing
+          WHERE list_contains($runs, run) AND list_contains($run_datasets, run || '|' || dataset) AND split = $split
+            AND ($layer IS NULL OR layer = $layer)
+            AND epoch < $final_epochs[list_position($run_datasets, run || '|' || dataset)]) r
+    JOIN fin f ON f.part = r.part AND f.layer = r.layer AND f.token_idx = r.token_idx
     GROUP BY ALL
 ),
 cells AS (
-    SELECT g.part, g.epoch, g.layer, g.unit_doc, g.unit_sent, CAST(i AS SMALLINT) AS expert,
-           sum(CASE WHEN g.oe = i THEN g.n ELSE 0 END) AS a, sum(CASE WHEN g.fe = i THEN g.n ELSE 0 END) AS b,
-           sum(CAST((g.os >> i) & 1 AS BIGINT) * g.n) AS c, sum(CAST((g.fs >> i) & 1 AS BIGINT) * g.n) AS d,
-           sum(CASE WHEN g.fe = i AND g.oe = g.fe THEN g.n ELSE 0 END) AS match,
-           sum(CASE WHEN g.fe = i THEN bit_count(g.os & g.fs) * g.n ELSE 0 END) AS inter,
-           sum(CASE WHEN g.fe = i THEN bit_count(g.fs) * g.n ELSE 0 END) AS kf
+    SELECT g.part, g.epoch, g.layer, g.unit_doc, g.unit_sent, CAST(e.i AS SMALLINT) AS expert,
+           sum(CASE WHEN g.top AND g.expert = e.i THEN g.n ELSE 0 END) AS a,
+           sum(CASE WHEN g.top AND g.fe = e.i THEN g.n ELSE 0 END) AS b,
+           sum(CASE WHEN g.expert = e.i THEN g.n ELSE 0 END) AS c,
+           sum(CASE WHEN g.top AND ((g.fs >> e.i) & 1) = 1 THEN g.n ELSE 0 END) AS d,
+           sum(CASE WHEN g.top AND g.fe = e.i AND g.expert = g.fe THEN g.n ELSE 0 END) AS match,
+           sum(CASE WHEN g.fe = e.i AND ((g.fs >> g.expert) & 1) = 1 THEN g.n ELSE 0 END) AS inter,
+           sum(CASE WHEN g.top AND g.fe = e.i THEN bit_count(g.fs) * g.n ELSE 0 END) AS kf
     FROM agg g JOIN (SELECT part, unnest(range(num_experts)) AS i FROM finals) e ON e.part = g.part
     GROUP BY ALL
 )
 SELECT x.run, x.dataset, $split AS split, c.epoch, x.final_epoch, c.layer, c.unit_doc, c.unit_sent, c.expert,
        c.a, c.b, c.c, c.d, c.match, c.inter, c.kf
 FROM cells c JOIN finals x ON x.part = c.part
+WHERE c.b > 0 OR c.a > 0 OR c.c > 0 OR c.d > 0
