@@ -9,29 +9,29 @@
 -- numpy then gives same_top1 = sum same / P, top1_in_next_top2 = sum in2 / P (P = sum a = pairs) and the exact
 -- expectations if pairs were matched at random with these frequencies: sum_i a_i b_i / P^2 (= sum p_i^2 when both
 -- sides have the same p) and sum_i a_i c_i / P^2 (literature.py).
-WITH occ AS (  -- one row per routed occurrence: its top-1 e0 and second expert e1 (NULL for top-1 routers)
-    SELECT hash(run, dataset) AS part, any_value(run) AS run, any_value(dataset) AS dataset, epoch, step, layer,
-           token_idx, max(CASE WHEN rank = 0 THEN expert END) AS e0, max(CASE WHEN rank = 1 THEN expert END) AS e1
-    FROM routing
-    WHERE list_contains($runs, run) AND list_contains($keys, run || '|' || dataset || '|' || CAST(epoch AS VARCHAR))
-      AND split = $split AND ($layer IS NULL OR layer = $layer) AND rank < 2
-    GROUP BY part, epoch, step, layer, token_idx
-),
-tok AS (
+WITH tok AS (
     SELECT hash(run, dataset) AS part, token_idx, doc_id, sent_id FROM tokens
     WHERE list_contains($runs, run) AND split = $split
 ),
+occ AS (  -- one row per routed occurrence: its top-1 e0 and second expert e1 (NULL for top-1 routers), its text unit
+    SELECT o.*, t.doc_id, t.sent_id
+    FROM (SELECT hash(run, dataset) AS part, any_value(run) AS run, any_value(dataset) AS dataset, epoch, step, layer,
+                 token_idx, max(CASE WHEN rank = 0 THEN expert END) AS e0, max(CASE WHEN rank = 1 THEN expert END) AS e1
+          FROM routing
+          WHERE list_contains($runs, run) AND list_contains($keys, run || '|' || dataset || '|' || CAST(epoch AS VARCHAR))
+            AND split = $split AND ($layer IS NULL OR layer = $layer) AND rank < 2
+          GROUP BY part, epoch, step, layer, token_idx) o
+    JOIN tok t ON t.part = o.part AND t.token_idx = o.token_idx
+    WHERE o.e0 IS NOT NULL
+),
 pairs AS (
     SELECT a.run, a.dataset, a.epoch, a.layer, a.e0 AS left_e0, b.e0 AS right_e0, b.e1 AS right_e1,
-           CASE WHEN $by_unit THEN ta.doc_id ELSE -1 END AS unit_doc,
-           CASE WHEN $by_sentence THEN ta.sent_id ELSE -1 END AS unit_sent
+           CASE WHEN $by_unit THEN a.doc_id ELSE -1 END AS unit_doc,
+           CASE WHEN $by_sentence THEN a.sent_id ELSE -1 END AS unit_sent
     FROM occ a
     JOIN occ b ON b.part = a.part AND b.epoch = a.epoch AND b.step = a.step AND b.layer = a.layer
-        AND b.token_idx = a.token_idx + 1
-    JOIN tok ta ON ta.part = a.part AND ta.token_idx = a.token_idx
-    JOIN tok tb ON tb.part = b.part AND tb.token_idx = b.token_idx
-    WHERE a.e0 IS NOT NULL AND b.e0 IS NOT NULL AND ta.doc_id = tb.doc_id
-      AND ($within = 'document' OR ta.sent_id = tb.sent_id)
+        AND b.token_idx = a.token_idx + 1 AND b.doc_id = a.doc_id
+    WHERE $within = 'document' OR a.sent_id = b.sent_id
 ),
 sides AS (
     SELECT run, dataset, epoch, layer, unit_doc, unit_sent, left_e0 AS expert, 1 AS a,
