@@ -186,6 +186,7 @@ def test_copy_router_has_consecutive_rate_one(hand) -> None:
 
 def test_random_router_sits_at_chance_within_its_interval(hand) -> None:
     df = A.bootstrap(A.consecutive, hand, "random", n=200, by="sentence")
+    pd.testing.assert_frame_equal(df[A.consecutive(hand, "random").columns], A.consecutive(hand, "random"))
     r = df.iloc[0]
     assert r["same_top1_lo"] <= r["same_top1_chance"] <= r["same_top1_hi"], r
     np.testing.assert_allclose(r["same_top1_chance"], 0.4**2 + 0.3**2 + 0.2**2 + 0.1**2, atol=0.02)

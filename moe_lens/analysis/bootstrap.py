@@ -35,6 +35,7 @@ class Resampler(NamedTuple):
     statistic: Callable[..., dict[str, np.ndarray]]  # statistic(sums (n, *shape), labels, key) -> metric: (n,)
     metrics: tuple[str, ...]          # the metrics given an interval
     options: tuple[str, ...] = ()     # options of the analysis its statistic takes too (vocabulary's min_count)
+    point: Callable[..., pd.DataFrame] | None = None  # the analysis's table from the same unit counts (no 2nd query)
 
 
 def draw_weights(rng: np.random.Generator, units: int, n: int) -> np.ndarray:
@@ -60,9 +61,9 @@ def bootstrap(fn: Callable[..., pd.DataFrame] | str, con: duckdb.DuckDBPyConnect
     from moe_lens.analysis.registry import analysis  # the registry imports every analysis module
     call = analysis(name).fn if isinstance(fn, str) else fn
     opts = {**options, **dict(fn_options or {})}
-    point = call(con, runs, **opts)
     r = RESAMPLERS[name]
     t = r.units(con, runs, by=by, **{("fn_by" if k == "by" else k): v for k, v in opts.items()})
+    point = r.point(t) if r.point is not None else call(con, runs, **opts)
     ci = intervals(t, r, n=n, seed=seed, level=level, **{k: v for k, v in opts.items() if k in r.options})
     keys = [c for c in t.keys.columns if c in point.columns]
     return point.merge(ci, on=keys, how="left")
@@ -152,9 +153,11 @@ RESAMPLERS: dict[str, Resampler] = {
     "collapse": Resampler(collapse_units, collapse_statistic, ("entropy", "norm_entropy", "effective_experts")),
     "specialization": Resampler(specialization_units, specialization_statistic, ("mi", "nmi", "ami")),
     "consecutive": Resampler(literature.consecutive_units, literature.consecutive_statistic,
-                             ("same_top1", "same_top1_chance", "top1_in_next_top2", "top1_in_next_top2_chance")),
+                             ("same_top1", "same_top1_chance", "top1_in_next_top2", "top1_in_next_top2_chance"),
+                             point=literature.consecutive_table),
     "saturation": Resampler(literature.saturation_units, literature.saturation_statistic,
-                            ("top1_match", "top1_match_chance", "topk_overlap", "topk_overlap_chance")),
+                            ("top1_match", "top1_match_chance", "topk_overlap", "topk_overlap_chance"),
+                            point=literature.saturation_table),
     "vocabulary": Resampler(literature.vocabulary_units, literature.vocabulary_statistic, ("mean_share", "token_share"),
                             options=("min_count",)),
 }

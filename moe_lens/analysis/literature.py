@@ -68,7 +68,12 @@ def consecutive(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str
     top-1 alone for top-1 routers), and `same_top1_chance` = sum_i p_i p'_i, `top1_in_next_top2_chance` =
     sum_i p_i q'_i (p, p' the left and right top-1 frequencies of the pairs, q' the share of right tokens with i in
     their top-2): the exact expectations were the pairs matched at random (sum p_i^2 when p = p')."""
-    t = consecutive_units(con, runs, split=split, epoch=epoch, layer=layer, dataset=dataset, within=within)
+    return consecutive_table(consecutive_units(con, runs, split=split, epoch=epoch, layer=layer, dataset=dataset,
+                                               within=within))
+
+
+def consecutive_table(t: UnitTables) -> pd.DataFrame:
+    """consecutive's table from its unit counts (any resampling unit: the sum over units is the same)."""
     out = point_rows(t, consecutive_statistic)
     out["pairs"] = out["pairs"].astype("int64")
     return out
@@ -111,7 +116,12 @@ def saturation(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str 
     `topk_overlap` = sum |S ∩ S_final| / sum |S_final| (S the set of a token's experts, all ranks: |∩|/k for a
     fixed top-k), and `top1_match_chance` = sum_i p_i p^f_i, `topk_overlap_chance` = sum_i q_i q^f_i / k (q_i the
     share of tokens with i in S): the expectations were the two epochs' routings independent."""
-    t = saturation_units(con, runs, split=split, layer=layer, dataset=dataset, final_epoch=final_epoch)
+    return saturation_table(saturation_units(con, runs, split=split, layer=layer, dataset=dataset,
+                                             final_epoch=final_epoch))
+
+
+def saturation_table(t: UnitTables) -> pd.DataFrame:
+    """saturation's table from its unit counts (any resampling unit: the sum over units is the same)."""
     out = point_rows(t, saturation_statistic)
     out["tokens"] = out["tokens"].astype("int64")
     return out
