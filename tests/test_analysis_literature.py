@@ -225,3 +225,23 @@ def test_bad_options_are_one_line_errors(hand) -> None:
         A.consecutive(hand, "copy", within="word")
     with pytest.raises(MoeLensError, match="unknown run 'nope'"):
         A.saturation(hand, "nope")
+
+
+def test_analyze_command_prints_the_registered_analysis(con, capsys) -> None:
+    from io import StringIO
+
+    from moe_lens.cli import main
+    run = "conll2003-hybrid-seed1"
+    assert main(["analyze", "consecutive", run, "--runs-dir", str(SAMPLE), "--format", "csv", "--within", "sentence"]) == 0
+    got = pd.read_csv(StringIO(capsys.readouterr().out))
+    np.testing.assert_allclose(got["same_top1"], A.consecutive(con, run, within="sentence")["same_top1"], **TOL)
+    assert main(["analyze", "vocabulary", run, "--runs-dir", str(SAMPLE), "--format", "csv", "--bootstrap", "20"]) == 0
+    got = pd.read_csv(StringIO(capsys.readouterr().out))
+    assert {"mean_share_lo", "mean_share_hi", "units"} <= set(got.columns)
+    assert main(["analyze", "agreement", run, "conll2003-hybrid-seed2", "--runs-dir", str(SAMPLE)]) == 0
+    assert "matched_agreement" in capsys.readouterr().out
+    assert main(["analyze", "fluctuation", run, "--runs-dir", str(SAMPLE), "--within", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fluctuation takes no --within" in err
+    assert main(["analyze", "consecutive", run, "--runs-dir", str(SAMPLE), "--layer", "one"]) == 2
+    assert "--layer='one': expected int" in capsys.readouterr().err
