@@ -245,3 +245,16 @@ def test_analyze_command_prints_the_registered_analysis(con, capsys) -> None:
     assert err.count("\n") == 1 and "fluctuation takes no --within" in err
     assert main(["analyze", "consecutive", run, "--runs-dir", str(SAMPLE), "--layer", "one"]) == 2
     assert "--layer='one': expected int" in capsys.readouterr().err
+
+
+def test_probe_datasets_follow_the_dataset_rule(con) -> None:
+    """wikitext2-load holds CoNLL and SQuAD replays recorded at one epoch: '*' gives each its own rows where the
+    analysis can say something (consecutive, vocabulary), and no saturation/fluctuation row without two epochs."""
+    cons = A.consecutive(con, "wikitext2-load", dataset="*")
+    assert set(cons["dataset"]) == {"wikitext2", "conll2003", "squad"}
+    assert set(A.saturation(con, "wikitext2-load", dataset="*")["dataset"]) == {"wikitext2"}
+    assert set(A.fluctuation(con, "wikitext2-load", dataset="*")["dataset"]) == {"wikitext2"}
+    with pytest.raises(MoeLensError, match="two recorded epochs"):
+        A.fluctuation(con, "wikitext2-load", dataset="squad")
+    own = A.consecutive(con, "wikitext2-load")
+    pd.testing.assert_frame_equal(own, cons[cons["dataset"] == "wikitext2"].reset_index(drop=True))

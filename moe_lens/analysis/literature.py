@@ -217,8 +217,8 @@ def fluctuation(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str
     `never_changed` (share), `changing_after_20` / `_50` / `_80` = share of tokens whose last change came at an
     epoch whose step is > 20/50/80% of the last epoch's step, and `chance_after_*` = 1 - (sum_i p_i^2)^m, m the
     recorded epoch transitions after that point, p the final top-1 frequencies: a router that redraws each
-    token's expert every epoch. `summary=False`: one row per `last_change` epoch (-1: never) with its `step`,
-    `progress` = step / final step, `tokens` and `share`."""
+    token's expert every epoch. (run, dataset) pairs with one recorded epoch are left out. `summary=False`: one
+    row per `last_change` epoch (-1: never) with its `step`, `progress` = step / final step, `tokens`, `share`."""
     names = resolve_runs(con, runs)
     params = dict(runs=names, run_datasets=run_datasets(con, names, split, dataset), split=split, layer=layer,
                   **unit_params(None))
@@ -237,6 +237,8 @@ def fluctuation(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str
     for key, g in df.groupby(KEYS, sort=True):
         k = dict(zip(KEYS, key))
         s = steps[(steps["run"] == k["run"]) & (steps["dataset"] == k["dataset"])].set_index("epoch")["step"]
+        if len(s) < 2:  # one recorded epoch (a probe dataset replayed once): nothing can have changed
+            continue
         final = float(s.max())
         dist = g.groupby("last_change")["n"].sum()
         total = dist.sum()
@@ -256,5 +258,5 @@ def fluctuation(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str
             row[f"changing_after_{round(f * 100)}"] = float(dist[late].sum() / total)
             row[f"chance_after_{round(f * 100)}"] = float(1 - (p**2).sum() ** m)
         rows.append(row)
-    return pd.DataFrame(rows)
+    return nonempty(pd.DataFrame(rows), names, f"split={split!r}, layer={layer} and two recorded epochs")
 
