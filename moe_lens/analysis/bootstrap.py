@@ -99,7 +99,9 @@ def collapse_units(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, by: str
                   run_datasets=run_datasets(con, names, split, dataset), **unit_params(by))
     df = query(con, sql_text("collapse_units"), params)
     sizes = con.execute("SELECT run, num_experts FROM runs").df()
-    df = df.merge(sizes, on="run", how="left")
+    df = df.merge(sizes, on="run", how="left")  # as load_balance.sql: the config's, at least max expert + 1
+    seen = df.groupby("run")["expert"].transform("max") + 1
+    df["num_experts"] = np.maximum(df["num_experts"].fillna(0), seen).astype("int64")
     keys = ["run", "dataset", "split", "epoch", *(["step"] if time_by == "step" else []), "layer", "num_experts"]
     return unit_tables(df, keys, ["expert"], ["n"])
 
