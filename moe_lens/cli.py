@@ -17,6 +17,7 @@ from moe_lens.errors import MoeLensError
 # Modules that add subcommands, in the order `moe-lens --help` lists them.
 COMMAND_MODULES = (
     "moe_lens.train_cli",  # train, record, runs
+    "moe_lens.capture.cli",  # capture (a Hugging Face MoE model's routing)
     "moe_lens.data.commands",  # data download / info
     "moe_lens.store",  # sql
     "moe_lens.report",  # report

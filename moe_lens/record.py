@@ -99,6 +99,7 @@ class Recorder:
                 host["probs"] = r.router_probs
             if hidden_keep is not None:
                 host["hidden"] = tr.hidden
+            host.update(getattr(tr, "extra", None) or {})  # (n,) columns of captured runs: word_idx, subword, shared_gate
             items.append((tr.layer, {k: _to_host(v) for k, v in host.items()}))
         event = None
         if any(tr.token_idx.is_cuda for tr in traces):
@@ -167,7 +168,11 @@ class Recorder:
                     self._append("tokens", dataset, split, None, table.take(new))
             self._append("routing", dataset, split, epoch, routing_rows(arrays, step, layer))
             if "probs" in arrays:
-                self._append("probs", dataset, split, epoch, _list_rows(token_idx, step, layer, "router_probs", arrays["probs"]))
+                rows = _list_rows(token_idx, step, layer, "router_probs", arrays["probs"])
+                for name in ("word_idx", "subword"):  # a captured run's probs join its tokens like its routing
+                    if name in arrays:
+                        rows = rows.append_column(name, pa.array(arrays[name]))
+                self._append("probs", dataset, split, epoch, rows)
             if keep is not None:
                 sel = keep.numpy()[token_idx]  # (n,) rows whose token is in the fixed sample
                 if sel.any():
@@ -228,8 +233,12 @@ def compact_dictionaries(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=table.schema)
 
 
+_KNOWN = ("token_idx", "expert", "gate", "entropy", "dropped", "probs", "hidden")
+
+
 def routing_rows(a: dict[str, np.ndarray], step: int, layer: int) -> pa.Table:
-    """One row per (token, slot) with an expert: (n, s) routing -> columns of docs/traces.md."""
+    """One row per (token, slot) with an expert: (n, s) routing -> columns of docs/traces.md. Any other (n,)
+    array of `a` (a captured run's word_idx, subword, shared_gate) becomes a column repeated on each slot."""
     expert = a["expert"]  # (n, s)
     n, s = expert.shape
     valid = (expert >= 0).reshape(-1)  # (n*s,) expert_choice leaves empty slots
@@ -244,6 +253,7 @@ def routing_rows(a: dict[str, np.ndarray], step: int, layer: int) -> pa.Table:
         "entropy": np.repeat(a["entropy"].astype(np.float32), s),
         "dropped": dropped,
     }
+    cols |= {k: np.repeat(v, s) for k, v in a.items() if k not in _KNOWN}
     return pa.table({k: v[valid] for k, v in cols.items()})
 
 

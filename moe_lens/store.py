@@ -1,6 +1,6 @@
 """DuckDB views over a runs directory (the layout of docs/traces.md), and `moe-lens sql`.
 
-`connect(runs_dir)` returns an in-memory DuckDB connection with six views:
+`connect(runs_dir)` returns an in-memory DuckDB connection with six views (and `routing_subwords`, below):
 
     runs     one row per run: run.json (status, step, epoch, timings) + config.json (RunConfig fields)
     tokens   runs/*/tokens/dataset=D/split=S/part-*.parquet
@@ -8,6 +8,11 @@
     probs    runs/*/probs/...    (empty, with its columns, when no run recorded probabilities)
     hidden   runs/*/hidden/...
     metrics  runs/*/metrics.parquet
+
+Runs captured from Hugging Face models (moe_lens/capture, docs/capture.md) store routing per subword; their
+`routing`/`probs` rows read as the first subword of each word with token_idx = the word's token_idx (so every
+analysis joins `tokens` unchanged), and `routing_subwords` has every subword row (token_idx = subword position,
+word_idx the word's).
 
 Every view has a `run` column, the run directory name. It is taken from DuckDB's `filename`
 column with `regexp_extract(filename, '([^/]+)/<table>/', 1)`; the expression reads only the
@@ -59,6 +64,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
 GLOBS = health.GLOBS
 _RUN_JSON = {"status": "VARCHAR", "step": "BIGINT", "epoch": "BIGINT", "started_at": "VARCHAR",
              "updated_at": "VARCHAR", "finished_at": "VARCHAR", "error": "VARCHAR", "problems": "VARCHAR"}
+_SUBWORD_TABLES = ("routing", "probs")  # per-subword rows in captured runs (word_idx, subword columns)
+_FIRST_SUBWORD = " WHERE coalesce(subword, 0) = 0"
 _PA = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(), "BOOLEAN": pa.bool_()}
 
 
@@ -97,6 +104,8 @@ def connect(runs_dir: str | Path, *, read_only_sandbox: bool = False, threads: i
             damaged = any(d.table == table for d in found.damaged)
             body = _parquet_select(con, table, root, files if damaged else None)
         con.execute(f"CREATE VIEW {table} AS {body}")  # DDL: table names and paths are ours, not user values
+        if table == "routing":  # every subword row of captured runs, token_idx = subword position (docs/capture.md)
+            con.execute(f"CREATE VIEW routing_subwords AS {_subword_body(con, files, root, found, read_only_sandbox)}")
     if read_only_sandbox:
         con.execute("SET enable_external_access = false")
         con.execute("SET autoinstall_known_extensions = false")
@@ -105,6 +114,16 @@ def connect(runs_dir: str | Path, *, read_only_sandbox: bool = False, threads: i
 
 
 run_dirs = health.run_dirs
+
+
+def _subword_body(con: duckdb.DuckDBPyConnection, files: list[Path], root: Path, found: health.Scan,
+                  sandbox: bool) -> str:
+    if not files:
+        return _empty_select("routing")
+    if sandbox:
+        return _arrow_select(con, "routing", files, root, subwords=True)
+    damaged = any(d.table == "routing" for d in found.damaged)
+    return _parquet_select(con, "routing", root, files if damaged else None, subwords=True)
 
 
 def _runs_table(found: health.Scan) -> pa.Table:
@@ -147,11 +166,20 @@ def _quote(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def _columns(table: str, present: dict[str, str], run_expr: str) -> str:
-    """The contract's columns in order (typed NULL where absent), then any extra columns."""
+def _columns(table: str, present: dict[str, str], run_expr: str, *, subwords: bool = False) -> str:
+    """The contract's columns in order (typed NULL where absent), then any extra columns.
+
+    A captured run (moe_lens/capture) stores routing and probs per subword: token_idx is the subword's position
+    in the model's token stream and word_idx the word's token_idx in `tokens`. Unless `subwords`, its token_idx
+    reads as word_idx (the join key every analysis uses) and `subword_idx` keeps the subword position; the
+    caller then keeps only first subwords (`_FIRST_SUBWORD`). Trained runs: word_idx NULL, subword_idx = token_idx.
+    """
     out = [f"{run_expr} AS run"]
+    captured = table in _SUBWORD_TABLES and "word_idx" in present and not subwords
     for col, typ in SCHEMAS[table].items():
-        if col not in present:
+        if captured and col == "token_idx":
+            out += ["CAST(coalesce(word_idx, token_idx) AS BIGINT) AS token_idx", "CAST(token_idx AS BIGINT) AS subword_idx"]
+        elif col not in present:
             out.append(f"CAST(NULL AS {typ}) AS {col}")
         elif present[col] != typ:
             out.append(f"CAST({col} AS {typ}) AS {col}")
@@ -165,7 +193,8 @@ def _empty_select(table: str) -> str:
     return f"SELECT {_columns(table, {}, 'CAST(NULL AS VARCHAR)')} WHERE false"
 
 
-def _parquet_select(con: duckdb.DuckDBPyConnection, table: str, root: Path, files: list[Path] | None) -> str:
+def _parquet_select(con: duckdb.DuckDBPyConnection, table: str, root: Path, files: list[Path] | None, *,
+                    subwords: bool = False) -> str:
     """read_parquet over the table's glob, or over `files` (a list literal of our own paths) when given."""
     hive = table not in ("metrics",)
     parts = {k: v for k, v in _PARTS.items() if table != "tokens" or k != "epoch"}
@@ -177,10 +206,15 @@ def _parquet_select(con: duckdb.DuckDBPyConnection, table: str, root: Path, file
     present = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
     marker = "/metrics\\.parquet$" if table == "metrics" else f"/{table}/"
     run_expr = f"regexp_extract(filename, {_quote('([^/]+)' + marker)}, 1)"
-    return f"SELECT {_columns(table, present, run_expr)} FROM {src}"
+    return f"SELECT {_columns(table, present, run_expr, subwords=subwords)} FROM {src}" + _where(table, present, subwords)
 
 
-def _arrow_select(con: duckdb.DuckDBPyConnection, table: str, files: list[Path], root: Path) -> str:
+def _where(table: str, present: dict[str, str], subwords: bool) -> str:
+    return _FIRST_SUBWORD if table in _SUBWORD_TABLES and "subword" in present and not subwords else ""
+
+
+def _arrow_select(con: duckdb.DuckDBPyConnection, table: str, files: list[Path], root: Path, *,
+                  subwords: bool = False) -> str:
     """Sandbox: one registered Arrow dataset per run, so DuckDB itself opens no file."""
     selects = []
     for i, run in enumerate(sorted({f.relative_to(root).parts[0] for f in files})):
@@ -190,7 +224,8 @@ def _arrow_select(con: duckdb.DuckDBPyConnection, table: str, files: list[Path],
         name = f"_{table}_{i}"
         con.register(name, ds)
         present = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {name}").fetchall()}
-        selects.append(f"SELECT {_columns(table, present, _quote(run))} FROM {name}")
+        cols = _columns(table, present, _quote(run), subwords=subwords)
+        selects.append(f"SELECT {cols} FROM {name}" + _where(table, present, subwords))
     return " UNION ALL BY NAME ".join(selects)
 
 
