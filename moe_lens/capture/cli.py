@@ -13,7 +13,7 @@ from moe_lens.capture.run import CaptureArgs, capture
 _HELP = {
     "dataset": "wikitext2 | conll2003 | squad",
     "split": "train | valid | test (the dataset's names)",
-    "max_tokens": "record the first N subwords of the split (default: all)",
+    "max_tokens": "record the first N subwords of the split (None: all)",
     "batch_size": "windows per forward",
     "context": "tokens per window, BOS included",
     "device": "auto | cpu | cuda | cuda:N",

@@ -101,6 +101,8 @@ def resolve(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 
 def load_model(args: CaptureArgs, device: torch.device, dtype: torch.dtype) -> tuple[Any, Adapter]:
     tf = require_transformers()
+    if (args.model.startswith((".", "/", "~")) or args.model.count("/") > 1) and not Path(args.model).expanduser().is_dir():
+        raise MoeLensError(f"MODEL {args.model}: no such directory (give a local model directory or a hub id)")
     try:
         config = tf.AutoConfig.from_pretrained(args.model, revision=args.revision)
     except (OSError, ValueError) as e:
