@@ -192,3 +192,14 @@ def test_hooks_are_removed_even_when_the_forward_fails() -> None:
         assert all(len(r._forward_hooks) == 1 for r in routers)
         raise RuntimeError("boom")
     assert all(len(r._forward_hooks) == 0 for r in routers)
+
+
+def test_docs_table_lists_every_adapter_with_its_versions() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "capture.md").read_text()
+    table = doc[doc.index("## Families"):]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in table.splitlines() if line.startswith("| `")}
+    assert set(rows) == set(ADAPTERS)
+    for kind, adapter in ADAPTERS.items():
+        assert rows[kind].rstrip().rstrip("|").strip().endswith(adapter.versions), kind
