@@ -9,7 +9,8 @@ loop puts on the critical path per batch (moe_lens/capture/run.py capture_batche
 reading each layer's routing, the entropy, and Recorder.add (host copies started, rows queued); the Parquet
 writing runs on the recorder's thread and is timed apart (the final flush).
 
-    python benchmarks/bench_capture.py [--family olmoe] [--hidden 256] [--layers 4] [--batch 8] [--seq 256] [--reps 40]
+    python benchmarks/bench_capture.py [--family olmoe] [--hidden 256] [--layers 4] [--batch 4] [--seq 128] [--reps 100]
+                                       [--threads 1]
 """
 from __future__ import annotations
 
@@ -47,10 +48,10 @@ def main() -> None:
     p.add_argument("--family", default="olmoe", choices=sorted(CONFIGS))
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--reps", type=int, default=40)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--reps", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

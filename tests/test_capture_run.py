@@ -149,6 +149,20 @@ def test_app_renders_every_page_on_a_captured_run(runs_dir: Path) -> None:
         assert not at.error, (name, [e.value for e in at.error])
 
 
+def test_model_without_tokenizer_takes_tokenizer_dir(tmp_path: Path, model_dir: Path, tokenizer_dir: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in model_dir.iterdir():
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            (bare / f.name).write_bytes(f.read_bytes())
+    base = ["capture", str(bare), "--max-tokens", "200", "--context", "64", "--device", "cpu", "--runs-dir", str(tmp_path)]
+    assert "pass --tokenizer DIR" in _err(base + ["--run-name", "a"], capsys)
+    assert main(base + ["--run-name", "b", "--tokenizer", str(tokenizer_dir)]) == 0
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["tokenizer"] == str(tokenizer_dir)
+
+
 def _err(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -28,6 +28,7 @@ from moe_lens.capture.words import SubwordStream, subword_stream
 from moe_lens.clock import now
 from moe_lens.errors import MoeLensError
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # for the error only
 
 
@@ -99,7 +100,7 @@ def resolve(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     return dev, dt
 
 
-def load_model(args: CaptureArgs, device: torch.device, dtype: torch.dtype) -> tuple[Any, Adapter]:
+def load_config(args: CaptureArgs) -> Any:
     tf = require_transformers()
     if (args.model.startswith((".", "/", "~")) or args.model.count("/") > 1) and not Path(args.model).expanduser().is_dir():
         raise MoeLensError(f"MODEL {args.model}: no such directory (give a local model directory or a hub id)")
@@ -107,7 +108,12 @@ def load_model(args: CaptureArgs, device: torch.device, dtype: torch.dtype) -> t
         config = tf.AutoConfig.from_pretrained(args.model, revision=args.revision)
     except (OSError, ValueError) as e:
         raise MoeLensError(f"MODEL {args.model}: {str(e).splitlines()[0]}") from None
-    adapter = adapter_for(config, args.model)
+    return config
+
+
+def load_model(args: CaptureArgs, device: torch.device, dtype: torch.dtype) -> tuple[Any, Adapter]:
+    tf = require_transformers()
+    adapter = adapter_for(load_config(args), args.model)
     model = tf.AutoModel.from_pretrained(args.model, revision=args.revision, dtype=dtype).to(device).eval()
     check_moe(model, adapter, args.model)
     return model, adapter
@@ -123,11 +129,17 @@ def check_moe(model: Any, adapter: Adapter, name: str) -> list[int]:
 def load_tokenizer(args: CaptureArgs) -> Any:
     tf = require_transformers()
     where = args.tokenizer or args.model
+    local = Path(where).expanduser()
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        hint = "" if args.tokenizer else "; pass --tokenizer DIR (a local tokenizer directory)"
+        raise MoeLensError(f"no tokenizer at {where} (none of {', '.join(TOKENIZER_FILES)}){hint}")
     try:
         tok = tf.AutoTokenizer.from_pretrained(where, revision=None if args.tokenizer else args.revision)
     except (OSError, ValueError, TypeError) as e:
         hint = "" if args.tokenizer else "; pass --tokenizer DIR (a local tokenizer directory)"
         raise MoeLensError(f"no tokenizer at {where} ({str(e).splitlines()[0][:120]}){hint}") from None
+    if len(tok) < 2:  # transformers 5 builds an empty tokenizer for a repository without tokenizer files
+        raise MoeLensError(f"no tokenizer at {where} (an empty vocabulary); pass --tokenizer DIR")
     if not getattr(tok, "is_fast", False):
         raise MoeLensError(f"tokenizer at {where} is not a fast tokenizer (word_ids() are needed); pass --tokenizer DIR")
     return tok
@@ -224,12 +236,14 @@ def capture(args: CaptureArgs, *, model: Any = None, tokenizer: Any = None) -> P
     if args.batch_size < 1:
         raise MoeLensError(f"--batch-size {args.batch_size}: must be at least 1")
     if model is None:
+        adapter = adapter_for(load_config(args), args.model)  # a dense or unknown model fails before any load
+        tok = tokenizer if tokenizer is not None else load_tokenizer(args)
         model, adapter = load_model(args, device, dtype)
     else:
         adapter = adapter_for(model.config, args.model)
         model = model.to(device).eval()
+        tok = tokenizer if tokenizer is not None else load_tokenizer(args)
     layers = check_moe(model, adapter, args.model)
-    tok = tokenizer if tokenizer is not None else load_tokenizer(args)
     split = load_split(args.dataset, args.split, args.data_dir)
     words = split.tokens["token"].astype(str).tolist()
     stream = subword_stream(tok, words, split.seq_offsets, max_tokens=args.max_tokens)
