@@ -178,21 +178,20 @@ def capture_batches(model: Any, adapter: Adapter, stream: SubwordStream, batches
             if bos is not None:  # router rows are (b, 1 + w) flattened: drop each window's BOS row
                 b, t = ids.shape
                 rows = (torch.arange(b, device=device)[:, None] * t + torch.arange(1, t, device=device)).reshape(-1)
-            traces = [_trace(lr, rows, keep, word_all, sub_all) for lr in cap.take()]
+            extra = {"word_idx": word_all[keep], "subword": sub_all[keep]}  # (n,) each, shared by the layers
+            traces = [_trace(lr, rows, keep, extra) for lr in cap.take()]
             recorder.add(traces, dataset=dataset, split=split, epoch=0, step=0)
             done += keep.numel()
     return done
 
 
-def _trace(lr: Any, rows: torch.Tensor | None, keep: torch.Tensor, word_all: torch.Tensor,
-           sub_all: torch.Tensor) -> Trace:
+def _trace(lr: Any, rows: torch.Tensor | None, keep: torch.Tensor, extra: dict[str, torch.Tensor]) -> Trace:
     r = lr.routed
     pick = (lambda t: t) if rows is None else (lambda t: t[rows])
     probs = pick(r.probs)  # (n, e)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # (n,) nats
-    extra = {"word_idx": word_all[keep], "subword": sub_all[keep]}
+    entropy = torch.special.entr(probs).sum(-1)  # (n,) nats, -sum p ln p with 0 ln 0 = 0
     if lr.shared_gate is not None:
-        extra["shared_gate"] = pick(lr.shared_gate)
+        extra = extra | {"shared_gate": pick(lr.shared_gate)}
     routing = _Routing(pick(r.expert), pick(r.gate), None if r.dropped is None else pick(r.dropped), probs)
     return Trace(lr.layer, keep, routing, _Stats(entropy), extra)
 
