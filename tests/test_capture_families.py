@@ -13,8 +13,7 @@ import re
 import numpy as np
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers  # the [hf] extra, in [all]: CI runs these tests
 
 from moe_lens.capture.adapters import ADAPTERS, sparse_layers
 from moe_lens.capture.hooks import routing_hooks

@@ -15,8 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers  # the [hf] extra, in [all]: CI runs these tests
 
 from moe_lens import analysis, store
 from moe_lens.capture.words import train_tokenizer
