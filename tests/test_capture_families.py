@@ -1,8 +1,9 @@
 """Each supported Hugging Face MoE family as a tiny random config (hidden 64, 2-4 layers, 8 experts, top-2;
 Switch is top-1 by design), built from its config class with no download. The recorded routing is checked
-against the experts themselves: a forward pre-hook on every experts module (found by class name, not through
-the adapters) logs the expert index and combine weight each token row was handed to the expert computation
-with; the recorded experts must be exactly those, the recorded gates equal those weights to 1e-6, and the
+against the experts themselves: a hook on every experts module (found by class name, not through the adapters)
+logs the expert index and combine weight each token row was handed to the expert computation with, and checks
+that the module's output is exactly the sum of those weights times those experts applied one at a time to those
+rows (so they are what the experts computed); the recorded experts must be exactly those, the recorded gates equal those weights to 1e-6, and the
 recorded `layer` the index of the decoder layer that holds the experts module (dense layers interleaved in
 Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 and Switch). Also: Qwen2-MoE's shared-expert gate, Switch's dropped tokens,
 DeepSeek-V3's biased group-limited selection, the entropy of the recorded distribution and hook removal."""
@@ -68,19 +69,38 @@ class ListRecorder:
 
 
 def experts_log(model: torch.nn.Module):
-    """Pre-hooks on every module whose class name ends in 'Experts': per call, the (layer, index, weights) it got."""
+    """Hooks on every module whose class name ends in 'Experts': per call, the (layer, index, weights) it was
+    handed, after checking that its output is exactly sum over those (row, expert, weight) of weight * expert(row)
+    computed one expert at a time from the module's own parameters (`expert_out`): the logged pairs and weights
+    are what the expert computation used, whatever kernel (eager loop, grouped_mm, batched_mm) ran."""
     calls, handles = [], []
     for name, mod in model.named_modules():
         if not type(mod).__name__.endswith("Experts") or "decoder" in name.split("."):
             continue
         layer = int(re.search(r"(?:layers|block)\.(\d+)\.", name + ".").group(1))
 
-        def pre(module, args, kwargs, layer=layer):
-            index, weights = args[1], args[2]
-            calls.append((layer, index.detach().clone(), weights.detach().float().clone()))
+        def hook(module, args, kwargs, output, layer=layer):
+            x, index, weights = args[0], args[1].detach(), args[2].detach().float()
+            e = module.num_experts
+            ref = torch.zeros_like(output, dtype=torch.float32)
+            for (row, expert), w in used(index, weights, e).items():
+                ref[row] += w * expert_out(module, x[row:row + 1], expert)[0].float()
+            torch.testing.assert_close(output.float(), ref, atol=1e-5, rtol=1e-4)
+            calls.append((layer, index.clone(), weights.clone()))
 
-        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(mod.register_forward_hook(hook, with_kwargs=True))
     return calls, handles
+
+
+def expert_out(mod: torch.nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert e of an experts module on x (1, d), written from the families' expert definitions."""
+    F = torch.nn.functional
+    if hasattr(mod, "gate_up_proj_bias"):  # GPT-OSS: biased, interleaved gate/up, clamped swiglu (its _apply_gate)
+        return mod._apply_gate(x @ mod.gate_up_proj[e] + mod.gate_up_proj_bias[e]) @ mod.down_proj[e] + mod.down_proj_bias[e]
+    if hasattr(mod, "gate_up_proj"):  # fused SwiGLU experts (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, Granite)
+        gate, up = F.linear(x, mod.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(mod.act_fn(gate) * up, mod.down_proj[e])
+    return mod[f"expert_{e}"](x)  # Switch: a ModuleDict of dense MLPs
 
 
 def used(index: torch.Tensor, weights: torch.Tensor, e: int) -> dict[tuple[int, int], float]:
