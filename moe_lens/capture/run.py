@@ -225,8 +225,7 @@ def capture(args: CaptureArgs, *, model: Any = None, tokenizer: Any = None) -> P
     (tests and the benchmark build tiny models in memory; `args.model` then only names them)."""
     from moe_lens.atomic import write_json_atomic
     from moe_lens.data import load_split
-    from moe_lens.record import Recorder
-    from moe_lens.rundir import Metrics, RunState, create_run_dir, plan_run_dir
+    from moe_lens.rundir import create_run_dir, plan_run_dir
 
     require_transformers()
     device, dtype = resolve(args.device, args.dtype)
@@ -234,35 +233,48 @@ def capture(args: CaptureArgs, *, model: Any = None, tokenizer: Any = None) -> P
         raise MoeLensError(f"--context {args.context}: must be at least 2")
     if args.batch_size < 1:
         raise MoeLensError(f"--batch-size {args.batch_size}: must be at least 1")
-    if model is None:
-        adapter = adapter_for(load_config(args), args.model)  # a dense or unknown model fails before any load
-        tok = tokenizer if tokenizer is not None else load_tokenizer(args)
-        model, adapter = load_model(args, device, dtype)
-    else:
-        adapter = adapter_for(model.config, args.model)
-        model = model.to(device).eval()
-        tok = tokenizer if tokenizer is not None else load_tokenizer(args)
+    run_dir = plan_run_dir(args.runs_dir, args.run_name, args.dataset, "capture", resume=False)  # before any load
+    model, adapter, tok = _load(args, device, dtype, model, tokenizer)
     layers = check_moe(model, adapter, args.model)
     split = load_split(args.dataset, args.split, args.data_dir)
-    words = split.tokens["token"].astype(str).tolist()
-    stream = subword_stream(tok, words, split.seq_offsets, max_tokens=args.max_tokens)
+    stream = subword_stream(tok, split.tokens["token"].astype(str).tolist(), split.seq_offsets,
+                            max_tokens=args.max_tokens)
     vocab = model.get_input_embeddings().num_embeddings
     if len(stream.ids) and int(stream.ids.max()) >= vocab:
         raise MoeLensError(f"tokenizer ids reach {int(stream.ids.max())} but MODEL {args.model} embeds {vocab}: "
                            "the tokenizer does not belong to this model")
-    bos = getattr(tok, "bos_token_id", None)
-    run_dir = plan_run_dir(args.runs_dir, args.run_name, args.dataset, "capture", resume=False)
     create_run_dir(run_dir, args.runs_dir)
     write_json_atomic(run_config(args, model, adapter, layers, dtype, device, run_dir.name), run_dir / "config.json")
+    _record(run_dir, args, model, adapter, stream, split.tokens, getattr(tok, "bos_token_id", None), device)
+    return run_dir
+
+
+def _load(args: CaptureArgs, device: torch.device, dtype: torch.dtype, model: Any, tokenizer: Any) -> tuple:
+    """(model, adapter, tokenizer); a dense or unknown model and a missing tokenizer fail before the weights load."""
+    if model is None:
+        adapter_for(load_config(args), args.model)
+        tok = tokenizer if tokenizer is not None else load_tokenizer(args)
+        model, adapter = load_model(args, device, dtype)
+        return model, adapter, tok
+    adapter = adapter_for(model.config, args.model)
+    return model.to(device).eval(), adapter, tokenizer if tokenizer is not None else load_tokenizer(args)
+
+
+def _record(run_dir: Path, args: CaptureArgs, model: Any, adapter: Adapter, stream: SubwordStream, tokens: Any,
+            bos: int | None, device: torch.device) -> None:
+    """run.json, the tokens table and every batch's routing through the Recorder; run.json says how it ended."""
+    from moe_lens.record import Recorder
+    from moe_lens.rundir import Metrics, RunState
+
     state = RunState.start(run_dir, resume=False)
     recorder = Recorder(run_dir, record_probs=args.record_probs)
-    tokens = split.tokens.copy()
+    tokens = tokens.copy()
     tokens["in_vocab"] = tokens["token"].astype(str) != "<unk>"  # the model reads every word but WikiText's <unk>
     last = int(stream.word_idx[-1]) + 1 if len(stream.word_idx) else 0
     recorder.write_tokens(tokens.iloc[:last], args.dataset, args.split)  # the words up to the last recorded one
     # (not `limit=`: the recorder would apply a word limit to the subword positions of the routing rows)
     start = time.perf_counter()
-    status, error = "failed", None
+    status, error, n = "failed", None, 0
     try:
         n = capture_batches(model, adapter, stream, windows(stream, args.context, bos, args.batch_size), bos,
                             recorder, args.dataset, args.split, device)
@@ -276,4 +288,3 @@ def capture(args: CaptureArgs, *, model: Any = None, tokenizer: Any = None) -> P
         secs = time.perf_counter() - start
         extra = {"tokens": n, "tokens_per_s": n / secs if secs > 0 else None} if status == "finished" else {}
         state.save(status=status, finished_at=now(), error=error, step=0, epoch=0, **extra)
-    return run_dir
