@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "moe_lens.figures",  # figure
     "moe_lens.app_cli",  # app
     "moe_lens.health",  # check
+    "moe_lens.ablate",  # ablate
 )
 
 

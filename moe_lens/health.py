@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from moe_lens.errors import MoeLensError
 
 # The layout of a run directory (docs/traces.md): the part files of each table, relative to the runs dir.
-GLOBS = {t: f"*/{t}/**/part-*.parquet" for t in ("tokens", "routing", "probs", "hidden")} | {"metrics": "*/metrics.parquet"}
+GLOBS = ({t: f"*/{t}/**/part-*.parquet" for t in ("tokens", "routing", "probs", "hidden")} | {"metrics": "*/metrics.parquet"}
+         | {"ablation": "*/ablation/**/part-*.parquet"})  # `moe-lens ablate` (moe_lens/ablate.py)
 RUN_MARKS = ("config.json", "run.json", "routing", "tokens", "metrics.parquet")
 QUARANTINE = "quarantine"
 

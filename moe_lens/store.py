@@ -1,6 +1,6 @@
 """DuckDB views over a runs directory (the layout of docs/traces.md), and `moe-lens sql`.
 
-`connect(runs_dir)` returns an in-memory DuckDB connection with six views (and `routing_subwords`, below):
+`connect(runs_dir)` returns an in-memory DuckDB connection with seven views (and `routing_subwords`, below):
 
     runs     one row per run: run.json (status, step, epoch, timings) + config.json (RunConfig fields)
     tokens   runs/*/tokens/dataset=D/split=S/part-*.parquet
@@ -8,6 +8,7 @@
     probs    runs/*/probs/...    (empty, with its columns, when no run recorded probabilities)
     hidden   runs/*/hidden/...
     metrics  runs/*/metrics.parquet
+    ablation runs/*/ablation/dataset=D/split=S/part-*.parquet   (`moe-lens ablate`; empty when none ran)
 
 Runs captured from Hugging Face models (moe_lens/capture, docs/capture.md) store routing per subword; their
 `routing`/`probs` rows read as the first subword of each word with token_idx = the word's token_idx (so every
@@ -60,6 +61,9 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "hidden": {**_PARTS, **_KEYS, "hidden": "FLOAT[]"},
     "metrics": {"step": "BIGINT", "epoch": "INTEGER", "split": "VARCHAR", "name": "VARCHAR",
                 "layer": "SMALLINT", "expert": "SMALLINT", "value": "DOUBLE"},
+    "ablation": {"dataset": "VARCHAR", "split": "VARCHAR", "token_idx": "BIGINT", "layer": "SMALLINT",
+                 "expert": "SMALLINT", "epoch": "INTEGER", "loss": "FLOAT", "base_loss": "FLOAT",
+                 "delta_loss": "FLOAT", "chose": "BOOLEAN"},
 }
 GLOBS = health.GLOBS
 _RUN_JSON = {"status": "VARCHAR", "step": "BIGINT", "epoch": "BIGINT", "started_at": "VARCHAR",
@@ -71,7 +75,7 @@ _PA = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(), "BO
 
 def connect(runs_dir: str | Path, *, read_only_sandbox: bool = False, threads: int | None = None,
             memory_limit: str | None = None, warn: bool = True) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the views `runs, tokens, routing, probs, hidden, metrics` over `runs_dir`.
+    """A DuckDB connection with the views `runs, tokens, routing, probs, hidden, metrics, ablation` over `runs_dir`.
 
     `read_only_sandbox=True` (the app's SQL console) reads the Parquet files through Arrow datasets,
     then sets `enable_external_access=false` and `lock_configuration=true`: the connection can read
@@ -197,7 +201,7 @@ def _parquet_select(con: duckdb.DuckDBPyConnection, table: str, root: Path, file
                     subwords: bool = False) -> str:
     """read_parquet over the table's glob, or over `files` (a list literal of our own paths) when given."""
     hive = table not in ("metrics",)
-    parts = {k: v for k, v in _PARTS.items() if table != "tokens" or k != "epoch"}
+    parts = {k: v for k, v in _PARTS.items() if table not in ("tokens", "ablation") or k != "epoch"}
     types = "{" + ", ".join(f"{_quote(k)}: {_quote(v)}" for k, v in parts.items()) + "}"
     opts = f", hive_partitioning=true, hive_types={types}" if hive else ", hive_partitioning=false"
     where = (root / GLOBS[table]).as_posix() if files is None else None

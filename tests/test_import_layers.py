@@ -38,8 +38,9 @@ LAYER_OF = {
     "moe_lens.resume": "train",
     "moe_lens.stats_window": "train",
     "moe_lens.probe": "train",          # a trained model over a probe dataset, recorded
-    "moe_lens.synthetic": "train",
-    "moe_lens.capture": "train",        # `moe-lens capture`: Hugging Face MoE routing through the Recorder      # writes runs in the recorder's layout (tests, benchmarks)
+    "moe_lens.synthetic": "train",      # writes runs in the recorder's layout (tests, benchmarks)
+    "moe_lens.capture": "train",        # `moe-lens capture`: Hugging Face MoE routing through the Recorder
+    "moe_lens.ablate": "train",         # `moe-lens ablate`: a checkpoint evaluated with experts removed
     "moe_lens.store": "store",
     "moe_lens.analysis": "analysis",
     "moe_lens.projection": "analysis",  # PCA/UMAP of recorded hidden states
