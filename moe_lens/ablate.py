@@ -15,7 +15,9 @@ Written to `<run>/ablation/dataset=D/split=S/part-L<layer>-E<expert>.parquet` (d
 ablated expert (a repeated ablation replaces its own files), columns token_idx, layer, expert, epoch,
 loss, base_loss, delta_loss, chose (the token's unablated routing at that layer included the expert). It
 joins `tokens` on (run, dataset, split, token_idx); `store.connect` serves it as the `ablation` view.
-`max_tokens` bounds the cost: whole eval batches are taken, in the eval order, while they fit.
+`max_tokens` bounds the cost: whole eval batches are taken while they fit (the LM's first windows; the
+tagger's batches evenly spaced over its length-sorted order). Rows are written for the tokens of the run's
+tokens table only (the first `record_tokens` of the split when the run set it), so every row joins.
 """
 from __future__ import annotations
 
@@ -77,11 +79,20 @@ def moe_layers(model: nn.Module) -> nn.ModuleList:
     return model.moes if hasattr(model, "moes") else model.enc.moes
 
 
-def eval_batches(task, data, max_tokens: int | None) -> list[dict]:
-    """The eval batches in order, whole batches while their tokens fit in `max_tokens` (at least one)."""
+def eval_batches(task, data, max_tokens: int | None, *, prefix: bool) -> list[dict]:
+    """Whole eval batches, in the eval order, while their tokens fit in `max_tokens` (at least one). `prefix`
+    (the LM, whose state runs on from window to window): the first ones; otherwise batches evenly spaced over
+    the eval order (the tagger's are sorted by sentence length: a prefix would hold only the shortest)."""
+    batches = list(task.batches(data, train=False, seed=0))
+    total = sum(b["ntokens"] for b in batches)
+    if max_tokens is None or total <= max_tokens:
+        return batches
+    if not prefix:
+        step = total / max_tokens
+        batches = [batches[int(i)] for i in np.arange(0, len(batches), step)]
     out, total = [], 0
-    for batch in task.batches(data, train=False, seed=0):
-        if max_tokens is not None and out and total + batch["ntokens"] > max_tokens:
+    for batch in batches:
+        if out and total + batch["ntokens"] > max_tokens:
             break
         out.append(batch)
         total += batch["ntokens"]
@@ -135,7 +146,7 @@ def ablate_run(run_dir: str | Path, *, split: str = "valid", layer: int | None =
     if layer is not None and not 0 <= layer < len(layers):
         raise MoeLensError(f"--layer {layer}; allowed: 0..{len(layers) - 1} (the run's MoE layers)")
     chosen = parse_experts(experts, cfg.num_experts)
-    batches = eval_batches(get_task(cfg.dataset, cfg), data, max_tokens)
+    batches = eval_batches(get_task(cfg.dataset, cfg), data, max_tokens, prefix=cfg.dataset == "wikitext2")
     t0 = time.perf_counter()
     idx_parts, base_parts, routed = [], [], {}
     for idx, loss, traces in token_losses(model, cfg.dataset, batches, dev):
@@ -144,6 +155,8 @@ def ablate_run(run_dir: str | Path, *, split: str = "valid", layer: int | None =
         for tr in traces:  # the unablated routing: which experts each token chose, per layer
             routed.setdefault(tr.layer, []).append((tr.token_idx.cpu().numpy(), tr.routing.expert_idx.cpu().numpy()))
     token_idx, base = np.concatenate(idx_parts), np.concatenate(base_parts)
+    # rows only for tokens in the run's tokens table (the first record_tokens of the split), so every row joins
+    keep = token_idx < cfg.record_tokens if cfg.record_tokens is not None else np.ones(len(token_idx), bool)
     log(f"unablated forward: {len(token_idx):,} tokens in {time.perf_counter() - t0:.1f} s")
     dest = run_dir / "ablation" / f"dataset={cfg.dataset}" / f"split={split}"
     written = []
@@ -153,16 +166,17 @@ def ablate_run(run_dir: str | Path, *, split: str = "valid", layer: int | None =
             t1 = time.perf_counter()
             with ablated(layers[li], [e]):
                 loss = np.concatenate([lo for _, lo, _ in token_losses(model, cfg.dataset, batches, dev)])
-            chose = choice(token_idx, e)
-            n = len(token_idx)
-            table = pa.table({"token_idx": token_idx, "layer": np.full(n, li, np.int16), "expert": np.full(n, e, np.int16),
-                              "epoch": np.full(n, payload["epoch"], np.int32), "loss": loss.astype(np.float32),
-                              "base_loss": base.astype(np.float32), "delta_loss": (loss - base).astype(np.float32),
-                              "chose": chose}, schema=SCHEMA)  # fmt: skip
+            chose = choice(token_idx, e)[keep]
+            n = int(keep.sum())
+            table = pa.table({"token_idx": token_idx[keep], "layer": np.full(n, li, np.int16),
+                              "expert": np.full(n, e, np.int16), "epoch": np.full(n, payload["epoch"], np.int32),
+                              "loss": loss[keep].astype(np.float32), "base_loss": base[keep].astype(np.float32),
+                              "delta_loss": (loss - base)[keep].astype(np.float32), "chose": chose},
+                             schema=SCHEMA)  # fmt: skip
             path = dest / f"part-L{li}-E{e}.parquet"
             write_table_atomic(table, path)
             written.append(path)
-            log(f"layer {li} expert {e}: mean delta_loss {float((loss - base).mean()):+.5f} over {n:,} tokens "
+            log(f"layer {li} expert {e}: mean delta_loss {float((loss - base)[keep].mean()):+.5f} over {n:,} tokens "
                 f"({int(chose.sum()):,} chose it), {time.perf_counter() - t1:.1f} s")  # fmt: skip
     return written
 

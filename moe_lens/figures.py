@@ -9,6 +9,10 @@ the analysis DataFrame the figure plots, so every number in a figure can be prin
 - `nmi`             NMI and AMI (expert; attribute) per run next to the expected NMI under permutation (chance)
 - `consecutive`, `saturation`, `vocabulary`, `fluctuation`, `coactivation`: the literature's routing analyses with
                     chance levels and bootstrap intervals (moe_lens/literature_figures.py)
+- `pos-probe`       POS probe accuracy from routing per run, beside the majority-tag-per-word and majority-class
+                    baselines, with bootstrap 95% intervals over test documents
+- `ablation`        mean delta-loss per ablated expert (`moe-lens ablate`), bootstrap 95% intervals over documents
+- `ablation-importance`  mean delta-loss against observed load share per expert, with Spearman's rho [interval]
 
 PNG export uses kaleido, which drives a local Chrome/Chromium (`apt-get install chromium`); `.html` needs
 nothing else (plotly.js inlined, opens offline).
@@ -131,6 +135,52 @@ def nmi_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, a
     return fig, df[["run", "dataset", "mode", "rows", "mi", "nmi", "ami", "nmi_chance", "nmi_shuffled"]]
 
 
+def probe_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, split: str = "valid"
+               ) -> tuple[go.Figure, pd.DataFrame]:  # fmt: skip
+    """POS probe accuracy per run and predictor (probe, majority_word, majority_class) with 95% intervals."""
+    info = _routed_runs(con, runs)
+    df = A.pos_probe(con, info["run"].tolist(), split=split)
+    fig = go.Figure()
+    for method, d in df.groupby("method", sort=False):
+        fig.add_bar(name=method, x=d["run"], y=d["accuracy"],
+                    error_y=dict(type="data", symmetric=False, array=d["accuracy_hi"] - d["accuracy"],
+                                 arrayminus=d["accuracy"] - d["accuracy_lo"]))  # fmt: skip
+    fig.update_layout(barmode="group", title=f"POS from routing: probe accuracy vs baselines ({split}, held-out documents)",
+                      yaxis_title="accuracy", legend_title="predictor", **_LAYOUT)  # fmt: skip
+    return fig, df
+
+
+def ablation_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, split: str = "valid"
+                  ) -> tuple[go.Figure, pd.DataFrame]:  # fmt: skip
+    """Mean delta-loss per ablated expert, one bar group per (run, layer), 95% intervals over documents."""
+    df = A.bootstrap(A.ablation, con, runs, split=split)
+    fig = go.Figure()
+    for (run, layer), d in df.groupby(["run", "layer"], sort=True):
+        fig.add_bar(name=f"{run} layer {layer}", x=[f"e{e}" for e in d["expert"]], y=d["mean_delta"],
+                    error_y=dict(type="data", symmetric=False, array=d["mean_delta_hi"] - d["mean_delta"],
+                                 arrayminus=d["mean_delta"] - d["mean_delta_lo"]))  # fmt: skip
+    fig.update_layout(barmode="group", title=f"Loss increase when each expert is removed ({split}, nats/token)",
+                      xaxis_title="ablated expert", yaxis_title="mean delta loss", **_LAYOUT)  # fmt: skip
+    return fig, df
+
+
+def ablation_scatter(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, split: str = "valid"
+                     ) -> tuple[go.Figure, pd.DataFrame]:  # fmt: skip
+    """Per expert: observed load share (x) against mean delta-loss (y); Spearman's rho with its interval in the legend."""
+    per = A.ablation_importance(con, runs, split=split, summary=False)
+    rho = A.ablation_importance(con, runs, split=split)
+    fig = go.Figure()
+    for (run, layer), d in per.groupby(["run", "layer"], sort=True):
+        r = rho[(rho["run"] == run) & (rho["layer"] == layer) & (rho["measure"] == "load")].iloc[0]
+        fig.add_scatter(x=d["load"], y=d["mean_delta"], mode="markers+text", text=[f"e{e}" for e in d["expert"]],
+                        textposition="top center",
+                        name=f"{run} L{layer}: rho {r['rho']:.2f} [{r['rho_lo']:.2f}, {r['rho_hi']:.2f}]")  # fmt: skip
+    fig.update_layout(title=f"Causal importance vs observed load ({split})", xaxis_title="load share (top-k assignments)",
+                      yaxis_title="mean delta loss when removed", **_LAYOUT)  # fmt: skip
+    return fig, per.merge(rho.pivot_table(index=["run", "layer"], columns="measure", values="rho").add_prefix("rho_")
+                          .reset_index(), on=["run", "layer"])  # fmt: skip
+
+
 def _png_help(e: Exception) -> str:
     """Which of kaleido and Chromium is missing, and how to install it (one line)."""
     try:
@@ -178,6 +228,12 @@ def build(con: duckdb.DuckDBPyConnection, kind: str, runs: list[str] | None, *, 
                                       include_oov=include_oov)
     if kind in literature_figures.KINDS:
         return literature_figures.build(con, kind, runs, split=split)
+    if kind == "pos-probe":
+        return probe_bars(con, runs, split=split or "valid")
+    if kind == "ablation":
+        return ablation_bars(con, runs, split=split or "valid")
+    if kind == "ablation-importance":
+        return ablation_scatter(con, runs, split=split or "valid")
     raise MoeLensError(f"unknown figure {kind!r}; allowed: {', '.join(KINDS)}")
 
 

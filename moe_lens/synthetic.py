@@ -95,6 +95,35 @@ def write_synthetic_run(
     return root
 
 
+def write_synthetic_ablation(run_dir: str | Path, *, split: str = "valid", effect: float = 0.05,
+                             noise: float = 0.02, seed: int = 0) -> Path:
+    """An `ablation/` table (moe_lens/ablate.py's layout) for a synthetic run: for each layer and expert of the
+    run's last `split` epoch, every routed token; chose = the token was routed to the expert there; delta_loss =
+    effect * (expert + 1) / e on the tokens that chose it, plus N(0, noise) on every token (so causal importance
+    grows with the expert index, whatever the load). base_loss ~ U(1, 5). Returns the ablation directory."""
+    root = Path(run_dir)
+    rng = np.random.default_rng(seed)
+    dataset = json.loads((root / "config.json").read_text())["dataset"]
+    base = root / "routing" / f"dataset={dataset}" / f"split={split}"
+    epoch = max(int(p.name.split("=")[1]) for p in base.glob("epoch=*"))
+    r = pq.read_table(base / f"epoch={epoch}").to_pandas()
+    e = int(r["expert"].max()) + 1
+    out = root / "ablation" / f"dataset={dataset}" / f"split={split}"
+    for layer, g in r.groupby("layer"):
+        idx = np.sort(g["token_idx"].unique())
+        base_loss = rng.uniform(1.0, 5.0, len(idx)).astype(np.float32)
+        for expert in range(e):
+            chose = np.isin(idx, g.loc[g["expert"] == expert, "token_idx"].to_numpy())
+            delta = (effect * (expert + 1) / e * chose + noise * rng.standard_normal(len(idx))).astype(np.float32)
+            n = len(idx)
+            _write(pa.table({"token_idx": pa.array(idx, pa.int64()), "layer": pa.array(np.full(n, layer, np.int16)),
+                             "expert": pa.array(np.full(n, expert, np.int16)), "epoch": pa.array(np.full(n, epoch, np.int32)),
+                             "loss": pa.array(base_loss + delta), "base_loss": pa.array(base_loss),
+                             "delta_loss": pa.array(delta), "chose": pa.array(chose)}),
+                   out / f"part-L{layer}-E{expert}.parquet")
+    return out
+
+
 def _steps(split: str, epoch: int, n: int, steps_per_epoch: int) -> np.ndarray:
     """(n,) optimizer step at which each token of the stream is routed in `epoch`."""
     if split == "train":

@@ -16,7 +16,7 @@ from moe_lens.analysis import _query
 from moe_lens.analysis.registry import ANALYSES, BY_NAME, FIGURE_KINDS, HELPER_SQL, analysis
 from moe_lens.cli import build_parser
 from moe_lens.store import connect
-from moe_lens.synthetic import write_synthetic_run
+from moe_lens.synthetic import write_synthetic_ablation, write_synthetic_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SQL = {p.name[:-4] for p in resources.files("moe_lens").joinpath("sql").iterdir() if p.name.endswith(".sql")}
@@ -25,7 +25,7 @@ SQL = {p.name[:-4] for p in resources.files("moe_lens").joinpath("sql").iterdir(
 ONE_OF = {"stability": {"stability", "stability_sorted"}}
 MODULES = [importlib.import_module(f"moe_lens.analysis.{m}")  # each holds its own `sql_text` name
            for m in ("_query", "balance", "compare", "depth", "specialization", "stability", "literature",
-                     "bootstrap")]
+                     "bootstrap", "ablation", "probe_routing")]
 
 
 def test_every_sql_file_is_an_analysis_or_a_helper() -> None:
@@ -48,6 +48,7 @@ def con(tmp_path_factory: pytest.TempPathFactory):
     write_synthetic_run(d, "a", num_tokens=400, layers=2, num_experts=4, top_k=2, capacity_factor=1.0,
                         drop_rate=0.1)
     write_synthetic_run(d, "b", num_tokens=400, num_experts=4, top_k=2, seed=1)
+    write_synthetic_ablation(d / "a")  # what `moe-lens ablate` would write (the synthetic run has no checkpoint)
     return connect(d)
 
 
@@ -72,6 +73,10 @@ CALLS = {
     "saturation": [dict(runs="a")],
     "vocabulary": [dict(runs="a")],
     "fluctuation": [dict(runs="a")],
+    "pos_probe": [dict(runs="a")],
+    "ablation": [dict(runs="a")],
+    "ablation_by": [dict(runs="a")],
+    "ablation_importance": [dict(runs="a")],
 }
 
 
@@ -127,7 +132,7 @@ def test_registered_pages_exist() -> None:
 def test_figure_kinds_come_from_the_registry(con) -> None:
     assert figures.KINDS == tuple(FIGURE_KINDS) == ("collapse", "collapse-curve", "specialization", "nmi",
                                                     "coactivation", "consecutive", "saturation", "vocabulary",
-                                                    "fluctuation")
+                                                    "fluctuation", "pos-probe", "ablation", "ablation-importance")
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["figure"]
     kind = next(a for a in sub._actions if a.dest == "kind")
     assert tuple(kind.choices) == figures.KINDS

@@ -39,3 +39,24 @@ for i, run in enumerate(runs):
     with grid[i % len(grid)]:
         ui.show(heat, f"balance-heat-{run}")
         ui.show(lines, f"balance-lines-{run}")
+
+st.subheader("Causal importance: the loss when an expert is removed")
+st.caption("From `moe-lens ablate RUN` (needs the run's checkpoint): per-token delta-loss with each expert removed "
+           "at the router; does the load say which experts matter?")
+if st.toggle("Show the ablation of the chosen runs", value=False, key="balance_ablation"):
+    abl = ui.get("ablation", runs, split=split)
+    if abl is not None:
+        imp = ui.get("ablation_importance", runs, split=split, summary=False)
+        rho = ui.get("ablation_importance", runs, split=split)
+        pos = ui.get("ablation_by", runs, split=split, attribute="pos_tag")
+        bars = px.bar(abl, x=abl["expert"].astype(str), y="mean_delta", color="run", barmode="group",
+                      facet_col="layer", labels={"x": "ablated expert"}, title="Mean delta loss per ablated expert")
+        ui.show(bars, "balance-ablation")
+        if imp is not None and rho is not None:
+            ui.show(px.scatter(imp, x="load", y="mean_delta", color="run", symbol="layer", text="expert",
+                               title="Causal importance vs observed load share"), "balance-ablation-load")
+            st.dataframe(rho, hide_index=True)
+        if pos is not None:
+            z = pos.pivot_table(index="value", columns="expert", values="mean_delta", aggfunc="mean")
+            ui.show(px.imshow(z, aspect="auto", color_continuous_scale="RdBu_r", color_continuous_midpoint=0.0,
+                              title="Mean delta loss per POS tag (rows) and ablated expert"), "balance-ablation-pos")

@@ -23,19 +23,25 @@ Formulas are in each function's docstring, the .sql file and docs/sql.md (each m
 - `consecutive`, `saturation`, `vocabulary`, `fluctuation`  the literature's routing analyses with chance levels:
                        Mixtral's consecutive-token routing, OLMoE's router saturation and vocabulary specialization,
                        StableMoE's routing fluctuation (analysis/literature.py)
+- `pos_probe`          POS probe from routing (logistic regression) vs word and class baselines (probe_routing.py)
+- `ablation`, `ablation_by`, `ablation_importance`  causal importance from `moe-lens ablate`: mean delta-loss per
+                       expert, per POS tag / frequency band, rank correlation with load and specialization
 - `bootstrap`          a 95% percentile interval per output row, resampling documents or sentences (bootstrap.py)
 """
 from __future__ import annotations
 
 from moe_lens.analysis.bootstrap import bootstrap
+from moe_lens.analysis.ablation import ablation, ablation_by, ablation_importance
 from moe_lens.analysis.balance import capacity, collapse, load_balance, router_confidence
 from moe_lens.analysis.compare import compare, final_metrics, metric_curves
 from moe_lens.analysis.literature import consecutive, fluctuation, saturation, vocabulary
 from moe_lens.analysis.depth import PATH_ATTRIBUTES, coactivation, layer_transitions, recorded_layers, routing_paths
 from moe_lens.analysis.specialization import ATTRIBUTES, POSITION_BANDS, contexts, specialization
+from moe_lens.analysis.probe_routing import pos_probe
 from moe_lens.analysis.stability import agreement, agreement_scores, stability
 
 __all__ = ["load_balance", "collapse", "router_confidence", "capacity", "specialization", "stability",
            "agreement", "agreement_scores", "final_metrics", "compare", "metric_curves", "contexts",
            "ATTRIBUTES", "POSITION_BANDS", "routing_paths", "layer_transitions", "coactivation", "recorded_layers", "PATH_ATTRIBUTES",
-           "bootstrap", "consecutive", "saturation", "vocabulary", "fluctuation"]
+           "bootstrap", "consecutive", "saturation", "vocabulary", "fluctuation",
+           "pos_probe", "ablation", "ablation_by", "ablation_importance"]

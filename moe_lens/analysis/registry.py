@@ -13,11 +13,13 @@ from typing import Callable, NamedTuple
 
 import pandas as pd
 
+from moe_lens.analysis.ablation import ablation, ablation_by, ablation_importance
 from moe_lens.analysis.balance import capacity, collapse, load_balance, router_confidence
 from moe_lens.analysis.compare import compare, final_metrics, metric_curves
 from moe_lens.analysis.depth import coactivation, layer_transitions, recorded_layers, routing_paths
 from moe_lens.analysis.literature import consecutive, fluctuation, saturation, vocabulary
 from moe_lens.analysis.specialization import contexts, specialization
+from moe_lens.analysis.probe_routing import pos_probe
 from moe_lens.analysis.stability import agreement, stability
 
 
@@ -80,6 +82,17 @@ ANALYSES: tuple[Analysis, ...] = (
     Analysis("fluctuation", fluctuation, ("fluctuation", "epoch_steps"),
              "last epoch each token's top-1 changed; share still changing after 20/50/80% (StableMoE)",
              figures=("fluctuation",), pages=("literature",)),
+    Analysis("pos_probe", pos_probe, ("probe_routing",),
+             "logistic-regression POS probe from routing vs majority-tag-per-word and majority class (Antoine et al. 2024)",
+             figures=("pos-probe",), pages=("specialization",)),
+    Analysis("ablation", ablation, ("ablation_units",),
+             "per-expert mean delta-loss when the expert is removed at the router (`moe-lens ablate`)",
+             figures=("ablation",), pages=("load_balance",)),
+    Analysis("ablation_by", ablation_by, ("ablation_by",),
+             "mean delta-loss of each ablated expert per POS tag or frequency band", pages=("load_balance",)),
+    Analysis("ablation_importance", ablation_importance, ("ablation_units", "ablation_routing"),
+             "Spearman rank correlation of causal importance with observed load, importance and specialization",
+             figures=("ablation-importance",), pages=("load_balance",)),
 )
 
 # .sql files that are building blocks of several analyses rather than an analysis of their own.
