@@ -29,16 +29,17 @@ SR = _sample_runs_module()
 # every run trainers/sample_runs.py writes by default: the mode grid (CoNLL with seeds 0-2) and the EXTRA variants
 RUNS = [f"{d}-{m}" + (f"-seed{s}" if s else "") for d in SR.DATASETS for m in SR.MODES for s in SR.SEEDS[d]]
 RUNS += list(SR.EXTRA)
+ABLATED = "conll2003-load-ablate"  # trainers/ablation_sample.py: the one run with a checkpoint and an ablation table
 
 
 def test_sample_runs_are_committed_complete_and_small() -> None:
-    assert sorted(p.name for p in SAMPLE.iterdir() if p.is_dir()) == sorted(RUNS)
+    assert sorted(p.name for p in SAMPLE.iterdir() if p.is_dir()) == sorted([*RUNS, ABLATED])
     size = sum(f.stat().st_size for f in SAMPLE.rglob("*") if f.is_file())
     assert size <= 45 * 2**20, f"sample_runs is {size / 2**20:.1f} MB"
-    assert not list(SAMPLE.glob("*/checkpoints"))
+    assert [p.relative_to(SAMPLE).as_posix() for p in SAMPLE.glob("*/checkpoints/*")] == [f"{ABLATED}/checkpoints/epoch-2.pt"]
     con = connect(SAMPLE)
     status = dict(con.execute("SELECT run, status FROM runs").fetchall())
-    assert status == {r: "finished" for r in RUNS}
+    assert status == {r: "finished" for r in [*RUNS, ABLATED]}
     unjoined = con.execute("SELECT count(*) FROM routing r ANTI JOIN tokens t USING (run, dataset, split, token_idx)").fetchall()
     assert unjoined[0][0] == 0
     dupes = con.execute("SELECT count(*) - count(DISTINCT (run, dataset, split, token_idx)) FROM tokens").fetchall()
@@ -47,7 +48,9 @@ def test_sample_runs_are_committed_complete_and_small() -> None:
     assert [p[0] for p in probe] == ["conll2003", "squad", "wikitext2"]  # the cross-dataset replay
     for table in ("routing", "hidden", "metrics"):
         runs_with = {r[0] for r in con.execute(f"SELECT DISTINCT run FROM {table}").fetchall()}
-        assert runs_with == set(RUNS), table
+        assert runs_with == {*RUNS, ABLATED}, table
+    unjoined = con.execute("SELECT count(*) FROM ablation a ANTI JOIN tokens t USING (run, dataset, split, token_idx)")
+    assert unjoined.fetchone()[0] == 0
 
 
 def _schema(run_dir: Path) -> dict[str, object]:
@@ -193,3 +196,33 @@ def test_readme_findings_numbers() -> None:
     assert round(paths[paths["layer"] == 2]["ami"].iloc[0], 3) == 0.382
     trans = [A.layer_transitions(con, run, layer_a=a, layer_b=b, summary=True)["ami"].iloc[0] for a, b in ((0, 1), (1, 2))]
     assert np.round(trans, 3).tolist() == [0.094, 0.232]
+
+
+@pytest.mark.integration
+def test_readme_ablation_finding() -> None:
+    """README finding 6 (conll2003-load-ablate): ablation, its rank correlations and the POS probe, with intervals."""
+    from moe_lens import analysis as A
+
+    con = connect(SAMPLE)
+    b = A.bootstrap(A.ablation, con, ABLATED).set_index("expert")
+    assert len(b) == 8 and (b["tokens"] == 8000).all() and (b["units"] == 35).all()
+    assert round(b["mean_delta"].abs().max(), 5) == 0.00076 and b["mean_delta"].abs().idxmax() == 5
+    assert b.loc[5, ["mean_delta_lo", "mean_delta_hi"]].round(5).tolist() == [-0.00161, 0.00304]
+    excludes_zero = b[(b["mean_delta_lo"] > 0) | (b["mean_delta_hi"] < 0)].index.tolist()
+    assert excludes_zero == [0] and b.loc[0, ["mean_delta_lo", "mean_delta_hi"]].round(5).tolist() == [0.00002, 0.00029]
+    assert b.loc[4, ["mean_delta_lo", "mean_delta_hi"]].round(5).tolist() == [-0.00069, 0.00004]
+    per = A.ablation_importance(con, ABLATED, summary=False).set_index("expert")
+    assert per["load"].idxmin() == 0 and round(per.loc[0, "load"], 3) == 0.025 and round(per.loc[4, "load"], 3) == 0.234
+    rho = A.ablation_importance(con, ABLATED).set_index("measure")[["rho", "rho_lo", "rho_hi"]].round(2)
+    assert rho.loc["load"].tolist() == [0.05, -0.62, 0.50] and rho.loc["importance"].tolist() == [0.05, -0.62, 0.50]
+    assert rho.loc["specialization"].tolist() == [0.60, -0.29, 0.79]
+    pct = lambda df, m: (df.loc[m, ["accuracy", "accuracy_lo", "accuracy_hi"]] * 100).round(1).tolist()  # noqa: E731
+    sent = A.pos_probe(con, ABLATED, by="sentence").set_index("method")
+    assert pct(sent, "probe") == [36.0, 32.9, 39.4] and pct(sent, "majority_class") == [23.0, 20.1, 25.8]
+    assert pct(sent, "majority_word") == [76.6, 74.4, 78.4]
+    doc = A.pos_probe(con, ABLATED).set_index("method")
+    assert doc["test_units"].iloc[0] == 10 and pct(doc, "probe") == [38.8, 26.1, 46.6]
+    assert pct(doc, "majority_class") == [32.9, 21.3, 39.7] and pct(doc, "majority_word") == [76.0, 70.7, 79.6]
+    metrics = A.final_metrics(con, ABLATED)
+    valid = metrics[metrics["split"] == "valid"].set_index("name")["value"]
+    assert (round(valid["loss"], 3), round(valid["f1"], 1)) == (0.239, 67.0)
