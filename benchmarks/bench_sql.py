@@ -18,7 +18,7 @@ from pathlib import Path
 
 from moe_lens import analysis as A
 from moe_lens.store import connect
-from moe_lens.synthetic import write_synthetic_run
+from moe_lens.synthetic import write_synthetic_ablation, write_synthetic_run
 
 SHAPE = dict(num_tokens=500_000, num_experts=8, top_k=2, epochs=10, steps_per_epoch=100, layers=1,
              specialization=1.0, drop_rate=0.01, capacity_factor=1.25, mode="noisy_topk")
@@ -46,6 +46,11 @@ def cases(run: str) -> dict[str, object]:
         "vocabulary (last epoch)": lambda con: A.vocabulary(con, run),
         "fluctuation (10 epochs)": lambda con: A.fluctuation(con, run),
         "consecutive + bootstrap n=200": lambda con: A.bootstrap(A.consecutive, con, run, n=200),
+        "pos_probe (20k tokens, logistic regression)": lambda con: A.pos_probe(con, run),
+        "ablation (valid, 8 experts x 500k tokens)": lambda con: A.ablation(con, run),
+        "bootstrap(ablation), n=200": lambda con: A.bootstrap(A.ablation, con, run),
+        "ablation_by pos_tag": lambda con: A.ablation_by(con, run),
+        "ablation_importance (Spearman, n=200)": lambda con: A.ablation_importance(con, run),
     }
 
 
@@ -54,6 +59,8 @@ def ensure_trace(root: Path) -> None:
         t = time.perf_counter()
         write_synthetic_run(root, "bench", seed=0, **SHAPE)
         print(f"wrote 20M routing rows in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    if not (root / "bench" / "ablation").exists():  # what `moe-lens ablate` writes (the valid split's last epoch)
+        write_synthetic_ablation(root / "bench")
     if not (root / "bench-b" / "run.json").exists():  # a second run for agreement (valid split only)
         write_synthetic_run(root, "bench-b", seed=1, splits=("valid",), **SHAPE)
 

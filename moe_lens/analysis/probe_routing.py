@@ -77,7 +77,10 @@ def pos_probe(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str =
               n: int = 200, seed: int = 0, C: float = 1.0, max_iter: int = 1000) -> pd.DataFrame:
     """Per (run, dataset, split, epoch) and predictor (METHODS): accuracy on the held-out units' tokens, its
     bootstrap interval (accuracy_lo, accuracy_hi), train_tokens, test_tokens, test_units, features, classes."""
-    from sklearn.linear_model import LogisticRegression
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        raise MoeLensError("pos_probe needs scikit-learn: pip install scikit-learn (or moe-lens[dev])") from None
 
     from moe_lens.analysis.bootstrap import (
         draw_weights,  # bootstrap imports the analysis modules
