@@ -59,7 +59,7 @@ def test_unused_expert_changes_no_loss_and_table_joins_tokens(tiny_run: Path) ->
                   count(*) FILTER (WHERE t.token_idx IS NULL)
            FROM ablation a LEFT JOIN tokens t USING (run, dataset, split, token_idx)""").fetchone()  # fmt: skip
     assert unjoined == 0 and n == 4 * per_expert
-    assert 2000 <= per_expert <= 2500
+    assert 1500 <= per_expert <= 2500  # whole batches, evenly spaced over the length-sorted eval order
     base = con.execute("SELECT count(DISTINCT base_loss) FROM ablation WHERE expert = 0").fetchone()[0]
     assert base > 1
 

@@ -287,3 +287,19 @@ def test_literature_numbers_and_intervals(runs_dir: Path) -> None:
     for key in ("literature-saturation", "literature-fluctuation", "literature-coactivation",
                 "literature-collapse", "literature-specialization"):
         figure(at, key)
+
+
+def test_ablation_and_probe_sections_on_the_ablated_sample_run() -> None:
+    """The toggled sections (off by default): the Load balance page's ablation charts and the Specialization page's
+    POS probe on sample_runs/conll2003-load-ablate carry the analyses' numbers."""
+    sample, run = ROOT / "sample_runs", "conll2003-load-ablate"
+    at = app(sample, "load_balance", runs_balance=[run], balance_split="valid", balance_ablation=True)
+    bars = figure(at, "balance-ablation")
+    want = analysis.ablation(con(sample), run)
+    np.testing.assert_allclose(np.concatenate([_decode(t["y"]) for t in bars["data"]]), want["mean_delta"], rtol=1e-6)
+    figure(at, "balance-ablation-load")
+    figure(at, "balance-ablation-pos")
+    at = app(sample, "specialization", spec_run=run, spec_probe=True)
+    probe = figure(at, "spec-probe")
+    want = analysis.pos_probe(con(sample), run)
+    np.testing.assert_allclose(_decode(probe["data"][0]["y"]), want["accuracy"], rtol=1e-9)

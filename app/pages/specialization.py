@@ -63,6 +63,17 @@ if full is not None:
     with n2:
         ui.show(fig, "spec-mi")
 
+st.subheader("POS probe from routing (Antoine et al. 2024)")
+if st.toggle("Fit a logistic-regression POS probe on this run's routing (held-out documents; a few seconds)",
+             value=False, key="spec_probe"):  # fmt: skip
+    probe = ui.get("pos_probe", run, split=split)
+    if probe is not None:
+        bars = px.bar(probe, x="method", y="accuracy", error_y=probe["accuracy_hi"] - probe["accuracy"],
+                      error_y_minus=probe["accuracy"] - probe["accuracy_lo"], range_y=[0, 1],
+                      title=f"{run}: POS accuracy from routing vs the word and class baselines (95% intervals)")  # fmt: skip
+        ui.show(bars, "spec-probe")
+        st.dataframe(probe, hide_index=True)
+
 st.subheader("One expert: top tokens and contexts")
 if df is None or not st.toggle("Show the top tokens of an expert (one more pass over the traces)", value=False,
                                key="spec_top"):  # fmt: skip
@@ -88,14 +99,3 @@ for hit, rows in ctx.groupby("hit"):
     words = [f"<mark><b>{html.escape(t)}</b></mark>" if i == hit else html.escape(t)
              for i, t in zip(rows["token_idx"], rows["token"])]
     st.markdown(f"`{hit}` … " + " ".join(words) + " …", unsafe_allow_html=True)
-
-st.subheader("POS probe from routing (Antoine et al. 2024)")
-if st.toggle("Fit a logistic-regression POS probe on this run's routing (held-out documents; a few seconds)",
-             value=False, key="spec_probe"):  # fmt: skip
-    probe = ui.get("pos_probe", run, split=split)
-    if probe is not None:
-        bars = px.bar(probe, x="method", y="accuracy", error_y=probe["accuracy_hi"] - probe["accuracy"],
-                      error_y_minus=probe["accuracy"] - probe["accuracy_lo"], range_y=[0, 1],
-                      title=f"{run}: POS accuracy from routing vs the word and class baselines (95% intervals)")  # fmt: skip
-        ui.show(bars, "spec-probe")
-        st.dataframe(probe, hide_index=True)
