@@ -14,7 +14,7 @@ no document is in both sets. Three predictors, fit on the train documents, score
 - `majority_class`  the most frequent tag of the train documents for every token
 
 Accuracy per predictor with a 95% percentile-bootstrap interval resampling the TEST documents (or sentences)
-`n` times (draws as `analysis.bootstrap`: `draw_weights` with `default_rng(seed)`, the same draws for the three
+`n` times (a run whose tokens hold a single unit is left out; draws as `analysis.bootstrap`: `draw_weights` with `default_rng(seed)`, the same draws for the three
 predictors, so they are paired).
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def pos_probe(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str =
     if not 0 < test_share < 1:
         raise MoeLensError(f"test_share={test_share}; allowed: 0 < test_share < 1")
     names = resolve_runs(con, runs)
-    rows = []
+    rows, single = [], []
     for key in last_epochs(con, names, split, epoch, dataset):
         run, ds, ep = key.split("|")
         df = query(con, sql_text("probe_routing"), dict(run=run, dataset=ds, split=split, epoch=int(ep),
@@ -97,6 +97,9 @@ def pos_probe(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str =
         if df.empty:
             continue
         tok, x, feats = probe_features(df, by)
+        if tok["unit"].nunique() < 2:  # one document (the SQuAD sample's valid split): nothing to hold out
+            single.append(f"{run}/{ds}")
+            continue
         test = split_units(tok["unit"].to_numpy(), test_share, seed)
         y = tok["pos_tag"].to_numpy(dtype=object)
         words = tok["token_id"].to_numpy()
@@ -120,8 +123,9 @@ def pos_probe(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str =
                              train_tokens=int((~test).sum()), test_tokens=int(test.sum()), test_units=u,
                              features=len(feats), classes=len(set(train_y))))  # fmt: skip
     if not rows:
-        raise MoeLensError(f"no POS-tagged routed tokens for run(s) {', '.join(names)} in split {split!r} "
-                           "(a run recorded without POS tags, or another split/epoch)")  # fmt: skip
+        why = f"; {', '.join(single)} has one {by} only (try by='sentence')" if single else ""
+        raise MoeLensError(f"no POS-tagged routed tokens to split for run(s) {', '.join(names)} in split {split!r} "
+                           f"(a run recorded without POS tags, or another split/epoch){why}")  # fmt: skip
     return pd.DataFrame(rows)
 
 
