@@ -14,6 +14,7 @@ in moe_lens/atomic.py, shared with rundir.py.
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -45,8 +47,10 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 class Recorder:
     def __init__(self, run_dir: str | Path, *, record_probs: bool = False, flush_rows: int = 2_000_000,
-                 hidden_bf16: bool = False) -> None:
+                 hidden_bf16: bool = False, ddp_rank: int | None = None) -> None:
+        """`ddp_rank`: under torchrun, this process's rank; its part files go to `ddp_rank=R/` partitions."""
         self.run_dir = Path(run_dir)
+        self.ddp_rank = ddp_rank
         self.record_probs = record_probs
         self.hidden_bf16 = hidden_bf16  # round hidden states to bfloat16 precision (still float32 columns)
         self.flush_rows = flush_rows
@@ -69,7 +73,7 @@ class Recorder:
         `lazy`: nothing is written now; each flush writes the rows of the tokens that recorded batches
         referenced since the last one (never a row twice, also across `--resume`).
         """
-        directory = self.run_dir / "tokens" / f"dataset={dataset}" / f"split={split}"
+        directory = self._dir("tokens", dataset, split)
         path = directory / "part-00000.parquet"
         if limit is not None:
             self._limits[(dataset, split)] = limit
@@ -82,7 +86,9 @@ class Recorder:
                 done[pq.read_table(f, columns=["token_idx"]).column(0).to_numpy()] = True
             self._lazy[(dataset, split)] = (table, done)
             return
-        write_table_atomic(compact_dictionaries(table.slice(0, limit) if limit is not None else table), path)
+        if limit is not None:
+            table = table.filter(pc.less(table["token_idx"], limit))
+        write_table_atomic(compact_dictionaries(table), path)
 
     def add(self, traces: list[MoETrace], *, dataset: str, split: str, epoch: int, step: int,
             hidden_keep: torch.Tensor | None = None) -> None:
@@ -201,15 +207,22 @@ class Recorder:
         self._rows.pop(key, None)
         if not parts:
             return
-        directory = self.run_dir / table / f"dataset={dataset}" / f"split={split}"
+        directory = self._dir(table, dataset, split)
         if table == "tokens":
             first = int(parts[0].column("token_idx")[0].as_py())
             write_table_atomic(compact_dictionaries(pa.concat_tables(parts)),
                                directory / f"part-t{first:09d}-{uuid.uuid4().hex[:8]}.parquet")
             return
         first_step = int(parts[0].column("step")[0].as_py())
-        path = directory / f"epoch={epoch}" / f"part-{first_step:09d}-{uuid.uuid4().hex[:8]}.parquet"
+        path = self._dir(table, dataset, split, epoch) / f"part-{first_step:09d}-{uuid.uuid4().hex[:8]}.parquet"
         write_table_atomic(pa.concat_tables(parts), path)
+
+    def _dir(self, table: str, dataset: str, split: str, epoch: int | None = None) -> Path:
+        """table/dataset=D/split=S[/epoch=E][/ddp_rank=R]: the hive partition of this process's part files."""
+        d = self.run_dir / table / f"dataset={dataset}" / f"split={split}"
+        if epoch is not None:
+            d = d / f"epoch={epoch}"
+        return d / f"ddp_rank={self.ddp_rank}" if self.ddp_rank is not None else d
 
 
 def compact_dictionaries(table: pa.Table) -> pa.Table:
@@ -269,10 +282,8 @@ def _list_rows(token_idx: np.ndarray, step: int, layer: int, name: str, values: 
 
 
 def clear_partition(run_dir: Path, dataset: str, split: str, epoch: int) -> None:
-    """Delete one (dataset, split, epoch) partition of every trace table before it is recorded again."""
+    """Delete one (dataset, split, epoch) partition of every trace table (every rank's) before it is recorded again."""
     for table in TRACE_TABLES:
         part = run_dir / table / f"dataset={dataset}" / f"split={split}" / f"epoch={epoch}"
         if part.is_dir():
-            for f in part.iterdir():
-                f.unlink()
-            part.rmdir()
+            shutil.rmtree(part)

@@ -192,13 +192,14 @@ def rewind(run_dir: Path, *, step: int, epoch: int, epoch_complete: bool) -> Non
         for part in sorted((run_dir / table).glob("dataset=*/split=*/epoch=*")):
             e = int(part.name.split("=", 1)[1])
             if part.parent.name == "split=train":
-                for f in sorted(part.glob("*.parquet")):
+                for f in sorted(part.rglob("*.parquet")):  # rglob: the ddp_rank=R/ partitions of a torchrun run
                     _keep_steps_up_to(f, step)
             elif e > epoch or (e == epoch and not epoch_complete):
-                for f in part.iterdir():
+                for f in part.rglob("*.parquet"):
                     f.unlink()
-            if part.is_dir() and not any(part.iterdir()):
-                part.rmdir()
+            for d in sorted((p for p in part.rglob("*") if p.is_dir()), reverse=True) + [part]:
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
 
 
 def _keep_steps_up_to(path: Path, step: int) -> None:

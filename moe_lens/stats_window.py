@@ -10,6 +10,9 @@ aux term. `log()` reads them once every LOG_EVERY steps and writes `metrics.parq
 - layer set, expert NULL: the same aux terms and `dropped` of that layer alone;
 - layer and expert set: `load` and `importance`, each layer's shares (summing to 1 over its experts).
 
+Under torchrun (moe_lens/distributed.py) `log()` first sums the window over the ranks, so the logged
+load, importance and dropped counts cover every rank's tokens, as one process over the same batches would.
+
 Layers never merge: a second MoE layer's loads are its own rows (the window before this one added every
 trace into one vector labelled layer 0). `state_dict()`/`load_state_dict()` carry a window across a resume.
 """
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moe_lens.distributed import SINGLE, Shard, all_reduce_sum
 from moe_lens.errors import MoeLensError
 
 
@@ -69,21 +73,29 @@ class StatsWindow:
             self.layers[tr.layer].add(tr)
         self.n += 1
 
-    def values(self) -> dict[tuple[str, int | None, int | None], float]:
-        """{(name, layer, expert): value} of the window, the metrics rows `log` writes. One host sync."""
-        loss = float(self.loss) / max(self.n, 1)
-        out: dict[tuple[str, int | None, int | None], float] = {("loss", None, None): loss,
-                                                               ("aux_loss", None, None): float(self.aux) / max(self.n, 1)}
+    def values(self, shard: Shard = SINGLE) -> dict[tuple[str, int | None, int | None], float]:
+        """{(name, layer, expert): value} of the window, the metrics rows `log` writes. One host sync.
+
+        Under torchrun the window's sums are first summed over the ranks (one all-reduce, at log time only):
+        load, importance and dropped then count every rank's tokens; loss and aux terms are the mean of the
+        ranks' step means (what DDP's averaged gradient optimises)."""
+        sums = {"loss": self.loss, "aux": self.aux}
+        for layer, s in self.layers.items():
+            sums |= {f"{layer}/{k}": v.float().reshape(v.shape) for k, v in s.tensors().items()}
+        sums = all_reduce_sum(sums, shard)
+        steps = max(self.n, 1) * shard.world  # per-rank step means, averaged over the ranks
+        out: dict[tuple[str, int | None, int | None], float] = {("loss", None, None): float(sums["loss"]) / steps,
+                                                               ("aux_loss", None, None): float(sums["aux"]) / steps}
         dropped, parts = 0.0, {}
         for layer in sorted(self.layers):
-            t = self.layers[layer].tensors()
+            t = {k: sums[f"{layer}/{k}"] for k in self.layers[layer].tensors()}
             d = float(t["dropped"])
             dropped += d
             out[("dropped", layer, None)] = d
-            out[("aux_loss", layer, None)] = float(t["aux"]) / self.n
+            out[("aux_loss", layer, None)] = float(t["aux"]) / steps
             for k in sorted(t):
                 if k.startswith("aux_"):
-                    v = float(t[k]) / self.n
+                    v = float(t[k]) / steps
                     out[(k, layer, None)] = v
                     parts[k] = parts.get(k, 0.0) + v
             for name in ("load", "importance"):
@@ -94,13 +106,17 @@ class StatsWindow:
         out.update({(k, None, None): v for k, v in parts.items()})
         return out
 
-    def log(self, metrics: Any, step: int, epoch: int, tok_s: float, lr: float, bar: Any = None) -> None:
-        """Write the window to `metrics` (split 'train'), raise on a non-finite loss, then reset."""
-        vals = self.values()
+    def log(self, metrics: Any, step: int, epoch: int, tok_s: float, lr: float, bar: Any = None,
+            shard: Shard = SINGLE) -> None:
+        """Write the window to `metrics` (split 'train'), raise on a non-finite loss, then reset.
+        Under torchrun `tok_s` is this rank's; the logged `tokens_per_s` is the sum over the ranks."""
+        vals = self.values(shard)
         loss = vals[("loss", None, None)]
         if not math.isfinite(loss):
             raise MoeLensError(f"non-finite training loss ({loss}) at step {step}; stopped. Traces, metrics and "
                                f"checkpoints so far are kept. Try a lower --lr or --clip.")  # fmt: skip
+        if shard.enabled:
+            tok_s = float(all_reduce_sum({"t": torch.tensor([tok_s], dtype=torch.float64, device=self.device)}, shard)["t"])
         vals[("tokens_per_s", None, None)], vals[("lr", None, None)] = tok_s, lr
         for (name, layer, expert), v in vals.items():
             metrics.add(step, epoch, "train", name, v, layer=layer, expert=expert)

@@ -49,16 +49,17 @@ from moe_lens.config import RunConfig
 from moe_lens.errors import MoeLensError
 
 _PARTS = {"dataset": "VARCHAR", "split": "VARCHAR", "epoch": "INTEGER"}
+_DDP = {"ddp_rank": "INTEGER"}  # the torchrun rank that recorded the row (NULL: a single-process run)
 _KEYS = {"step": "BIGINT", "token_idx": "BIGINT", "layer": "SMALLINT"}
 SCHEMAS: dict[str, dict[str, str]] = {
     "tokens": {"dataset": "VARCHAR", "split": "VARCHAR", "token_idx": "BIGINT", "token_id": "INTEGER",
                "token": "VARCHAR", "pos_tag": "VARCHAR", "freq_rank": "INTEGER", "freq_band": "VARCHAR",
                "doc_id": "INTEGER", "sent_id": "INTEGER", "position": "INTEGER", "ner_tag": "VARCHAR",
-               "segment": "VARCHAR", "in_answer": "BOOLEAN", "in_vocab": "BOOLEAN"},
+               "segment": "VARCHAR", "in_answer": "BOOLEAN", "in_vocab": "BOOLEAN", **_DDP},
     "routing": {**_PARTS, **_KEYS, "rank": "TINYINT", "expert": "SMALLINT", "gate": "FLOAT",
-                "entropy": "FLOAT", "dropped": "BOOLEAN"},
-    "probs": {**_PARTS, **_KEYS, "router_probs": "FLOAT[]"},
-    "hidden": {**_PARTS, **_KEYS, "hidden": "FLOAT[]"},
+                "entropy": "FLOAT", "dropped": "BOOLEAN", **_DDP},
+    "probs": {**_PARTS, **_KEYS, "router_probs": "FLOAT[]", **_DDP},
+    "hidden": {**_PARTS, **_KEYS, "hidden": "FLOAT[]", **_DDP},
     "metrics": {"step": "BIGINT", "epoch": "INTEGER", "split": "VARCHAR", "name": "VARCHAR",
                 "layer": "SMALLINT", "expert": "SMALLINT", "value": "DOUBLE"},
     "ablation": {"dataset": "VARCHAR", "split": "VARCHAR", "token_idx": "BIGINT", "layer": "SMALLINT",
@@ -106,7 +107,7 @@ def connect(runs_dir: str | Path, *, read_only_sandbox: bool = False, threads: i
             body = _arrow_select(con, table, files, root)
         else:  # the glob while every part is readable (new parts appear at query time), else the good files
             damaged = any(d.table == table for d in found.damaged)
-            body = _parquet_select(con, table, root, files if damaged else None)
+            body = _parquet_select(con, table, root, files, explicit=damaged)
         con.execute(f"CREATE VIEW {table} AS {body}")  # DDL: table names and paths are ours, not user values
         if table == "routing":  # every subword row of captured runs, token_idx = subword position (docs/capture.md)
             con.execute(f"CREATE VIEW routing_subwords AS {_subword_body(con, files, root, found, read_only_sandbox)}")
@@ -127,7 +128,7 @@ def _subword_body(con: duckdb.DuckDBPyConnection, files: list[Path], root: Path,
     if sandbox:
         return _arrow_select(con, "routing", files, root, subwords=True)
     damaged = any(d.table == "routing" for d in found.damaged)
-    return _parquet_select(con, "routing", root, files if damaged else None, subwords=True)
+    return _parquet_select(con, "routing", root, files, explicit=damaged, subwords=True)
 
 
 def _runs_table(found: health.Scan) -> pa.Table:
@@ -197,16 +198,29 @@ def _empty_select(table: str) -> str:
     return f"SELECT {_columns(table, {}, 'CAST(NULL AS VARCHAR)')} WHERE false"
 
 
-def _parquet_select(con: duckdb.DuckDBPyConnection, table: str, root: Path, files: list[Path] | None, *,
-                    subwords: bool = False) -> str:
-    """read_parquet over the table's glob, or over `files` (a list literal of our own paths) when given."""
+def _parquet_select(con: duckdb.DuckDBPyConnection, table: str, root: Path, files: list[Path],
+                    explicit: bool, *, subwords: bool = False) -> str:
+    """read_parquet over the table's globs (`explicit`: over `files`, a list literal of our own paths).
+
+    A torchrun run's part files sit one level deeper, in `ddp_rank=R/` partitions; DuckDB refuses to mix
+    hive depths in one read, so those are a second read_parquet, joined UNION ALL BY NAME (ddp_rank is
+    NULL for the rows of single-process runs)."""
     hive = table not in ("metrics",)
-    parts = {k: v for k, v in _PARTS.items() if table not in ("tokens", "ablation") or k != "epoch"}
-    types = "{" + ", ".join(f"{_quote(k)}: {_quote(v)}" for k, v in parts.items()) + "}"
-    opts = f", hive_partitioning=true, hive_types={types}" if hive else ", hive_partitioning=false"
-    where = (root / GLOBS[table]).as_posix() if files is None else None
-    paths = _quote(where) if where else "[" + ", ".join(_quote(f.as_posix()) for f in files) + "]"
-    src = f"read_parquet({paths}, union_by_name=true, filename=true{opts})"
+    parts = {k: v for k, v in _PARTS.items() if table not in _NO_EPOCH or k != "epoch"}
+    reads = []
+    for ddp in (False, True) if hive else (False,):
+        mine = [f for f in files if _is_ddp(f) == ddp]
+        if not mine:
+            continue
+        keys = parts | ({"ddp_rank": "INTEGER"} if ddp else {})
+        types = "{" + ", ".join(f"{_quote(k)}: {_quote(v)}" for k, v in keys.items()) + "}"
+        opts = f", hive_partitioning=true, hive_types={types}" if hive else ", hive_partitioning=false"
+        if explicit:
+            paths = "[" + ", ".join(_quote(f.as_posix()) for f in mine) + "]"
+        else:
+            paths = _quote((root / _glob(table, ddp)).as_posix())
+        reads.append(f"SELECT * FROM read_parquet({paths}, union_by_name=true, filename=true{opts})")
+    src = "(" + " UNION ALL BY NAME ".join(reads) + ")"
     present = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
     marker = "/metrics\\.parquet$" if table == "metrics" else f"/{table}/"
     run_expr = f"regexp_extract(filename, {_quote('([^/]+)' + marker)}, 1)"
@@ -215,6 +229,21 @@ def _parquet_select(con: duckdb.DuckDBPyConnection, table: str, root: Path, file
 
 def _where(table: str, present: dict[str, str], subwords: bool) -> str:
     return _FIRST_SUBWORD if table in _SUBWORD_TABLES and "subword" in present and not subwords else ""
+
+
+_NO_EPOCH = ("tokens", "ablation")  # tables partitioned by dataset and split only
+
+
+def _is_ddp(f: Path) -> bool:
+    return any(p.startswith("ddp_rank=") for p in f.parts)
+
+
+def _glob(table: str, ddp: bool) -> str:
+    """The part files of one table, single-process layout or torchrun's (docs/traces.md)."""
+    if table == "metrics":
+        return GLOBS["metrics"]
+    keys = "dataset=*/split=*" + ("" if table in _NO_EPOCH else "/epoch=*") + ("/ddp_rank=*" if ddp else "")
+    return f"*/{table}/{keys}/part-*.parquet"
 
 
 def _arrow_select(con: duckdb.DuckDBPyConnection, table: str, files: list[Path], root: Path, *,

@@ -14,19 +14,25 @@ from __future__ import annotations
 import functools
 import itertools
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from moe_lens import data as mdata
 from moe_lens.atomic import write_json_atomic
 from moe_lens.clock import now
 from moe_lens.config import RunConfig
+from moe_lens.distributed import (SINGLE, NotRankZero, Shard, all_reduce_sum, any_rank, barrier, broadcast, gather,
+                                  teardown)  # fmt: skip
+from moe_lens.distributed import setup as dist_setup
 from moe_lens.errors import MoeLensError
+from moe_lens.health import read_json
 from moe_lens.models import build_model, count_parameters
 from moe_lens import resume as rs
 from moe_lens.moe.step_hooks import step_hooks
@@ -97,11 +103,14 @@ class EvalStopped(Exception):
 
 
 def evaluate(task, model, split, device, *, epoch: int, step: int, recorder: Recorder | None, keep,
-             max_batches: int | None = None, score: bool = True, stop: rs.StopSignals | None = None) -> dict:
+             max_batches: int | None = None, score: bool = True, stop: rs.StopSignals | None = None,
+             shard: Shard = SINGLE) -> dict:
     """Metrics over the whole split (or its first `max_batches`); records every batch's routing.
 
     `score=False`: routing only, no task metric (a model replayed over text without its labels).
-    `stop`: raise `EvalStopped` between batches once a stop signal arrived."""
+    `stop`: raise `EvalStopped` between batches once a stop signal arrived.
+    `shard`: under torchrun each rank evaluates its share of each batch (the task's), and the task's
+    totals are summed over the ranks, so every rank returns the single-process metrics of the split."""
     model.eval()
     acc: dict = {}
     state = task.init_state()
@@ -121,7 +130,9 @@ def evaluate(task, model, split, device, *, epoch: int, step: int, recorder: Rec
                 recorder.add(fwd.traces, dataset=split.dataset, split=split.split, epoch=epoch, step=step,
                              hidden_keep=keep)  # fmt: skip
     model.train()
-    return task.eval_metrics(acc, split) if score else {}
+    if not score:
+        return {}
+    return task.eval_metrics(all_reduce_sum(task.eval_totals(acc, split, device), shard), split)
 
 
 def _autocast(device: torch.device):
@@ -133,11 +144,44 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Pat
 
     SIGINT or SIGTERM stops the run at the next step boundary (or between evaluation batches):
     everything is flushed, a checkpoint written, run.json marked `interrupted`, and
-    `resume.RunInterrupted` raised (the CLI prints the command that resumes it)."""
-    device = resolve_device(cfg.device)
-    run_dir = plan_run_dir(cfg.runs_dir, cfg.run_name, cfg.dataset, cfg.mode, resume=resume)
+    `resume.RunInterrupted` raised (the CLI prints the command that resumes it).
+
+    Under torchrun (moe_lens/distributed.py, docs/distributed.md) every rank runs this: DDP, each rank
+    its share of each batch and its own `ddp_rank=R/` trace partitions; rank 0 alone writes config.json,
+    run.json, metrics.parquet and the checkpoints. A stop signal is then acted on at the next log step."""
+    shard, ddp_device = dist_setup(cfg.device)
+    try:
+        return _train(cfg, resume, progress, shard, ddp_device or resolve_device(cfg.device))
+    finally:
+        teardown()
+
+
+def _plan(cfg: RunConfig, resume: bool, shard: Shard) -> Path:
+    """The run directory, planned by rank 0 (a default name has a time stamp) and the same on every rank."""
+    planned: tuple[str | None, str | None] = (None, None)
+    if shard.rank == 0:
+        try:
+            planned = (str(plan_run_dir(cfg.runs_dir, cfg.run_name, cfg.dataset, cfg.mode, resume=resume)), None)
+        except MoeLensError as e:
+            planned = (None, str(e))
+    path, error = broadcast(planned, shard)
+    if error is not None:
+        raise MoeLensError(error)
+    return Path(path)
+
+
+def _check_world(run_dir: Path, shard: Shard) -> None:
+    saved = read_json(run_dir / "config.json").get("world_size", 1)
+    if saved != shard.world:
+        raise MoeLensError(f"--resume: {run_dir} was trained by {saved} process(es), this launch has {shard.world}; "
+                           f"resume with the same --nproc-per-node x --nnodes ({saved})")  # fmt: skip
+
+
+def _train(cfg: RunConfig, resume: bool, progress: bool, shard: Shard, device: torch.device) -> Path:
+    run_dir = _plan(cfg, resume, shard)
     if resume:
         rs.check_matches_saved(run_dir, cfg)
+        _check_world(run_dir, shard)
     seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -147,46 +191,61 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Pat
     emb_init, coverage = None, None
     if cfg.embeddings:
         emb_init, coverage = mdata.load_glove(cfg.embeddings, train_split.vocab, dim=cfg.d_embed)
-    task = get_task(cfg.dataset, cfg)
+    task = get_task(cfg.dataset, cfg, shard)
     model = build_model(cfg, len(train_split.vocab), num_tags=len(train_split.label_names or []),
                         embedding_init=emb_init).to(device)  # fmt: skip
+    step_model = model  # what the training step calls: DDP averages the gradients over the ranks
+    if shard.enabled:  # find_unused: an expert no token of this rank's batch chose has no gradient here
+        step_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                         find_unused_parameters=True)  # fmt: skip
+        seed_everything(cfg.seed + shard.rank)  # the weights are rank 0's (DDP broadcast them); noise differs
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = sum(1 for _ in task.batches(train_split, train=True, seed=cfg.seed))
     steps_per_epoch = min(steps_per_epoch, cfg.epoch_steps or steps_per_epoch)
     total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
-    create_run_dir(run_dir, cfg.runs_dir)  # only now: a start that fails above leaves no directory
+    lead = shard.rank == 0  # rank 0 owns config.json, run.json, metrics.parquet and the checkpoints
+    if lead:
+        create_run_dir(run_dir, cfg.runs_dir)  # only now: a start that fails above leaves no directory
     payload = None
     if resume:
-        rs.remove_tmp_files(run_dir)  # left by a killed writer
+        if lead:
+            rs.remove_tmp_files(run_dir)  # left by a killed writer
         ckpt = latest_checkpoint(run_dir)
         payload = torch.load(ckpt, map_location=device, weights_only=False) if ckpt is not None else None
+        if payload is not None and "ranks" in payload:  # this rank's generators, LM state and window
+            payload = {**payload, **payload["ranks"][shard.rank]}
     start = rs.ResumePoint(payload)
     if payload is not None:
         model.load_state_dict(payload["model"])
         opt.load_state_dict(payload["optimizer"])
         sched.load_state_dict(payload["scheduler"])
-    rs.rewind(run_dir, step=start.train_through, epoch=start.epoch, epoch_complete=start.batch is None)
-    if not resume:
+    if lead:
+        rs.rewind(run_dir, step=start.train_through, epoch=start.epoch, epoch_complete=start.batch is None)
+    barrier(shard)  # no rank records before rank 0 has rewound the traces
+    if lead and not resume:
         meta = {k: v for k, v in train_split.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
         write_json_atomic({**cfg.to_dict(), "run": run_dir.name, **environment(device), **count_parameters(model),
-                           "steps_per_epoch": steps_per_epoch, "data": meta,
+                           "steps_per_epoch": steps_per_epoch, "data": meta, "world_size": shard.world,
                            "embedding_coverage": coverage}, run_dir / "config.json")  # fmt: skip
-    state = RunState.start(run_dir, resume=resume)
+    state = RunState.start(run_dir, resume=resume) if lead else NotRankZero()
     metrics = Metrics(run_dir, keep_until_step=start.step if resume else None, tensorboard=cfg.tensorboard,
-                      keep_rows=payload.get("metrics_rows") if payload is not None else None)  # fmt: skip
+                      keep_rows=payload.get("metrics_rows") if payload is not None else None) if lead else NotRankZero()
     recorder = Recorder(run_dir, record_probs=cfg.record_probs, flush_rows=cfg.record_flush_rows,
-                        hidden_bf16=cfg.hidden_bf16) if cfg.record else None  # fmt: skip
+                        hidden_bf16=cfg.hidden_bf16, ddp_rank=shard.rank if shard.enabled else None) \
+        if cfg.record else None  # fmt: skip
     loop = _Loop(cfg, task, model, opt, sched, params, device, recorder, metrics, state, run_dir, train_split.vocab)
-    loop.step = start.step
-    bar = tqdm(total=total, initial=start.step, desc=run_dir.name, disable=not progress, unit="step", smoothing=0)
+    loop.step, loop.shard, loop.step_model = start.step, shard, step_model
+    bar = tqdm(total=total, initial=start.step, desc=run_dir.name, disable=not progress or not lead, unit="step",
+               smoothing=0)  # fmt: skip
     try:
         with rs.StopSignals() as stop:
             loop.stop, loop.bar = stop, bar
-            if recorder is not None:
-                recorder.write_tokens(train_split.tokens, cfg.dataset, "train", lazy=cfg.record_tokens is not None)
-                recorder.write_tokens(valid_split.tokens, cfg.dataset, "valid", limit=cfg.record_tokens)
+            if recorder is not None:  # under torchrun each rank writes its contiguous block of each token table
+                recorder.write_tokens(_own(train_split.tokens, shard), cfg.dataset, "train",
+                                      lazy=cfg.record_tokens is not None and not shard.enabled)  # fmt: skip
+                recorder.write_tokens(_own(valid_split.tokens, shard), cfg.dataset, "valid", limit=cfg.record_tokens)
             keep_valid = hidden_sample(len(valid_split), cfg.hidden_sample, cfg.seed, within=cfg.record_tokens)
             start.restore(loop)  # last: nothing after it may draw from a random generator before the first step
             for epoch in range(start.epoch, cfg.epochs):
@@ -195,13 +254,14 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Pat
                     loop.run_epoch(train_split, epoch, steps_per_epoch, skip=start.batch if resumed else None)
                 try:
                     vm = evaluate(task, model, valid_split, device, epoch=epoch, step=loop.step, recorder=recorder,
-                                  keep=keep_valid, max_batches=cfg.max_eval_batches, stop=stop)  # fmt: skip
+                                  keep=keep_valid, max_batches=cfg.max_eval_batches,
+                                  stop=None if shard.enabled else stop, shard=shard)  # fmt: skip
                 except EvalStopped:
                     loop.interrupt(epoch, batch=steps_per_epoch, trained=True)
                 metrics.add_many(loop.step, epoch, "valid", vm)
                 loop.checkpoint(epoch, batch=None)
                 state.save(step=loop.step, epoch=epoch, valid=vm)
-                if progress:
+                if progress and lead:
                     tqdm.write(f"epoch {epoch}: " + ", ".join(f"valid {k} {v:.4g}" for k, v in vm.items()))
                 if cfg.max_steps and loop.step >= cfg.max_steps:
                     break
@@ -218,6 +278,12 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Pat
         bar.close()
     _finish(recorder, metrics, state, "finished")
     return run_dir
+
+
+def _own(tokens, shard: Shard):  # noqa: ANN001, ANN202 - a split's token DataFrame
+    """This rank's contiguous block of a split's token table (all of it in a single process): each token is
+    written by one rank, so the `tokens` view holds it once."""
+    return tokens.iloc[shard.rows(len(tokens))] if shard.enabled else tokens
 
 
 def _finish(recorder, metrics: Metrics, state: RunState, status: str, error: str | None = None, **extra: Any) -> None:
@@ -255,6 +321,9 @@ class _Loop:
         self.bar = None
         self._rate_started = False
         self.after_step = step_hooks(model)  # e.g. the sigmoid_bias router's bias update
+        self.shard: Shard = SINGLE
+        self.step_model = model  # the DDP wrapper under torchrun
+        self._stop_agreed = False  # torchrun: every rank saw a stop signal on some rank (at a log step)
 
     def run_epoch(self, split, epoch: int, steps_per_epoch: int, *, skip: int | None = None) -> None:
         """Run the epoch's batches; `skip`: resume after its first `skip` batches (not run again)."""
@@ -267,11 +336,11 @@ class _Loop:
         for i, batch in itertools.islice(batches, skip or 0, steps_per_epoch):
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
                 break
-            if self.stop is not None and self.stop.signum is not None:
+            if self._stopping():
                 self.interrupt(epoch, batch=i)
             batch = _to(batch, self.device)
             with _autocast(self.device):
-                fwd = self.task.forward(model, batch, self.fstate)
+                fwd = self.task.forward(self.step_model, batch, self.fstate)
             self.fstate = fwd.state
             label = self.step  # the forward's step: the number of updates its weights had
             loss = fwd.loss + fwd.aux
@@ -290,11 +359,15 @@ class _Loop:
             ntok += batch["ntokens"]
             self._advance_bar()
             last = cfg.max_steps is not None and step >= cfg.max_steps
-            if step % LOG_EVERY == 0 or last or i == steps_per_epoch - 1:
+            logged = step % LOG_EVERY == 0 or last or i == steps_per_epoch - 1
+            if logged:
                 tok_s = ntok / (time.perf_counter() - t0)
-                self.window.log(self.metrics, step, epoch, tok_s, self.opt.param_groups[0]["lr"], self.bar)
+                self.window.log(self.metrics, step, epoch, tok_s, self.opt.param_groups[0]["lr"], self.bar,
+                                shard=self.shard)  # fmt: skip
                 self.state.save(step=step)
-            if self._checkpoint_due():
+                if self.shard.enabled:  # the ranks agree on a stop here, never within the step
+                    self._stop_agreed = any_rank(self.stop is not None and self.stop.signum is not None, self.shard)
+            if self._checkpoint_due(logged):
                 self.checkpoint(epoch, batch=i + 1)
             if last:
                 break
@@ -306,10 +379,17 @@ class _Loop:
             # which also paid for warm-up (kernel builds, allocator); set once, never again
             self.bar.start_t, self.bar.initial, self._rate_started = self.bar._time(), self.bar.n, True
 
-    def _checkpoint_due(self) -> bool:
+    def _stopping(self) -> bool:
+        if self.shard.enabled:
+            return self._stop_agreed
+        return self.stop is not None and self.stop.signum is not None
+
+    def _checkpoint_due(self, logged: bool) -> bool:
         every = self.cfg.checkpoint_every
         if every is not None:
             return self.step % every == 0
+        if self.shard.enabled:  # rank 0's clock decides, read at log steps only (no sync within the step)
+            return logged and broadcast(clock() - self.last_checkpoint >= CHECKPOINT_SECONDS, self.shard)
         return clock() - self.last_checkpoint >= CHECKPOINT_SECONDS
 
     def checkpoint(self, epoch: int, *, batch: int | None, trained: bool = False) -> None:
@@ -319,17 +399,31 @@ class _Loop:
             self.recorder.flush()
             self.train_through = self.recorder.last_step.get((self.cfg.dataset, "train"), self.train_through)
         self.metrics.flush()
+        mine = {"rng": rs.rng_state(), "lm_state": _cpu(self.fstate), "window": self.window.state_dict(),
+                "train_through": self.train_through}
+        ranks = gather(mine, self.shard)  # every rank has flushed its traces once this returns
+        self.last_checkpoint = clock()
+        if self.shard.rank != 0:
+            return
         payload = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                    "scheduler": self.sched.state_dict(), "config": self.cfg.to_dict(), "vocab": self.vocab.to_dict(),
-                   "step": self.step, "epoch": epoch, "batch": batch, "trained": trained, "rng": rs.rng_state(),
-                   "lm_state": self.fstate, "window": self.window.state_dict(),
-                   "metrics_rows": len(self.metrics.rows), "train_through": self.train_through}  # fmt: skip
+                   "step": self.step, "epoch": epoch, "batch": batch, "trained": trained, **mine,
+                   "metrics_rows": len(self.metrics.rows), "world_size": self.shard.world}  # fmt: skip
+        if self.shard.enabled:
+            payload["ranks"] = ranks  # each rank's generators, LM state and window, restored by that rank
         save_checkpoint(checkpoint_path(self.run_dir, epoch, None if batch is None else self.step), payload)
-        self.last_checkpoint = clock()
 
     def interrupt(self, epoch: int, *, batch: int, trained: bool = False) -> None:
         self.checkpoint(epoch, batch=batch, trained=trained)
-        raise rs.RunInterrupted(self.stop.signum, self.step, self.run_dir)
+        signum = self.stop.signum if self.stop is not None and self.stop.signum is not None else signal.SIGTERM
+        raise rs.RunInterrupted(signum, self.step, self.run_dir)  # torchrun: another rank may have had the signal
+
+
+def _cpu(state: Any) -> Any:
+    """The LM's carried state (nested tuples of tensors, or None) on the CPU, for gathering and checkpoints."""
+    if isinstance(state, tuple):
+        return tuple(_cpu(s) for s in state)
+    return state.cpu() if torch.is_tensor(state) else state
 
 
 __all__ = ["train", "evaluate", "load_data", "resolve_device"]

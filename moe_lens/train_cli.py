@@ -106,6 +106,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="continue the run --run-name from its last checkpoint, with its config.json; only "
                         "epochs, max-steps, device, directories, checkpoint-every and recording flags may change")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine: launches `torchrun --standalone --nproc-per-node N "
+                        "-m moe_lens train ...` with the other flags (DDP; docs/distributed.md)")  # fmt: skip
     p.set_defaults(func=_train)
 
     r = sub.add_parser("record", help="replay a trained run over a dataset split and record its routing")
@@ -124,10 +127,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from moe_lens import resume
+    from moe_lens import distributed, resume
     from moe_lens.rundir import plan_run_dir
     from moe_lens.train import train
 
+    if args.nproc < 1:
+        raise MoeLensError(f"--nproc {args.nproc}: needs at least 1 process")
+    if args.nproc > 1 and not distributed.launched():
+        return _launch(args)
     if args.resume:
         given = given_flags(args)
         if not given.get("run_name"):
@@ -145,6 +152,28 @@ def _train(args: argparse.Namespace) -> int:
         return e.exit_code
     print(run_dir)
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """`moe-lens train --nproc N ...` -> `torchrun --standalone --nproc-per-node N -m moe_lens train ...` (the
+    same flags, --nproc left out) in a child process; its exit code is returned."""
+    import subprocess
+
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    if not args.resume:  # the data is fetched once here, not by N ranks at the same time
+        fetch_default_data(config_from_args(args).dataset, given_flags(args).get("data_dir"),
+                           progress=not args.no_progress)  # fmt: skip
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "moe_lens", *rest]  # fmt: skip
+    return subprocess.run(cmd, check=False).returncode
 
 
 def fetch_default_data(dataset: str, data_dir: str | None, *, progress: bool = True) -> None:

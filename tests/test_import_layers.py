@@ -37,6 +37,7 @@ LAYER_OF = {
     "moe_lens.rundir": "train",
     "moe_lens.resume": "train",
     "moe_lens.stats_window": "train",
+    "moe_lens.distributed": "train",    # torchrun: process group, each rank's data share, all-reduces
     "moe_lens.probe": "train",          # a trained model over a probe dataset, recorded
     "moe_lens.synthetic": "train",      # writes runs in the recorder's layout (tests, benchmarks)
     "moe_lens.capture": "train",        # `moe-lens capture`: Hugging Face MoE routing through the Recorder
@@ -51,6 +52,7 @@ LAYER_OF = {
     "moe_lens.analyze_cli": "top",      # `moe-lens analyze NAME RUN...` over the analysis registry
     "moe_lens.app_pages": "top",
     "moe_lens.cli": "top",              # imports the command modules by name (COMMAND_MODULES)
+    "moe_lens.__main__": "top",         # `python -m moe_lens` (what torchrun -m runs per rank)
     "moe_lens": "top",                  # the package facade: `moe_lens.connect` re-exports store.connect
 }
 

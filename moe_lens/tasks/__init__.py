@@ -8,10 +8,15 @@ Each task implements the `Task` interface used by the one training loop (`moe_le
     forward(model, batch, state)       -> Forward(loss, aux_loss, traces, state)   (on the device), from the
                                           model's ModelOutput(logits, aux_loss, traces, state)
     eval_update(acc, batch, fwd)       -> accumulate device tensors, no host sync
-    eval_metrics(acc, split)           -> {"loss": ..., "ppl" | "accuracy", "f1" | "em", "f1", ...}
+    eval_totals(acc, split)            -> {name: device tensor}, sums over this rank's batches
+    eval_metrics(totals, split)        -> {"loss": ..., "ppl" | "accuracy", "f1" | "em", "f1", ...}
 
 Batches of variable-length sequences are bucketed by length (sorted, chunked, batch order
 shuffled), so padding is minimal, and the BiLSTMs pack them, so no compute is spent on it.
+
+Under torchrun every rank draws the same global batches and yields its own share of each (`Shard`,
+moe_lens/distributed.py): `eval_totals` returns sums over that share, which the loop all-reduces before
+`eval_metrics(totals, split)` turns them into the metrics a single process would compute.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
+
+from moe_lens.distributed import SINGLE, Shard
 
 
 @dataclass
@@ -30,9 +37,10 @@ class Forward:
     out: Any = None  # task outputs for evaluation (logits, ...)
 
 
-def get_task(dataset: str, cfg: Any):
+def get_task(dataset: str, cfg: Any, shard: Shard = SINGLE):
+    """The task of `dataset`; `shard`: this process's data-parallel rank, whose share of each batch it yields."""
     from moe_lens.tasks.lm import LMTask
     from moe_lens.tasks.ner import NERTask
     from moe_lens.tasks.qa import QATask
 
-    return {"wikitext2": LMTask, "conll2003": NERTask, "squad": QATask}[dataset](cfg)
+    return {"wikitext2": LMTask, "conll2003": NERTask, "squad": QATask}[dataset](cfg, shard)

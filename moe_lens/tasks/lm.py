@@ -16,22 +16,26 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from moe_lens.distributed import SINGLE, Shard
 from moe_lens.tasks import Forward
 
 
 class LMTask:
     name = "lm"
 
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg, shard: Shard = SINGLE) -> None:
+        self.cfg, self.shard = cfg, shard
 
     def batches(self, split, *, train: bool, seed: int, epoch: int = 0) -> Iterator[dict]:
         """The W windows in order; in training with `epoch_steps`, from window (epoch * epoch_steps) mod W
-        on, wrapping around. `seed` is unused (the windows are not shuffled)."""
+        on, wrapping around. `seed` is unused (the windows are not shuffled). Under torchrun a rank reads
+        its contiguous block of the b rows (`Shard.rows`), a contiguous stretch of the token stream."""
         b, bptt = self.cfg.batch_size, self.cfg.bptt
         n = (len(split.token_ids) // b) * b
-        ids = torch.from_numpy(split.token_ids[:n].reshape(b, -1))  # (b, L) each row a contiguous stream
-        idx = torch.arange(n).reshape(b, -1)  # (b, L) token_idx of each position
+        mine = self.shard.rows(b)  # the rows of this rank: all of them in a single process
+        ids = torch.from_numpy(split.token_ids[:n].reshape(b, -1))[mine]  # (b', L) each row a contiguous stream
+        idx = torch.arange(n).reshape(b, -1)[mine]  # (b', L) token_idx of each position
+        b = ids.shape[0]
         length = ids.shape[1]
         starts = list(range(0, length - 1, bptt))  # (W,) first position of each window
         steps = getattr(self.cfg, "epoch_steps", None)
@@ -54,11 +58,15 @@ class LMTask:
 
     def eval_update(self, acc: dict, batch: dict, fwd: Forward) -> None:
         n = batch["ntokens"]
-        acc["loss_sum"] = acc.get("loss_sum", 0.0) + fwd.loss.detach() * n  # device tensor: no sync
+        acc["loss_sum"] = acc.get("loss_sum", 0.0) + fwd.loss.detach().double() * n  # device tensor: no sync
         acc["count"] = acc.get("count", 0) + n
 
-    def eval_metrics(self, acc: dict, split) -> dict[str, float]:
-        loss = float(acc["loss_sum"]) / max(acc["count"], 1)
+    def eval_totals(self, acc: dict, split, device: torch.device) -> dict[str, torch.Tensor]:
+        z = torch.zeros((), dtype=torch.float64, device=device)
+        return {"loss_sum": z + acc.get("loss_sum", 0.0), "count": z + acc.get("count", 0)}
+
+    def eval_metrics(self, totals: dict, split) -> dict[str, float]:
+        loss = float(totals["loss_sum"]) / max(float(totals["count"]), 1.0)
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
 

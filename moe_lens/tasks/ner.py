@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_lens.data.case import CASE_CLASSES, case_classes, split_cases  # noqa: F401  (re-exported)
+from moe_lens.distributed import SINGLE, Shard
 from moe_lens.tasks import Forward
-from moe_lens.tasks.batching import bucket_batches, gather_padded
+from moe_lens.tasks.batching import bucket_batches, gather_padded, shard_batches
 from moe_lens.tasks.metrics import entity_f1
 
 IGNORE = -100
@@ -27,8 +28,8 @@ IGNORE = -100
 class NERTask:
     name = "ner"
 
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg, shard: Shard = SINGLE) -> None:
+        self.cfg, self.shard = cfg, shard
         self.max_len = cfg.max_len or 128
         self._cases: dict[int, tuple[object, np.ndarray]] = {}  # id(split) -> (split, (n,) classes)
 
@@ -47,7 +48,8 @@ class NERTask:
         starts, lengths = starts[keep], lengths[keep]
         pad = split.vocab.pad_id if split.vocab.pad_id is not None else 0
         cases = self.cases(split) if self.cfg.case_features else None
-        for sel in bucket_batches(lengths, self.cfg.batch_size, shuffle=train, seed=seed):
+        global_batches = bucket_batches(lengths, self.cfg.batch_size, shuffle=train, seed=seed)
+        for sel in shard_batches(global_batches, self.shard, train=train):
             s, ln = starts[sel], lengths[sel]
             batch = {
                 "ids": torch.from_numpy(gather_padded(split.token_ids, s, ln, pad)),
@@ -74,16 +76,23 @@ class NERTask:
         real = batch["labels"] != IGNORE  # (b, t)
         acc.setdefault("pred", []).append(fwd.out.argmax(-1)[real])  # (n,) device, no sync
         acc.setdefault("idx", []).append(batch["token_idx"][real])
-        acc["loss_sum"] = acc.get("loss_sum", 0.0) + fwd.loss.detach() * batch["ntokens"]
+        acc["loss_sum"] = acc.get("loss_sum", 0.0) + fwd.loss.detach().double() * batch["ntokens"]
         acc["count"] = acc.get("count", 0) + batch["ntokens"]
 
-    def eval_metrics(self, acc: dict, split) -> dict[str, float]:
-        idx = torch.cat(acc["idx"]).cpu().numpy()
-        pred = np.zeros(len(split.labels), dtype=np.int64)  # tokens past max_len count as predicted "O"
-        pred[idx] = torch.cat(acc["pred"]).cpu().numpy()
+    def eval_totals(self, acc: dict, split, device: torch.device) -> dict[str, torch.Tensor]:
+        """Sums over this rank's batches: the loss, the token count, and the predicted label of every token
+        of the split (0 where another rank, or no batch, predicted it: each token is in one rank's batch)."""
+        pred = torch.zeros(len(split.labels), dtype=torch.int64, device=device)  # (N,)
+        if acc.get("idx"):
+            pred[torch.cat(acc["idx"]).to(device)] = torch.cat(acc["pred"]).to(device)
+        z = torch.zeros((), dtype=torch.float64, device=device)
+        return {"loss_sum": z + acc.get("loss_sum", 0.0), "count": z + acc.get("count", 0), "pred": pred}
+
+    def eval_metrics(self, totals: dict, split) -> dict[str, float]:
+        pred = totals["pred"].cpu().numpy()  # tokens past max_len count as predicted label 0
         gold = split.labels
         seq_start = np.zeros(len(gold), dtype=bool)
         seq_start[split.seq_offsets[:-1]] = True
-        out = {"loss": float(acc["loss_sum"]) / max(acc["count"], 1), "accuracy": 100 * float((gold == pred).mean())}
+        out = {"loss": float(totals["loss_sum"]) / max(float(totals["count"]), 1.0), "accuracy": 100 * float((gold == pred).mean())}
         out.update(entity_f1(gold, pred, seq_start, split.label_names))
         return out

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_lens.data.squad_eval import span_text
+from moe_lens.distributed import SINGLE, Shard
 from moe_lens.tasks import Forward
-from moe_lens.tasks.batching import bucket_batches, gather_padded
+from moe_lens.tasks.batching import bucket_batches, gather_padded, shard_batches
 from moe_lens.tasks.metrics import squad_scores
 
 MAX_ANSWER = 15
@@ -25,8 +26,8 @@ MAX_ANSWER = 15
 class QATask:
     name = "qa"
 
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg, shard: Shard = SINGLE) -> None:
+        self.cfg, self.shard = cfg, shard
         self.max_len = cfg.max_len or 256
 
     def batches(self, split, *, train: bool, seed: int, epoch: int = 0) -> Iterator[dict]:
@@ -39,7 +40,8 @@ class QATask:
         examples = np.flatnonzero(ok)
         pad = split.vocab.pad_id if split.vocab.pad_id is not None else 0
         positions = np.arange(len(split.token_ids))
-        for sel in bucket_batches(c_len[examples], self.cfg.batch_size, shuffle=train, seed=seed):
+        global_batches = bucket_batches(c_len[examples], self.cfg.batch_size, shuffle=train, seed=seed)
+        for sel in shard_batches(global_batches, self.shard, train=train):
             ex = examples[sel]
             cs, cl, qs, ql = x["c_start"][ex], c_len[ex], x["q_start"][ex], q_len[ex]
             yield {
@@ -71,19 +73,31 @@ class QATask:
         acc.setdefault("ex", []).append(batch["example"])
         acc.setdefault("exact", []).append((i == batch["start"].to(i.device)) & (j == batch["end"].to(j.device)))
         n = batch["c_len"].shape[0]
-        acc["loss_sum"] = acc.get("loss_sum", 0.0) + fwd.loss.detach() * n
+        acc["loss_sum"] = acc.get("loss_sum", 0.0) + fwd.loss.detach().double() * n
         acc["count"] = acc.get("count", 0) + n
 
-    def eval_metrics(self, acc: dict, split) -> dict[str, float]:
-        i, j = torch.cat(acc["i"]).cpu().numpy(), torch.cat(acc["j"]).cpu().numpy()
-        ex = torch.cat(acc["ex"]).numpy()
+    def eval_totals(self, acc: dict, split, device: torch.device) -> dict[str, torch.Tensor]:
+        """Sums over this rank's batches: the loss, the example count, and per example of the split its
+        decoded (i, j), whether it was evaluated, and whether both boundaries were exact (0 elsewhere)."""
+        n = len(split.extras["c_start"])
+        out = {k: torch.zeros(n, dtype=torch.int64, device=device) for k in ("i", "j", "seen", "exact")}
+        if acc.get("ex"):
+            ex = torch.cat(acc["ex"]).to(device)  # (m,) example ids, each in one rank's batch
+            out["i"][ex], out["j"][ex] = torch.cat(acc["i"]).to(device), torch.cat(acc["j"]).to(device)
+            out["seen"][ex], out["exact"][ex] = 1, torch.cat(acc["exact"]).to(device).long()
+        z = torch.zeros((), dtype=torch.float64, device=device)
+        return {**out, "loss_sum": z + acc.get("loss_sum", 0.0), "count": z + acc.get("count", 0)}
+
+    def eval_metrics(self, totals: dict, split) -> dict[str, float]:
+        t = {k: v.cpu().numpy() for k, v in totals.items()}
+        ex = np.flatnonzero(t["seen"])  # the evaluated examples
         x = split.extras
         preds = []
-        for e, a, b in zip(ex, i, j):  # one string slice per example, not per token
-            preds.append(span_text(x["contexts"][e], x["char_offsets"][e], a, b))
+        for e in ex:  # one string slice per example, not per token
+            preds.append(span_text(x["contexts"][e], x["char_offsets"][e], t["i"][e], t["j"][e]))
         out = squad_scores(preds, [x["answers"][e] for e in ex])
-        out["exact_span"] = 100 * float(torch.cat(acc["exact"]).float().mean())
-        out["loss"] = float(acc["loss_sum"]) / max(acc["count"], 1)
+        out["exact_span"] = 100 * float(t["exact"][ex].mean()) if len(ex) else 0.0
+        out["loss"] = float(t["loss_sum"]) / max(float(t["count"]), 1.0)
         return out
 
 

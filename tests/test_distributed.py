@@ -1,0 +1,181 @@
+"""torchrun data-parallel training on the CPU (2 processes, gloo) over the real CoNLL-2003 and WikiText-2 data.
+
+Independent references: the run's own final weights evaluated by ONE process over the same validation split
+(its metrics and its recorded routing), and the union of both ranks' training traces (the logged per-expert
+load). A SIGKILLed rank: the other exits in bounded time, every part file stays readable, `--resume` finishes
+with no duplicate rows. The process-group details are in moe_lens/distributed.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from moe_lens import analysis as A
+from moe_lens.cli import main
+from moe_lens.distributed import Shard
+from moe_lens.models import build_model
+from moe_lens.record import Recorder
+from moe_lens.resume import saved_config
+from moe_lens.store import connect
+from moe_lens.tasks import get_task
+from moe_lens.tasks.batching import shard_batches
+from moe_lens.train import evaluate, load_data
+from run_tables import duplicates
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = ["--mode", "load", "--d-embed", "16", "--d-model", "16", "--expert-hidden", "16", "--num-experts", "4",
+        "--warmup-steps", "2", "--record", "--record-every", "1", "--hidden-sample", "50", "--no-pos-tags",
+        "--no-progress"]  # fmt: skip
+DATA = {"conll2003": ["--batch-size", "32"], "wikitext2": ["--batch-size", "32", "--bptt", "32", "--vocab-size", "2000"]}
+
+
+def _env() -> dict[str, str]:
+    # one thread per rank; the PyTorch expert kernel in every process (no child compiles the C++ one)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MOE_LENS_CPU_EXT": "0",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}  # fmt: skip
+
+
+def torchrun(args: list[str], *, script: list[str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *(script or ["-m", "moe_lens"]), *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def one_process_eval(run: Path, epoch: int, tmp: Path) -> tuple[dict, Path]:
+    """The run's final weights evaluated and recorded by this single process over the whole validation split."""
+    cfg = saved_config(run)
+    splits = load_data(cfg)
+    model = build_model(cfg, len(splits["train"].vocab), num_tags=len(splits["train"].label_names or []))
+    model.load_state_dict(torch.load(run / "checkpoints" / f"epoch-{epoch}.pt", weights_only=False)["model"])
+    rec_dir = tmp / "single" / "ref"
+    rec = Recorder(rec_dir)
+    vm = evaluate(get_task(cfg.dataset, cfg), model, splits["valid"], torch.device("cpu"), epoch=epoch, step=0,
+                  recorder=rec, keep=None)  # fmt: skip
+    rec.close()
+    return vm, rec_dir
+
+
+def test_shards_split_each_batch_without_repeats() -> None:
+    batches = [np.arange(5), np.arange(5, 6), np.arange(6, 9)]
+    parts = [list(shard_batches(iter(batches), Shard(r, 2), train=False)) for r in (0, 1)]
+    assert [p.tolist() for p in parts[0]] == [[0, 1, 2], [5], [6, 7]] and [p.tolist() for p in parts[1]] == [[3, 4], [8]]
+    train = [list(shard_batches(iter(batches), Shard(r, 2), train=True)) for r in (0, 1)]
+    assert len(train[0]) == len(train[1]) == 2  # the 1-sequence batch is skipped by both ranks in training
+    assert [Shard(r, 3).rows(8) for r in range(3)] == [slice(0, 3), slice(3, 6), slice(6, 8)]
+
+
+def check_against_one_process(runs: Path, name: str, epoch: int, tmp: Path) -> None:
+    """The run's logged validation metrics and the union of its ranks' validation routing equal ONE process's
+    evaluation of its final weights (epoch-`epoch`.pt); the train-time load covers both ranks; analyses run."""
+    run = runs / name
+    vm, ref = one_process_eval(run, epoch, tmp)
+    con = connect(runs)
+    logged = dict(con.execute("SELECT name, value FROM metrics WHERE split = 'valid' AND epoch = ?", [epoch]).fetchall())
+    assert logged.keys() == vm.keys()
+    for k, v in vm.items():
+        assert logged[k] == pytest.approx(v, rel=1e-6, abs=1e-6), k
+
+    # every validation token the single process routes, routed by exactly one rank, to the same experts
+    union = con.execute("""SELECT token_idx, layer, rank, expert, gate, ddp_rank FROM routing
+                           WHERE split = 'valid' AND epoch = ? ORDER BY token_idx, layer, rank""", [epoch]).df()
+    single = connect(ref.parent).execute("""SELECT token_idx, layer, rank, expert, gate FROM routing
+                                            ORDER BY token_idx, layer, rank""").df()  # fmt: skip
+    assert not union.duplicated(["token_idx", "layer", "rank"]).any()
+    assert union.groupby("token_idx")["ddp_rank"].nunique().max() == 1  # one rank per token
+    assert set(union["ddp_rank"]) == {0, 1}
+    assert len(union) == len(single) > 0
+    assert (union["token_idx"].to_numpy() == single["token_idx"].to_numpy()).all()
+    assert (union["expert"].to_numpy() == single["expert"].to_numpy()).all()
+    np.testing.assert_allclose(union["gate"], single["gate"], rtol=1e-5, atol=1e-6)
+    tokens = con.execute("SELECT split, count(*), count(DISTINCT token_idx), count(DISTINCT ddp_rank) FROM tokens "
+                         "GROUP BY split").fetchall()  # fmt: skip
+    assert len(tokens) == 2 and all(n == distinct and ranks == 2 for _, n, distinct, ranks in tokens)
+
+    # the logged train-time load of the last window covers both ranks: the kept assignments of their train rows
+    last = con.execute("SELECT max(step) FROM metrics WHERE split = 'train'").fetchone()[0]
+    first = con.execute("SELECT coalesce(max(step), 0) FROM metrics WHERE split = 'train' AND step < ?", [last]).fetchone()[0]
+    load = con.execute("SELECT value FROM metrics WHERE split = 'train' AND name = 'load' AND layer = 0 AND step = ? "
+                       "ORDER BY expert", [last]).df()["value"]  # fmt: skip
+    kept = con.execute("""SELECT expert, count(*) AS n, count(DISTINCT ddp_rank) AS ranks FROM routing
+                          WHERE split = 'train' AND NOT dropped AND layer = 0 AND step >= ? AND step < ?
+                          GROUP BY expert ORDER BY expert""", [first, last]).df()  # fmt: skip
+    assert (kept["ranks"] == 2).all()
+    share = kept.set_index("expert")["n"].reindex(range(4), fill_value=0) / kept["n"].sum()
+    np.testing.assert_allclose(load.to_numpy(), share.to_numpy(), atol=1e-6)
+
+    # the analyses run on the run directory
+    assert not A.collapse(con, name, split="valid", by="epoch").empty
+    assert not A.specialization(con, name, attribute="freq_band", split="valid").empty
+    balance = A.load_balance(con, name, split="valid", per_expert=True, epoch=epoch)
+    assert balance["assignments"].sum() == len(union)  # both ranks' rows, none twice
+
+
+def test_two_ranks_on_conll_record_each_token_once_and_match_one_process(real_data_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    done = torchrun(["train", "--dataset", "conll2003", *TINY, *DATA["conll2003"], "--epochs", "1", "--max-steps", "6",
+                     "--data-dir", str(real_data_dir), "--runs-dir", str(runs), "--run-name", "d"])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = runs / "d"
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in run.glob("routing/*/split=valid/epoch=0/*")) == ["ddp_rank=0", "ddp_rank=1"]
+    check_against_one_process(runs, "d", 0, tmp_path)
+
+
+CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+from moe_lens import train
+from moe_lens.cli import main
+stop, marker = int(sys.argv[1]), Path(sys.argv[2])
+real = train._Loop._advance_bar
+def advance(self):
+    real(self)
+    if self.step == stop and os.environ["RANK"] == "1":
+        marker.write_text(str(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+train._Loop._advance_bar = advance
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_wikitext_a_killed_rank_stops_the_other_and_the_resumed_run_matches_one_process(
+        real_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs, marker, child = tmp_path / "runs", tmp_path / "killed-at", tmp_path / "child.py"
+    child.write_text(CHILD)
+    where = ["--runs-dir", str(runs), "--run-name", "k"]
+    done = torchrun(["9", str(marker), "train", "--dataset", "wikitext2", *TINY, *DATA["wikitext2"], "--epochs", "2",
+                     "--epoch-steps", "6", "--checkpoint-every", "2", "--record-flush-rows", "500",
+                     "--data-dir", str(real_data_dir), *where], script=[str(child)])  # fmt: skip
+    ended = time.time()
+    assert marker.is_file(), done.stderr[-3000:]
+    assert done.returncode != 0
+    assert ended - float(marker.read_text()) < 60  # rank 0 did not wait for the dead rank
+    run = runs / "k"
+    for f in run.rglob("*.parquet"):
+        pq.read_table(f)  # every part file already written is readable
+    assert any(run.glob("routing/*/split=train/epoch=1/ddp_rank=1/*.parquet"))  # the kill came mid-epoch 1
+
+    assert main(["train", "--resume", *where, "--no-progress"]) == 2  # one process: the world size differs
+    assert "trained by 2 process(es), this launch has 1" in capsys.readouterr().err
+
+    resumed = subprocess.run([sys.executable, "-m", "moe_lens", "train", "--nproc", "2", "--resume", "--no-progress",
+                              *where], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert set(duplicates(run).values()) == {0}
+    steps = connect(runs).execute("SELECT DISTINCT step FROM routing WHERE split = 'train' ORDER BY step").fetchall()
+    assert [s for (s,) in steps] == list(range(12))  # every training step recorded once, across the kill
+    check_against_one_process(runs, "k", 1, tmp_path)
