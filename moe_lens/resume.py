@@ -89,8 +89,8 @@ def check_matches_saved(run_dir: Path, cfg: RunConfig) -> None:
 class RunInterrupted(Exception):
     """The run stopped on a signal after its checkpoint was written."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
-        self.signum, self.step, self.run_dir = signum, step, run_dir
+    def __init__(self, signum: int, step: int, run_dir: Path, world: int = 1) -> None:
+        self.signum, self.step, self.run_dir, self.world = signum, step, run_dir, world
         self.signame = signal.Signals(signum).name
         super().__init__(f"stopped by {self.signame} at step {step}")
 
@@ -99,11 +99,13 @@ class RunInterrupted(Exception):
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
     def resume_command(self) -> str:
-        return resume_command(self.run_dir)
+        return resume_command(self.run_dir, self.world)
 
 
-def resume_command(run_dir: Path) -> str:
-    return (f"moe-lens train --resume --run-name {shlex.quote(run_dir.name)} "
+def resume_command(run_dir: Path, world: int = 1) -> str:
+    """The command that resumes `run_dir`; a torchrun run of `world` processes (one node) is resumed by as many."""
+    nproc = f"--nproc {world} " if world > 1 else ""
+    return (f"moe-lens train {nproc}--resume --run-name {shlex.quote(run_dir.name)} "
             f"--runs-dir {shlex.quote(str(run_dir.parent))}")  # fmt: skip
 
 

@@ -15,6 +15,9 @@ Runs captured from Hugging Face models (moe_lens/capture, docs/capture.md) store
 analysis joins `tokens` unchanged), and `routing_subwords` has every subword row (token_idx = subword position,
 word_idx the word's).
 
+A torchrun run's trace tables have one more partition level, `.../ddp_rank=R/part-*.parquet` (docs/distributed.md);
+the four trace views expose it as `ddp_rank`, NULL for single-process runs.
+
 Every view has a `run` column, the run directory name. It is taken from DuckDB's `filename`
 column with `regexp_extract(filename, '([^/]+)/<table>/', 1)`; the expression reads only the
 per-file constant, so `WHERE run = ?` prunes whole files before any is opened (like a hive key).

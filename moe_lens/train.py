@@ -261,6 +261,8 @@ def _train(cfg: RunConfig, resume: bool, progress: bool, shard: Shard, device: t
                 metrics.add_many(loop.step, epoch, "valid", vm)
                 loop.checkpoint(epoch, batch=None)
                 state.save(step=loop.step, epoch=epoch, valid=vm)
+                if shard.enabled:  # a signal during the evaluation: every rank stops before the next step
+                    loop._stop_agreed = any_rank(stop.signum is not None, shard)
                 if progress and lead:
                     tqdm.write(f"epoch {epoch}: " + ", ".join(f"valid {k} {v:.4g}" for k, v in vm.items()))
                 if cfg.max_steps and loop.step >= cfg.max_steps:
@@ -416,7 +418,7 @@ class _Loop:
     def interrupt(self, epoch: int, *, batch: int, trained: bool = False) -> None:
         self.checkpoint(epoch, batch=batch, trained=trained)
         signum = self.stop.signum if self.stop is not None and self.stop.signum is not None else signal.SIGTERM
-        raise rs.RunInterrupted(signum, self.step, self.run_dir)  # torchrun: another rank may have had the signal
+        raise rs.RunInterrupted(signum, self.step, self.run_dir, self.shard.world)  # torchrun: maybe another rank's signal
 
 
 def _cpu(state: Any) -> Any:

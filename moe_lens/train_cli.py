@@ -147,6 +147,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
     except resume.RunInterrupted as e:
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 says it once
+            return e.exit_code
         print(f"moe-lens train: stopped by {e.signame} at step {e.step}, checkpoint saved; resume with: "
               f"{e.resume_command()}", file=sys.stderr)  # fmt: skip
         return e.exit_code
