@@ -152,7 +152,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"moe-lens train: stopped by {e.signame} at step {e.step}, checkpoint saved; resume with: "
               f"{e.resume_command()}", file=sys.stderr)  # fmt: skip
         return e.exit_code
-    print(run_dir)
+    if os.environ.get("RANK", "0") == "0":
+        print(run_dir)
     return 0
 
 

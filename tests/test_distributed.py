@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--mode", "load", "--d-embed", "16", "--d-model", "16", "--expert-hidden", "16", "--num-experts", "4",
         "--warmup-steps", "2", "--record", "--record-every", "1", "--hidden-sample", "50", "--no-pos-tags",
         "--no-progress"]  # fmt: skip
-DATA = {"conll2003": ["--batch-size", "32"], "wikitext2": ["--batch-size", "32", "--bptt", "32", "--vocab-size", "2000"]}
+DATA = {"conll2003": ["--batch-size", "32"], "wikitext2": ["--batch-size", "64", "--bptt", "32", "--vocab-size", "1000"]}
 
 
 def _env() -> dict[str, str]:
@@ -179,3 +179,27 @@ def test_wikitext_a_killed_rank_stops_the_other_and_the_resumed_run_matches_one_
     steps = connect(runs).execute("SELECT DISTINCT step FROM routing WHERE split = 'train' ORDER BY step").fetchall()
     assert [s for (s,) in steps] == list(range(12))  # every training step recorded once, across the kill
     check_against_one_process(runs, "k", 1, tmp_path)
+
+
+@pytest.mark.parametrize("sandbox", [False, True])
+def test_views_read_single_process_and_torchrun_layouts_together(tmp_path: Path, sandbox: bool) -> None:
+    """A committed single-process run beside the same run moved into torchrun's ddp_rank=R/ layout."""
+    import shutil
+
+    src = ROOT / "sample_runs" / "conll2003-load"
+    shutil.copytree(src, tmp_path / "single")
+    ddp = tmp_path / "ddp"
+    shutil.copytree(src, ddp)
+    for i, f in enumerate(sorted(p for t in ("tokens", "routing", "hidden", "probs") for p in (ddp / t).rglob("*.parquet"))):
+        target = f.parent / f"ddp_rank={i % 2}" / f.name
+        target.parent.mkdir(exist_ok=True)
+        f.rename(target)
+    con = connect(tmp_path, read_only_sandbox=sandbox)
+    for view in ("routing", "tokens", "hidden"):
+        rows = dict(con.execute(f"SELECT run, count(*) FROM {view} GROUP BY run").fetchall())
+        assert rows["single"] == rows["ddp"] > 0, view
+        ranks = con.execute(f"SELECT DISTINCT run, ddp_rank FROM {view} ORDER BY ALL").fetchall()
+        assert ("single", None) in ranks and {r for run, r in ranks if run == "ddp"} <= {0, 1}, view
+    assert "ddp_rank" in con.execute("SELECT * FROM probs LIMIT 0").df().columns
+    a, b = (A.load_balance(con, r, split="valid", per_expert=True)["assignments"].tolist() for r in ("single", "ddp"))
+    assert a == b
