@@ -227,7 +227,8 @@ def _train(cfg: RunConfig, resume: bool, progress: bool, shard: Shard, device: t
     if lead and not resume:
         meta = {k: v for k, v in train_split.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
         write_json_atomic({**cfg.to_dict(), "run": run_dir.name, **environment(device), **count_parameters(model),
-                           "steps_per_epoch": steps_per_epoch, "data": meta, "world_size": shard.world,
+                           "steps_per_epoch": steps_per_epoch, "data": meta,
+                           **({"world_size": shard.world} if shard.enabled else {}),  # absent: 1 process
                            "embedding_coverage": coverage}, run_dir / "config.json")  # fmt: skip
     state = RunState.start(run_dir, resume=resume) if lead else NotRankZero()
     metrics = Metrics(run_dir, keep_until_step=start.step if resume else None, tensorboard=cfg.tensorboard,
