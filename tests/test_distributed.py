@@ -21,7 +21,9 @@ import torch
 
 from moe_lens import analysis as A
 from moe_lens.cli import main
+from moe_lens.config import RunConfig
 from moe_lens.distributed import Shard
+from moe_lens.errors import MoeLensError
 from moe_lens.models import build_model
 from moe_lens.record import Recorder
 from moe_lens.resume import saved_config
@@ -73,6 +75,8 @@ def test_shards_split_each_batch_without_repeats() -> None:
     train = [list(shard_batches(iter(batches), Shard(r, 2), train=True)) for r in (0, 1)]
     assert len(train[0]) == len(train[1]) == 2  # the 1-sequence batch is skipped by both ranks in training
     assert [Shard(r, 3).rows(8) for r in range(3)] == [slice(0, 3), slice(3, 6), slice(6, 8)]
+    with pytest.raises(MoeLensError, match="--batch-size 2: .* 3 ranks"):
+        get_task("wikitext2", RunConfig(dataset="wikitext2", batch_size=2), Shard(0, 3))
 
 
 def check_against_one_process(runs: Path, name: str, epoch: int, tmp: Path) -> None:

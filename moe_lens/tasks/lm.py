@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_lens.distributed import SINGLE, Shard
+from moe_lens.errors import MoeLensError
 from moe_lens.tasks import Forward
 
 
@@ -25,6 +26,9 @@ class LMTask:
 
     def __init__(self, cfg, shard: Shard = SINGLE) -> None:
         self.cfg, self.shard = cfg, shard
+        if cfg.batch_size < shard.world:
+            raise MoeLensError(f"--batch-size {cfg.batch_size}: the language model shares its rows among "
+                               f"{shard.world} ranks, so it needs at least {shard.world}")  # fmt: skip
 
     def batches(self, split, *, train: bool, seed: int, epoch: int = 0) -> Iterator[dict]:
         """The W windows in order; in training with `epoch_steps`, from window (epoch * epoch_steps) mod W
