@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lens.moe.losses import smooth_load_prob
+from moe_lens.moe.noisy_gate import noisy_topk_gate
 
 
 @dataclass(frozen=True)
@@ -135,17 +136,25 @@ class NoisyTopKRouter(Router):
         self.noise_eps = noise_eps
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None, groups: int | None = None) -> Routing:
-        clean = self.w_gate(x).float()  # (n, e)
-        probs = clean.softmax(dim=-1)  # (n, e) the clean distribution, recorded in training too
         if not self.training:  # eval is deterministic: slot 0 is the argmax of probs
+            clean = self.w_gate(x).float()  # (n, e)
             top_logits, idx = top_k(clean, self.top_k)  # (n, k)
-            return Routing(idx, top_logits.softmax(dim=-1), probs, clean)
-        noise_std = F.softplus(self.w_noise(x).float()) + self.noise_eps  # (n, e)
-        noisy = clean + torch.randn_like(clean) * noise_std  # H(x), (n, e): it only selects
-        load_prob = smooth_load_prob(clean, noisy, noise_std, self.top_k)
-        top_logits, idx = top_k(noisy, self.top_k)  # (n, k) KeepTopK
+            return Routing(idx, top_logits.softmax(dim=-1), clean.softmax(dim=-1), clean)
+        e = self.num_experts
+        # one matmul for both: [x W_g, x W_noise] (n, 2e)
+        logits2 = F.linear(x, torch.cat([self.w_gate.weight, self.w_noise.weight])).float()
+        clean = logits2[:, :e]  # (n, e)
+        probs = clean.softmax(dim=-1)  # (n, e) the clean distribution, recorded in training too
+        z = torch.randn_like(clean)  # (n, e) the noise draw: H(x) = clean + z * std only selects
+        if self.top_k < e:  # P, KeepTopK and the thresholds in one autograd function (moe/noisy_gate.py)
+            load_prob, top_logits, idx = noisy_topk_gate(logits2, z, self.top_k, self.noise_eps)
+        else:  # every expert is always selected
+            noise_std = F.softplus(logits2[:, e:]) + self.noise_eps  # (n, e)
+            noisy = clean + z * noise_std
+            load_prob = smooth_load_prob(clean, noisy, noise_std, self.top_k)
+            top_logits, idx = top_k(noisy, self.top_k)  # (n, k)
         gate = top_logits.softmax(dim=-1)  # softmax after top-k, over the kept noisy logits
-        return Routing(idx, gate, probs, clean, load_prob=load_prob, top1=clean.argmax(dim=-1))
+        return Routing(idx, gate, probs, clean, load_prob=load_prob, top1=probs.argmax(dim=-1))
 
 
 class SwitchRouter(Router):

@@ -1,0 +1,81 @@
+"""Shazeer et al. 2017 noisy top-k gating (eq. 3-5) and its smooth load estimator (eq. 8-10, appendix A)
+as one autograd function over the router's logits, with a hand-written backward. Shapes as in `moe/layer.py`.
+
+`noisy_topk_gate(logits2, z, k, noise_eps)` takes the clean and the noise logits side by side,
+logits2 = x [W_g; W_noise]^T (n, 2e), one matmul instead of two, and a standard normal draw z (n, e):
+
+    std   = softplus(x W_noise) + noise_eps                      (n, e)
+    H     = x W_g + z * std                                      (n, e) noisy logits, they only select
+    P     = Phi((x W_g - kth_excluding(H, k)) / std)             (n, e) smooth P(x, i)
+    top   = the k largest H per token (values and indices)       (n, k)
+
+the same maths as `losses.smooth_load_prob` and `routers.top_k`, gradients included: the gradient
+reaches x W_g and x W_noise through P, through the two thresholds (the k-th and (k+1)-th largest H,
+which depend on both) and through the kept noisy logits. The threshold comes from one top-(k+1):
+entry i takes the (k+1)-th largest when it is among the top k, else the k-th, i.e. the k-th largest
+of H with i left out. Forward makes 7 passes over (n, e), backward 9; the plain formulas under
+autograd make about 40 (benchmarks/bench_moe_layer.py, docs/moe.md). tests/test_noisy_gate.py checks
+values against `losses.smooth_load_prob` and the backward against autograd of the plain formulas by
+gradcheck in float64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOG_INV_SQRT_2PI = -0.5 * math.log(2 * math.pi)  # log of the standard normal density's constant
+
+
+class _NoisyTopKGate(torch.autograd.Function):
+    """(logits2 (n, 2e), z (n, e)) -> (P (n, e), top values (n, k), top indices (n, k))."""
+
+    @staticmethod
+    def forward(ctx, logits2: Tensor, z: Tensor, k: int, noise_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        n, e = z.shape
+        clean, raw = logits2[:, :e], logits2[:, e:]  # (n, e) views
+        std = F.softplus(raw).add_(noise_eps)  # (n, e)
+        top, idx = torch.addcmul(clean, z, std).topk(k + 1, dim=-1)  # (n, k+1) of H, largest first
+        kth, next_ = top[:, k - 1 : k], top[:, k : k + 1]  # (n, 1) the k-th and (k+1)-th largest of H
+        # u = (clean - threshold) / std: the k-th largest everywhere, the (k+1)-th at the top k (the
+        # entries with H > the (k+1)-th: with ties at the (k+1)-th both thresholds are equal).
+        u = torch.sub(clean, kth).scatter_add_(1, idx[:, :k], (kth - next_).expand(n, k)).div_(std)
+        load_prob = torch.special.ndtr(u)  # (n, e)
+        ctx.save_for_backward(raw, z, std, u, idx)
+        ctx.mark_non_differentiable(idx)
+        return load_prob, top[:, :k], idx[:, :k]
+
+    @staticmethod
+    def backward(ctx, g_prob: Tensor | None, g_top: Tensor | None, _g_idx: None) -> tuple[Tensor, None, None, None]:
+        raw, z, std, u, idx = ctx.saved_tensors  # idx (n, k+1)
+        n, e = z.shape
+        k = idx.shape[1] - 1
+        g = raw.new_empty(n, 2 * e)  # (n, 2e) gradient of logits2, both halves written below
+        g_clean, g_raw = g[:, :e], g[:, e:]
+        g_sparse = raw.new_zeros(n, k + 1)  # gradient of the top-(k+1) noisy logits H
+        if g_top is not None:
+            g_sparse[:, :k] += g_top
+        if g_prob is None:
+            g_clean.zero_(), g_raw.zero_()
+        else:
+            # dP/d clean = phi(u) / std; the density's constant folded in: exp(log c - u^2 / 2)
+            torch.addcmul(torch.full((), LOG_INV_SQRT_2PI, dtype=u.dtype), u, u, value=-0.5, out=g_clean)
+            g_clean.exp_().mul_(g_prob).div_(std)  # G = g_prob * phi(u) / std
+            # the thresholds: dP/d thr = -G; the (k+1)-th largest is the threshold of the top k, the k-th of the rest
+            g_in = g_clean.gather(1, idx[:, :k]).sum(dim=1)  # (n,)
+            g_sparse[:, k] -= g_in
+            g_sparse[:, k - 1] -= g_clean.sum(dim=1) - g_in
+            # dP/d std = phi(u) * (-u / std), times g_prob: -G * u; d std / d raw = sigmoid(raw)
+            torch.mul(g_clean, u, out=g_raw).mul_(torch.sigmoid(raw)).neg_()
+        # H = clean + z * std at the top-(k+1) entries: dH/d clean = 1, dH/d raw = z * sigmoid(raw)
+        g_clean.scatter_add_(1, idx, g_sparse)
+        g_raw.scatter_add_(1, idx, g_sparse * z.gather(1, idx) * torch.sigmoid(raw.gather(1, idx)))
+        return g, None, None, None
+
+
+def noisy_topk_gate(logits2: Tensor, z: Tensor, k: int, noise_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Smooth load probability P (n, e), the k largest noisy logits (n, k) and their experts (n, k)
+    from logits2 = [x W_g, x W_noise] (n, 2e) and the noise draw z (n, e); needs k < e."""
+    return _NoisyTopKGate.apply(logits2, z, k, noise_eps)
