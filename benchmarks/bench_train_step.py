@@ -261,11 +261,22 @@ def report(variants: dict, cfg, args) -> None:
     ident = med["identity"]
     ident_total = ident["forward"] + ident["backward"] + ident["optimizer"] + ident["window"] + ident["to"] \
         + ident["log"] / LOG_EVERY
+    paired = [a / b for a, b in zip(_loop_steps(variants["MoE"]["times"]), _loop_steps(variants["identity"]["times"]))]
     print(f"\n| model | ms / step | tokens/s |\n|---|---|---|\n| MoE ({args.mode}) | {1e3 * total:.0f} | "
           f"{tokens / total:,.0f} |\n| MoE replaced by identity | {1e3 * ident_total:.0f} | {tokens / ident_total:,.0f} |")
+    print(f"\nMoE step / identity step, per pair of steps run back to back: median {statistics.median(paired):.3f} "
+          f"(spread {min(paired):.3f}-{max(paired):.3f})")
     print(f"\nTargets: MoE {100 * parts['MoE'] / total:.1f}% of the step (<= 20%); not LSTM/MoE/softmax "
           f"{100 * (parts['optimizer'] + parts['recorder'] + parts['other']) / total:.1f}% (<= 5%, optimizer included), "
           f"{100 * (parts['recorder'] + parts['other']) / total:.1f}% without the optimizer")  # fmt: skip
+
+
+def _loop_steps(times: dict) -> list[float]:
+    """Each step's seconds with the recorder and logging at the loop's cadence (see `report`)."""
+    from moe_lens.train import LOG_EVERY
+
+    return [f + b + o + w + t + lg / LOG_EVERY for f, b, o, w, t, lg in
+            zip(times["forward"], times["backward"], times["optimizer"], times["window"], times["to"], times["log"])]
 
 
 def main() -> None:

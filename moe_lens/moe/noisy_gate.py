@@ -61,7 +61,7 @@ class _NoisyTopKGate(torch.autograd.Function):
             g_clean.zero_(), g_raw.zero_()
         else:
             # dP/d clean = phi(u) / std; the density's constant folded in: exp(log c - u^2 / 2)
-            torch.addcmul(torch.full((), LOG_INV_SQRT_2PI, dtype=u.dtype), u, u, value=-0.5, out=g_clean)
+            torch.addcmul(torch.full((), LOG_INV_SQRT_2PI, dtype=u.dtype, device=u.device), u, u, value=-0.5, out=g_clean)
             g_clean.exp_().mul_(g_prob).div_(std)  # G = g_prob * phi(u) / std
             # the thresholds: dP/d thr = -G; the (k+1)-th largest is the threshold of the top k, the k-th of the rest
             g_in = g_clean.gather(1, idx[:, :k]).sum(dim=1)  # (n,)
