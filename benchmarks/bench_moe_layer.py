@@ -205,7 +205,10 @@ def time_both(device: str, n: int, d: int, h: int, e: int, k: int, reps: int, mo
     steps = {name: _stepper(layer, x, grad, ids) for name, layer in layers.items()}
     steps["router"] = router_stepper(layers["grouped"], x, ids)
     steps["ceiling"] = ceiling_step(device, n, d, h)
-    steps["per_expert"], routed = grouped_ceiling_step(layers["grouped"], x.detach())
+    if hasattr(layers["grouped"].experts, "w1"):  # MLP banks; the FLOP columns assume MLP experts
+        steps["per_expert"], routed = grouped_ceiling_step(layers["grouped"], x.detach())
+    else:  # LoRA, low-rank, TT-LoRA experts: no per-expert ceiling
+        steps["per_expert"], routed = (lambda: None), 0
     times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():
         step()  # warm-up
@@ -372,7 +375,7 @@ def main() -> None:
     print("reference = the per-expert loop layer with the plain router formulas, same mode; moe-lens = the layer's "
           f"`auto` dispatch ({auto_choice(args.device, 8, 8, 4, min(k, 4), args.mode)} here); ratio = reference / "
           "moe-lens per step pair; router = router + statistics + aux losses, forward and backward, over the "
-          "moe-lens step; matmul = the plain matmul rate of a dense MLP on the expert shapes; GFLOP/s count the "
+          "moe-lens step; matmul = the plain matmul rate of a dense MLP on the expert shapes; GFLOP/s assume MLP experts, count the "
           "router matmuls.\n")  # fmt: skip
     print("| threads | size | d | h | e | k | reference tok/s | moe-lens tok/s | ratio (spread) | router share | "
           "GFLOP/s | matmul GFLOP/s | % of matmul | per-expert GFLOP/s | ref MB | moe-lens MB | same outputs |")  # fmt: skip
@@ -388,7 +391,7 @@ def main() -> None:
                 ratios = sec["ratios"]
                 gflops = flops_per_token(d, h, e, k, sec["router_mats"]) * args.n / sec["grouped"] / 1e9
                 ceiling = 12 * args.n * d * h / sec["ceiling"] / 1e9
-                per_expert = 12 * sec["routed"] * d * h / sec["per_expert"] / 1e9
+                per_expert = 12 * sec["routed"] * d * h / sec["per_expert"] / 1e9 if sec["routed"] else float("nan")
                 print(f"| {threads} | {size} | {d} | {h} | {e} | {k} | {args.n / sec['reference']:,.0f} | "
                       f"{args.n / sec['grouped']:,.0f} | {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
                       f"{100 * sec['router'] / sec['grouped']:.0f}% | {gflops:.1f} | {ceiling:.1f} | "
