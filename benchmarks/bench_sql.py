@@ -1,95 +1,231 @@
-"""Time each canonical analysis on a synthetic trace of 20 million routing rows in the real layout.
+"""Analysis scaling: time every registered analysis and every app page on synthetic traces of several sizes.
 
-    python benchmarks/bench_sql.py [--dir /tmp/moe-lens-bench] [--repeat 3]
+    python benchmarks/bench_sql.py --rows 20M,100M,200M [--repeat 5] [--work-dir DIR] [--pages-at 100M]
 
-The trace: splits train + valid, 500k tokens each, 10 epochs, top-2, 1 layer = 2 x 10 x 500k x 2 = 20M
-rows (written once and reused). Each analysis runs once to warm up, then `--repeat` times; the table gives
-the median wall time and the process's peak RSS (ru_maxrss) after it, with DuckDB at threads=2,
-memory_limit=2GB, preserve_insertion_order=false. Targets: <= 1 s and <= 2 GB each.
+Each size N is one synthetic run `bench` (`moe_lens.synthetic`, noisy_topk, 8 experts, top-2, 2 MoE layers,
+splits train + valid, 10 epochs, 100 steps per epoch: N / 80 tokens per split, N routing rows) plus a second run
+`bench-b` (valid only, another seed) for `agreement`. Traces are written once, streamed (1M tokens per chunk,
+2M-row part files), under --work-dir (default ~/.cache/moe-lens/bench/rows-N), never into the repository.
+
+Every analysis of `moe_lens.analysis.registry.ANALYSES` is timed with the arguments in ARGS (analyses added to
+the registry later run as `fn(con, "bench")`; one that fails prints its error instead of a time), plus the
+heavier full-series variants in EXTRA, and every app page of `moe_lens.app_pages.PAGES` is rendered with
+Streamlit's AppTest. Each case runs in its own Python process (so its peak RSS, ru_maxrss, is its own): one
+warm-up call, then --repeat timed calls, median reported. The connection is `store.connect` with its defaults
+(DuckDB threads = cores, memory_limit 4 GB, spilling to the cache directory); per-run summaries
+(moe_lens/summary.py) are built before timing (their build time is printed) unless --no-summaries.
+Targets (issue 25): seconds per row at the largest size <= 1.2x that at the smallest; each page <= 5 s at 100M.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from moe_lens import analysis as A
-from moe_lens.store import connect
-from moe_lens.synthetic import write_synthetic_ablation, write_synthetic_run
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from moe_lens.synthetic import write_synthetic_ablation, write_synthetic_run  # noqa: E402 - after the sys.path line
 
-SHAPE = dict(num_tokens=500_000, num_experts=8, top_k=2, epochs=10, steps_per_epoch=100, layers=1,
-             specialization=1.0, drop_rate=0.01, capacity_factor=1.25, mode="noisy_topk")
+SHAPE = dict(num_experts=8, top_k=2, epochs=10, steps_per_epoch=100, layers=2, specialization=1.0, drop_rate=0.01,
+             capacity_factor=1.25, mode="noisy_topk", chunk_tokens=1_000_000)
+ROWS_PER_TOKEN = 2 * 10 * 2 * 2  # splits x epochs x layers x top_k
+RUN, RUN_B = "bench", "bench-b"
 
-
-def cases(run: str) -> dict[str, object]:
-    """name -> zero-argument call (the app's default calls, plus the heavier full-series variants)."""
-    return {
-        "load_balance (valid, per epoch)": lambda con: A.load_balance(con, run),
-        "load_balance (train, per step)": lambda con: A.load_balance(con, run, split="train", by="step"),
-        "load_balance per_expert": lambda con: A.load_balance(con, run, per_expert=True),
-        "collapse (train, per step)": lambda con: A.collapse(con, run),
-        "router_confidence": lambda con: A.router_confidence(con, run),
-        "specialization pos_tag": lambda con: A.specialization(con, run),
-        "specialization top tokens": lambda con: A.specialization(con, run, attribute="token", top=10,
-                                                                  order_by="lift", min_count=20),
-        "stability (last epoch)": lambda con: A.stability(con, run, epoch=SHAPE["epochs"] - 1),
-        "stability (all 10 epochs)": lambda con: A.stability(con, run),
-        "agreement (two runs)": lambda con: A.agreement(con, run, run + "-b"),
-        "capacity": lambda con: A.capacity(con, run),
-        "compare (all of the above, last epoch)": lambda con: A.compare(con, run),
-        "coactivation (last epoch)": lambda con: A.coactivation(con, run),
-        "consecutive (last epoch)": lambda con: A.consecutive(con, run),
-        "saturation (10 epochs vs the last)": lambda con: A.saturation(con, run),
-        "vocabulary (last epoch)": lambda con: A.vocabulary(con, run),
-        "fluctuation (10 epochs)": lambda con: A.fluctuation(con, run),
-        "consecutive + bootstrap n=200": lambda con: A.bootstrap(A.consecutive, con, run, n=200),
-        "pos_probe (20k tokens, logistic regression)": lambda con: A.pos_probe(con, run),
-        "ablation (valid, 8 experts x 500k tokens)": lambda con: A.ablation(con, run),
-        "bootstrap(ablation), n=200": lambda con: A.bootstrap(A.ablation, con, run),
-        "ablation_by pos_tag": lambda con: A.ablation_by(con, run),
-        "ablation_importance (Spearman, n=200)": lambda con: A.ablation_importance(con, run),
-    }
+# name -> keyword arguments (the app's default call); "runs" is the run under test
+ARGS: dict[str, dict] = {
+    "agreement": dict(run_a=RUN, run_b=RUN_B),
+    "contexts": dict(run=RUN, split="valid", layer=0, expert=0, token="w1"),
+    "layer_transitions": dict(runs=RUN, layer_a=0, layer_b=1),
+    "compare": dict(runs=[RUN]),
+}
+EXTRA: dict[str, tuple[str, dict]] = {
+    "load_balance (train, per step)": ("load_balance", dict(runs=RUN, split="train", by="step")),
+    "load_balance per_expert": ("load_balance", dict(runs=RUN, per_expert=True)),
+    "specialization top tokens": ("specialization", dict(runs=RUN, attribute="token", top=10, order_by="lift",
+                                                         min_count=20)),
+    "stability (last epoch)": ("stability", dict(runs=RUN, epoch=9)),
+    "routing_paths (paths table)": ("routing_paths", dict(runs=RUN, summary=False)),
+}
 
 
-def ensure_trace(root: Path) -> None:
-    if not (root / "bench" / "run.json").exists():
+def parse_rows(text: str) -> list[int]:
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}
+    return [int(float(t[:-1]) * scale[t[-1].upper()]) if t[-1].upper() in scale else int(t)
+            for t in text.split(",") if t]
+
+
+def label(rows: int) -> str:
+    return f"{rows / 1e6:g}M"
+
+
+def ensure_trace(work: Path, rows: int) -> Path:
+    """The runs directory with `rows` routing rows in run `bench` (and run `bench-b`), written once."""
+    root = work / f"rows-{label(rows)}"
+    tokens = rows // ROWS_PER_TOKEN
+    for run, seed, splits in ((RUN, 0, ("train", "valid")), (RUN_B, 1, ("valid",))):
+        if (root / run / "run.json").exists():
+            continue
+        shutil.rmtree(root / run, ignore_errors=True)  # a half-written run from an interrupted generation
         t = time.perf_counter()
-        write_synthetic_run(root, "bench", seed=0, **SHAPE)
-        print(f"wrote 20M routing rows in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    if not (root / "bench" / "ablation").exists():  # what `moe-lens ablate` writes (the valid split's last epoch)
-        write_synthetic_ablation(root / "bench")
-    if not (root / "bench-b" / "run.json").exists():  # a second run for agreement (valid split only)
-        write_synthetic_run(root, "bench-b", seed=1, splits=("valid",), **SHAPE)
+        write_synthetic_run(root, run, num_tokens=tokens, seed=seed, splits=splits, **SHAPE)
+        print(f"wrote {root / run} ({tokens:,} tokens per split) in {time.perf_counter() - t:.0f} s", file=sys.stderr,
+              flush=True)
+    if not (root / RUN / "ablation").exists():  # what `moe-lens ablate` writes (the valid split's last epoch)
+        write_synthetic_ablation(root / RUN)
+    return root
+
+
+def calls() -> dict[str, tuple[str, dict]]:
+    """case name -> (registered analysis, kwargs): every registry entry, then EXTRA."""
+    from moe_lens.analysis.registry import ANALYSES
+    return {a.name: (a.name, ARGS.get(a.name, dict(runs=RUN))) for a in ANALYSES} | EXTRA
+
+
+def one_analysis(root: Path, case: str, repeat: int) -> dict:
+    """Run in a child process: warm-up + `repeat` timed calls of one case."""
+    from moe_lens.analysis.registry import BY_NAME
+    from moe_lens.store import connect
+    name, kw = calls()[case]
+    con = connect(root)
+    fn = BY_NAME[name].fn
+    n = len(fn(con, **kw))  # warm-up (and the summaries' lazy build, should they be missing)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        n = len(fn(con, **kw))
+        times.append(time.perf_counter() - t)
+    return dict(median=statistics.median(times), times=times, result_rows=n)
+
+
+def one_page(root: Path, name: str, repeat: int) -> dict:
+    """Run in a child process: a cold render of one page (Streamlit caches cleared, a new connection), repeated."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from moe_lens.app_pages import page
+    times = []
+    for _ in range(repeat + 1):  # the first is a warm-up (imports, OS file cache)
+        st.cache_data.clear()
+        st.cache_resource.clear()
+        at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=600)
+        at.session_state["runs_dir"] = str(root)
+        at.session_state["clusters_method"] = "PCA"
+        at.run()
+        t = time.perf_counter()
+        if not page(name).default:
+            at.switch_page(page(name).file)
+        at.run()
+        if name == "sql":  # the example query over the whole routing view
+            at.button(key="sql_run").click().run()
+        times.append(time.perf_counter() - t)
+        errors = [e.value for e in [*at.exception, *at.error]]
+        assert not errors, errors
+    return dict(median=statistics.median(times[1:]), times=times[1:])
+
+
+def child(args: argparse.Namespace) -> None:
+    root = Path(args.child_root)
+    try:
+        out = (one_page if args.child_kind == "page" else one_analysis)(root, args.child_case, args.repeat)
+    except Exception as e:  # noqa: BLE001 - reported in the table, the benchmark goes on
+        out = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160])
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(root: Path, kind: str, case: str, repeat: int, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-root", str(root), "--child-kind", kind,
+           "--child-case", case, "--repeat", str(repeat)]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"over {timeout:.0f} s")
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(lines[-1][7:]) if lines else dict(error=(p.stderr.strip().splitlines() or ["?"])[-1][:160])
+
+
+def build_summaries(root: Path) -> float:
+    from moe_lens import summary
+    from moe_lens.store import connect
+    t = time.perf_counter()
+    summary.build(connect(root), [RUN, RUN_B])
+    return time.perf_counter() - t
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", default="/tmp/moe-lens-bench")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", nargs="*", default=None, help="run only the cases whose name starts with one of these")
+    ap.add_argument("--rows", default="20M,100M,200M", help="comma-separated sizes (routing rows of run 'bench')")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--work-dir", default=None, help="where traces are cached (default ~/.cache/moe-lens/bench)")
+    ap.add_argument("--pages-at", default="100M", help="sizes whose app pages are rendered ('all', 'none')")
+    ap.add_argument("--only", default=None, help="comma-separated case names (default: all)")
+    ap.add_argument("--generate-only", action="store_true", help="write the traces and stop")
+    ap.add_argument("--no-summaries", action="store_true", help="time without per-run summaries (full scans)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per case (all its repetitions)")
+    ap.add_argument("--child-root", help=argparse.SUPPRESS)
+    ap.add_argument("--child-kind", help=argparse.SUPPRESS)
+    ap.add_argument("--child-case", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    root = Path(args.dir)
-    ensure_trace(root)
-    con = connect(root, threads=2, memory_limit="2GB")
-    rows = con.execute("SELECT count(*) FROM routing WHERE run = 'bench'").fetchone()[0]
-    print(f"routing rows in run 'bench': {rows:,}; DuckDB {con.execute('SELECT version()').fetchone()[0]}\n")
-    print(f"| analysis | median s (n={args.repeat}) | peak RSS MB | result rows | <= 1 s |")
-    print("|---|---|---|---|---|")
-    for name, fn in cases("bench").items():
-        if args.only and not any(name.startswith(o) for o in args.only):
-            continue
-        fn(con)  # warm-up
-        times, n = [], 0
-        for _ in range(args.repeat):
-            t = time.perf_counter()
-            n = len(fn(con))
-            times.append(time.perf_counter() - t)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
-        med = statistics.median(times)
-        print(f"| {name} | {med:.3f} | {rss:.0f} | {n} | {'yes' if med <= 1 else 'no'} |", flush=True)
+    if args.child_root:
+        if args.no_summaries or os.environ.get("MOE_LENS_SUMMARIES") == "0":
+            os.environ["MOE_LENS_SUMMARIES"] = "0"
+        return child(args)
+    if args.no_summaries:
+        os.environ["MOE_LENS_SUMMARIES"] = "0"  # inherited by the child processes
+    work = Path(args.work_dir or Path(os.environ.get("MOE_LENS_CACHE", "~/.cache/moe-lens")) / "bench").expanduser()
+    sizes = parse_rows(args.rows)
+    pages_at = sizes if args.pages_at == "all" else [] if args.pages_at == "none" else parse_rows(args.pages_at)
+    roots = {rows: ensure_trace(work, rows) for rows in sizes}
+    if args.generate_only:
+        return
+    from moe_lens.app_pages import NAMES
+    cases = [("analysis", c) for c in calls()] + [("page", p) for p in NAMES]
+    if args.only:
+        cases = [(k, c) for k, c in cases if c in args.only.split(",")]
+    print(f"# bench_sql: --rows {args.rows} --repeat {args.repeat}; {os.cpu_count()} CPUs; "
+          f"summaries {'off' if args.no_summaries else 'on'}", flush=True)
+    results: dict[tuple[str, int], dict] = {}
+    for rows in sizes:
+        if not args.no_summaries:
+            print(f"summaries of {label(rows)} built (or found) in {build_summaries(roots[rows]):.1f} s", flush=True)
+        for kind, case in cases:
+            if kind == "page" and rows not in pages_at:
+                continue
+            r = run_child(roots[rows], kind, case, args.repeat, args.timeout)
+            results[(case, rows)] = r
+            shown = f"{r['median']:.3f} s" if "median" in r else r["error"]
+            print(f"{label(rows):>5} {kind:<8} {case:<32} {shown:>12}  peak RSS {r.get('peak_rss_mb', 0):.0f} MB",
+                  flush=True)
+    table(results, cases, sizes, args.repeat)
+
+
+def table(results: dict, cases: list, sizes: list[int], repeat: int) -> None:
+    """The markdown table: median seconds and peak RSS per size, and the per-row ratio largest/smallest."""
+    head = " | ".join(f"{label(r)} s | {label(r)} RSS MB" for r in sizes)
+    print(f"\n| case | {head} | s/row {label(sizes[-1])} / {label(sizes[0])} |")
+    print("|---|" + "---|---|" * len(sizes) + "---|")
+    for kind, case in cases:
+        cells, per_row = [], []
+        for rows in sizes:
+            r = results.get((case, rows))
+            if r is None:
+                cells.append("- | -")
+                continue
+            cells.append(f"{r['median']:.3f} | {r['peak_rss_mb']:.0f}" if "median" in r else f"{r['error']} | -")
+            if "median" in r:
+                per_row.append((rows, r["median"] / rows))
+        ratio = f"{per_row[-1][1] / per_row[0][1]:.2f}" if len(per_row) > 1 else "-"
+        name = case if kind == "analysis" else f"page: {case}"
+        print(f"| {name} | {' | '.join(cells)} | {ratio} |")
+    print(f"\nmedians over {repeat} repetitions after one warm-up")
 
 
 if __name__ == "__main__":

@@ -47,10 +47,12 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from moe_lens import health
+from moe_lens import health, summary
 from moe_lens.config import RunConfig
+from moe_lens.data.paths import resolve_cache_dir
 from moe_lens.errors import MoeLensError
 
+MEMORY_LIMIT = "4GB"  # DuckDB's memory_limit on every connection (issue 25: analyses spill rather than fail)
 _PARTS = {"dataset": "VARCHAR", "split": "VARCHAR", "epoch": "INTEGER"}
 _DDP = {"ddp_rank": "INTEGER"}  # the torchrun rank that recorded the row (NULL: a single-process run)
 _KEYS = {"step": "BIGINT", "token_idx": "BIGINT", "layer": "SMALLINT"}
@@ -78,13 +80,18 @@ _PA = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(), "BO
 
 
 def connect(runs_dir: str | Path, *, read_only_sandbox: bool = False, threads: int | None = None,
-            memory_limit: str | None = None, warn: bool = True) -> duckdb.DuckDBPyConnection:
+            memory_limit: str | None = MEMORY_LIMIT, temp_directory: str | Path | None = None, warn: bool = True,
+            summaries: bool = True) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views `runs, tokens, routing, probs, hidden, metrics, ablation` over `runs_dir`.
 
     `read_only_sandbox=True` (the app's SQL console) reads the Parquet files through Arrow datasets,
     then sets `enable_external_access=false` and `lock_configuration=true`: the connection can read
     nothing outside the views and write no file (COPY, ATTACH, EXPORT and read_csv all fail).
     `warn=False` leaves out the stderr line per damaged file (the `runs.problems` column still lists it).
+    `memory_limit` (default MEMORY_LIMIT; None: DuckDB's own, 80% of RAM)
+    caps DuckDB's memory: larger sorts, joins and aggregates spill to `temp_directory` (default
+    `<cache>/duckdb-tmp`, never the working directory) instead of failing. `summaries=True` lets the balance
+    analyses read per-run summary files (moe_lens.summary); the sandbox never does.
     """
     root = Path(runs_dir).expanduser().resolve()
     if not root.is_dir():
@@ -99,6 +106,10 @@ def connect(runs_dir: str | Path, *, read_only_sandbox: bool = False, threads: i
         con.execute("SET threads = $t", {"t": threads})
     if memory_limit:
         con.execute("SET memory_limit = $m", {"m": memory_limit})
+    spill = Path(temp_directory or resolve_cache_dir("duckdb-tmp")).expanduser()
+    con.execute("SET temp_directory = $d", {"d": str(spill)})
+    if summaries and not read_only_sandbox and summary.enabled():
+        con.execute(f"SET VARIABLE {summary.ROOT_VARIABLE} = $root", {"root": str(root)})
     con.register("_runs_arrow", _runs_table(found))
     con.execute("CREATE TABLE runs AS SELECT * FROM _runs_arrow")
     con.unregister("_runs_arrow")

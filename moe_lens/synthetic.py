@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moe_lens.config import RunConfig
@@ -42,12 +41,16 @@ def write_synthetic_run(
     drift: float = 0.5, collapse_step: int | None = None, drop_rate: float = 0.0,
     capacity_factor: float | None = None, vocab_size: int = 5000, with_probs: bool = False,
     with_hidden: bool = False, d_model: int = 8, status: str = "finished", rows_per_part: int = 2_000_000,
+    chunk_tokens: int | None = None,
 ) -> Path:
     """Write one synthetic run under `runs_dir/run` and return its directory.
 
     Each split's token stream has `num_tokens` tokens. `train` routes the stream once per epoch in
     `steps_per_epoch` contiguous chunks (step = epoch * steps_per_epoch + chunk); `valid`/`test` route
     the whole stream at the last step of each epoch. Rows: splits x epochs x layers x num_tokens x top_k.
+    `chunk_tokens=N` routes and writes each epoch N tokens at a time (own part files per chunk), so memory stays
+    O(N) rows however long the stream (hundreds of millions of rows for benchmarks/bench_sql.py); the random
+    draws then differ from the unchunked run of the same seed. None: the whole epoch at once (the default).
     """
     live = num_experts - dead_experts
     if not 1 <= top_k <= live:
@@ -68,25 +71,31 @@ def write_synthetic_run(
         _write(tokens, root / "tokens" / f"dataset={dataset}" / f"split={split}" / "part-00000.parquet")
         eps_token = rng.standard_normal((layers, num_tokens, num_experts))
         for epoch in range(epochs):
-            step = _steps(split, epoch, num_tokens, steps_per_epoch)
-            parts = []
-            for layer in range(layers):
-                z = prior + specialization * bias[layer][pos_idx] + noise * eps_token[layer]
-                z = z + drift * rng.standard_normal(z.shape)
-                if collapse_step is not None:
-                    bonus = 20.0 / 2.0 ** np.arange(num_experts)
-                    z = z + np.where((step >= collapse_step)[:, None], bonus, 0.0)
-                z[:, live:] = -np.inf
-                parts.append(_route(rng, z, step, layer, top_k, drop_rate, with_probs))
-            routing = pa.concat_tables([p[0] for p in parts])
+            step_all = _steps(split, epoch, num_tokens, steps_per_epoch)
             part_dir = f"dataset={dataset}/split={split}/epoch={epoch}"
-            _write_parts(routing, root / "routing" / part_dir, rows_per_part)
-            if with_probs:
-                _write_parts(pa.concat_tables([p[1] for p in parts]), root / "probs" / part_dir, rows_per_part)
+            counts, first_part = np.zeros(num_experts), 0
+            for a in range(0, max(num_tokens, 1), chunk_tokens or max(num_tokens, 1)):  # one chunk unless chunk_tokens
+                b = min(a + (chunk_tokens or num_tokens), num_tokens)
+                step, parts = step_all[a:b], []
+                for layer in range(layers):
+                    z = prior + specialization * bias[layer][pos_idx[a:b]] + noise * eps_token[layer, a:b]
+                    z = z + drift * rng.standard_normal(z.shape)
+                    if collapse_step is not None:
+                        bonus = 20.0 / 2.0 ** np.arange(num_experts)
+                        z = z + np.where((step >= collapse_step)[:, None], bonus, 0.0)
+                    z[:, live:] = -np.inf
+                    parts.append(_route(rng, z, step, layer, top_k, drop_rate, with_probs, offset=a))
+                routing = pa.concat_tables([p[0] for p in parts])
+                n_parts = _write_parts(routing, root / "routing" / part_dir, rows_per_part, first_part)
+                if with_probs:
+                    _write_parts(pa.concat_tables([p[1] for p in parts]), root / "probs" / part_dir, rows_per_part,
+                                 first_part)
+                first_part += n_parts
+                counts += np.bincount(parts[0][0]["expert"].to_numpy(), minlength=num_experts)
             if with_hidden:
-                _write(_hidden(rng, num_tokens, layers, d_model, int(step[-1])), root / "hidden" / part_dir / "part-00000.parquet")
+                _write(_hidden(rng, num_tokens, layers, d_model, int(step_all[-1])), root / "hidden" / part_dir / "part-00000.parquet")
             if split != "train":
-                loads.append(_loads(routing, epoch, split, num_experts))
+                loads.append(_loads(counts, int(step_all[-1]) if num_tokens else 0, epoch, split))
     _write_metrics(root, epochs, steps_per_epoch, loads)
     last = epochs * steps_per_epoch - 1
     _write_json(root / "run.json", {"status": status, "started_at": "2026-01-01T00:00:00+00:00", "updated_at": "2026-01-01T01:00:00+00:00",
@@ -132,8 +141,9 @@ def _steps(split: str, epoch: int, n: int, steps_per_epoch: int) -> np.ndarray:
 
 
 def _route(rng: np.random.Generator, z: np.ndarray, step: np.ndarray, layer: int, k: int,
-           drop_rate: float, with_probs: bool) -> tuple[pa.Table, pa.Table | None]:
-    """Top-k routing of logits z (n, e) into n * k rows, token-major, rank 0 = largest gate."""
+           drop_rate: float, with_probs: bool, offset: int = 0) -> tuple[pa.Table, pa.Table | None]:
+    """Top-k routing of logits z (n, e) of tokens offset..offset+n-1 into n * k rows, token-major, rank 0 =
+    largest gate."""
     n, e = z.shape
     top = np.argpartition(-z, k - 1, axis=1)[:, :k] if k < e else np.tile(np.arange(e), (n, 1))
     top = np.take_along_axis(top, np.argsort(-np.take_along_axis(z, top, 1), axis=1, kind="stable"), 1)  # (n, k)
@@ -143,7 +153,7 @@ def _route(rng: np.random.Generator, z: np.ndarray, step: np.ndarray, layer: int
         entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)  # (n,)
     pk = np.take_along_axis(p, top, 1)  # (n, k)
     gate = pk if k == 1 else pk / pk.sum(axis=1, keepdims=True)
-    token_idx = np.arange(n, dtype=np.int64)
+    token_idx = np.arange(offset, offset + n, dtype=np.int64)
     table = pa.table({
         "step": pa.array(np.repeat(step, k), pa.int64()),
         "token_idx": pa.array(np.repeat(token_idx, k), pa.int64()),
@@ -202,11 +212,9 @@ def _hidden(rng: np.random.Generator, n: int, layers: int, d: int, step: int) ->
                      "hidden": pa.ListArray.from_arrays(pa.array(np.arange(m + 1, dtype=np.int32) * d), values)})
 
 
-def _loads(routing: pa.Table, epoch: int, split: str, e: int) -> pa.Table:
-    """Per-expert share of layer-0 dispatches, as the recorder's `load` metric."""
-    r = routing.filter(pc.equal(routing["layer"], 0))
-    counts = np.bincount(r["expert"].to_numpy(), minlength=e).astype(np.float64)
-    step = int(r["step"].to_numpy()[-1]) if r.num_rows else 0
+def _loads(counts: np.ndarray, step: int, epoch: int, split: str) -> pa.Table:
+    """Per-expert share of layer-0 dispatches (`counts`, (e,)), as the recorder's `load` metric."""
+    e = len(counts)
     return pa.table({"step": np.full(e, step, np.int64), "epoch": np.full(e, epoch, np.int32), "split": [split] * e,
                      "name": ["load"] * e, "layer": pa.array(np.zeros(e, np.int16)), "expert": pa.array(np.arange(e, dtype=np.int16)),
                      "value": counts / max(counts.sum(), 1.0)})
@@ -226,9 +234,12 @@ def _write_metrics(root: Path, epochs: int, spe: int, loads: list[pa.Table]) -> 
     _write(pa.concat_tables([train, *valid, *loads]), root / "metrics.parquet")
 
 
-def _write_parts(table: pa.Table, directory: Path, rows_per_part: int) -> None:
-    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_part)):
+def _write_parts(table: pa.Table, directory: Path, rows_per_part: int, first: int = 0) -> int:
+    """Write `table` as part files numbered from `first`; returns how many."""
+    starts = range(0, max(table.num_rows, 1), rows_per_part)
+    for i, start in enumerate(starts, first):
         _write(table.slice(start, rows_per_part), directory / f"part-{i:05d}.parquet")
+    return len(starts)
 
 
 def _write(table: pa.Table, path: Path) -> None:

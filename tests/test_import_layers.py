@@ -43,6 +43,7 @@ LAYER_OF = {
     "moe_lens.capture": "train",        # `moe-lens capture`: Hugging Face MoE routing through the Recorder
     "moe_lens.ablate": "train",         # `moe-lens ablate`: a checkpoint evaluated with experts removed
     "moe_lens.store": "store",
+    "moe_lens.summary": "store",        # per-run routing summaries the balance analyses read
     "moe_lens.analysis": "analysis",
     "moe_lens.projection": "analysis",  # PCA/UMAP of recorded hidden states
     "moe_lens.report": "top",

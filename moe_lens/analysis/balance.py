@@ -15,11 +15,19 @@ from __future__ import annotations
 import duckdb
 import pandas as pd
 
+from moe_lens import summary
 from moe_lens.analysis._query import Runs, check_by, nonempty, query, resolve_runs, run_datasets, sql_text, with_cte
 
 
-def _per_expert_sql() -> str:
-    return sql_text("load_balance")
+def _counts(con: duckdb.DuckDBPyConnection, names: list[str], analysis_sql: str) -> str:
+    """`analysis_sql` over `counts`: the runs' summary files (moe_lens.summary) when all have one, else
+    routing_counts.sql over the trace; the same counts either way."""
+    source = summary.counts_source(con, names) or sql_text("routing_counts")
+    return with_cte("counts", source, analysis_sql)
+
+
+def _per_expert_sql(con: duckdb.DuckDBPyConnection, names: list[str]) -> str:
+    return _counts(con, names, sql_text("load_balance"))
 
 
 def load_balance(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = "valid", by: str = "epoch",
@@ -35,8 +43,8 @@ def load_balance(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: st
     names = resolve_runs(con, runs)
     params = dict(runs=names, split=split, by_step=check_by(by), epoch=epoch, layer=layer, all_ranks=all_ranks,
                   run_datasets=run_datasets(con, names, split, dataset))
-    sql = _per_expert_sql() + "\nORDER BY run, dataset, split, layer, step, expert" if per_expert else \
-        with_cte("per_expert", _per_expert_sql(), sql_text("load_balance_summary"))
+    sql = _per_expert_sql(con, names) + "\nORDER BY run, dataset, split, layer, step, expert" if per_expert else \
+        with_cte("per_expert", _per_expert_sql(con, names), sql_text("load_balance_summary"))
     return nonempty(query(con, sql, params), names, f"split={split!r}, layer={layer}, epoch={epoch}")
 
 
@@ -54,7 +62,7 @@ def collapse(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = 
     names = resolve_runs(con, runs)
     params = dict(runs=names, split=split, by_step=check_by(by), epoch=epoch, layer=layer,
                   all_ranks=all_ranks, threshold=float(threshold), run_datasets=run_datasets(con, names, split, dataset))
-    sql = with_cte("per_expert", _per_expert_sql(), sql_text("collapse"))
+    sql = with_cte("per_expert", _per_expert_sql(con, names), sql_text("collapse"))
     return nonempty(query(con, sql, params), names, f"split={split!r}, layer={layer}, epoch={epoch}")
 
 
@@ -66,7 +74,7 @@ def router_confidence(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, spli
     names = resolve_runs(con, runs)
     params = dict(runs=names, split=split, by_step=check_by(by), epoch=epoch, layer=layer,
                   run_datasets=run_datasets(con, names, split, dataset))
-    return nonempty(query(con, sql_text("router_confidence"), params), names,
+    return nonempty(query(con, _counts(con, names, sql_text("router_confidence")), params), names,
                     f"split={split!r}, layer={layer}, epoch={epoch}")
 
 
@@ -77,5 +85,5 @@ def capacity(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = 
     sets `capacity_factor`. Capacity applies in training only, so the default split is train; an eval split
     never drops (0)."""
     names = resolve_runs(con, runs)
-    return query(con, sql_text("capacity"), dict(runs=names, split=split, epoch=epoch, layer=layer,
-                                                 run_datasets=run_datasets(con, names, split, dataset)))
+    return query(con, _counts(con, names, sql_text("capacity")), dict(
+        runs=names, split=split, epoch=epoch, layer=layer, run_datasets=run_datasets(con, names, split, dataset)))

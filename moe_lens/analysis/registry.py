@@ -104,6 +104,7 @@ HELPER_SQL: dict[str, str] = {
     "recorded_layers": "the MoE layers a run recorded (stability over every layer)",
     "collapse_units": "collapse's expert counts per document or sentence (analysis.bootstrap)",
     "specialization_units": "specialization's contingency counts per document or sentence (analysis.bootstrap)",
+    "routing_counts": "routing rows per (step, layer, expert, rank): the per-run summaries, or the balance analyses' scan",
 }
 
 BY_NAME: dict[str, Analysis] = {a.name: a for a in ANALYSES}

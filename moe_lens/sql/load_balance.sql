@@ -7,11 +7,12 @@
 --   assignments_e = rows of every rank sent to e (all k assignments), assignment_share_e = its share
 --   top1_e        = rank-0 rows sent to e
 -- Every expert 0..num_experts-1 appears, with 0 when it got nothing (num_experts from the run's config).
--- One hash aggregate grouped by (rank = 0) rather than FILTER clauses over the trace; the rest is small.
+-- Read from `counts` (routing_counts.sql over the trace, or the runs' summary files: moe_lens/summary.py), whose
+-- groups are small: one pass over the trace, none at all with a summary.
 WITH by_rank AS (
     SELECT run, dataset, split, epoch, CASE WHEN $by_step THEN step END AS step_key, layer, expert, rank = 0 AS top,
-           max(step) AS last_step, count(*) AS n, sum(CAST(gate AS DOUBLE)) AS importance
-    FROM routing
+           max(step) AS last_step, sum(n) AS n, sum(gates) AS importance
+    FROM counts
     WHERE list_contains($runs, run) AND list_contains($run_datasets, run || '|' || dataset) AND split = $split
       AND ($layer IS NULL OR layer = $layer) AND ($epoch IS NULL OR epoch = $epoch)
     GROUP BY run, dataset, split, epoch, step_key, layer, expert, top

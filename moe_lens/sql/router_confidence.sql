@@ -4,11 +4,11 @@
 --   margin     = mean_t (g_t,0 - g_t,1)  = mean g_0 - mean g_1, exact when every token has a rank-1 row
 --                (top-k routers with k >= 2); NULL otherwise (k = 1, expert choice)
 --   entropy    = mean_t H_t, H_t = -sum_j p_tj ln p_tj the router entropy the recorder stores (nats)
--- One hash aggregate by rank (cheaper than FILTER clauses over 10^7 rows), then a pivot of the small result.
+-- Read from `counts` (routing_counts.sql over the trace, or the runs' summary files: moe_lens/summary.py).
 WITH by_rank AS (
     SELECT run, dataset, split, epoch, CASE WHEN $by_step THEN step END AS step_key, layer, rank,
-           max(step) AS step, count(*) AS n, sum(CAST(gate AS DOUBLE)) AS gates, sum(CAST(entropy AS DOUBLE)) AS entropies
-    FROM routing
+           max(step) AS step, sum(n) AS n, sum(gates) AS gates, sum(entropies) AS entropies
+    FROM counts
     WHERE list_contains($runs, run) AND list_contains($run_datasets, run || '|' || dataset) AND split = $split
       AND ($layer IS NULL OR layer = $layer) AND rank <= 1
       AND ($epoch IS NULL OR epoch = $epoch)

@@ -1,0 +1,127 @@
+"""Per-run routing summaries: small Parquet files of routing counts that the balance analyses read instead of
+scanning the trace, and `moe-lens summarize`.
+
+A run's summary is `sql/routing_counts.sql` over all its routing rows: one row per (run, dataset, split, epoch,
+step, layer, expert, rank) with `n`, `gates`, `entropies`, `dropped`, `known_drop`, a few thousand rows where the
+trace has hundreds of millions. `load_balance`, `collapse`, `router_confidence` and `capacity` aggregate exactly
+these counts (their SQL reads a `counts` relation: this summary, or the same query over `routing`), so their
+results are the same either way (sums of gates up to floating-point summation order).
+
+Where and when:
+- the file is `<cache>/summaries/<run>-<hash of the run's path>/routing_counts-<key>.parquet`, in the cache directory
+  (`$MOE_LENS_CACHE`, else ~/.cache/moe-lens), never in the runs directory (which may be read-only or committed);
+- `key` hashes the list of the run's routing part files with their sizes and mtimes (and the query's text): a new,
+  rewritten or removed part file gives a new key, so a stale summary is never read; the old file is deleted;
+- it is built on first use (`counts_source`, called by the analyses: the first open of an existing run pays one
+  scan), or ahead of time by `moe-lens summarize` (after training, or for existing runs);
+- runs still `running`, runs with damaged files (`runs.problems`) and the app's read-only sandbox connection are
+  not summarised: the analyses scan their traces as before. `MOE_LENS_SUMMARIES=0` turns summaries off.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+
+from moe_lens.atomic import write_table_atomic
+from moe_lens.data.paths import resolve_cache_dir
+
+VIEW = "routing_summary"  # the view over the summary files of the runs asked for so far on a connection
+ROOT_VARIABLE = "moe_lens_runs_dir"  # set by store.connect when summaries may be used on the connection
+
+
+def enabled() -> bool:
+    return os.environ.get("MOE_LENS_SUMMARIES", "1") != "0"
+
+
+def counts_sql() -> str:
+    return resources.files("moe_lens").joinpath("sql", "routing_counts.sql").read_text()
+
+
+def fingerprint(run_dir: Path) -> str:
+    """Hash of the run's routing part files (relative path, size, mtime in ns) and of routing_counts.sql."""
+    h = hashlib.sha256(counts_sql().encode())
+    for f in sorted((run_dir / "routing").rglob("part-*.parquet")):
+        st = f.stat()
+        h.update(f"{f.relative_to(run_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def summary_dir(run_dir: Path) -> Path:
+    tag = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
+    return resolve_cache_dir("summaries") / f"{run_dir.name}-{tag}"
+
+
+def summary_path(run_dir: Path) -> Path:
+    """Where the summary of the run's current part files is (or would be) written."""
+    return summary_dir(run_dir) / f"routing_counts-{fingerprint(run_dir)}.parquet"
+
+
+def build(con: duckdb.DuckDBPyConnection, runs: list[str]) -> dict[str, Path]:
+    """The current summary file of each of `runs` that may be summarised, written where missing (one scan each)."""
+    root = _root(con)
+    if root is None or not runs:
+        return {}
+    ok = con.execute("SELECT run FROM runs WHERE list_contains($runs, run) AND status <> 'running' "
+                     "AND problems IS NULL", {"runs": list(runs)}).fetchall()
+    out = {}
+    for (run,) in ok:
+        run_dir = root / run
+        path = summary_path(run_dir)
+        if not path.exists():
+            table = con.sql(counts_sql(), params={"runs": [run], "split": None}).to_arrow_table()
+            if summary_path(run_dir) != path:  # a part file came or went during the scan: next call rebuilds
+                continue
+            write_table_atomic(table, path)
+            for old in path.parent.glob("routing_counts-*.parquet"):
+                if old != path:
+                    old.unlink(missing_ok=True)
+        out[run] = path
+    return out
+
+
+def counts_source(con: duckdb.DuckDBPyConnection, runs: list[str]) -> str | None:
+    """'SELECT * FROM routing_summary' when every run of `runs` has a current summary (built here when missing),
+    with the view pointed at their files; None otherwise (the caller scans the trace with routing_counts.sql)."""
+    if _root(con) is None:
+        return None
+    files = build(con, runs)
+    if set(files) != set(runs) or not files:
+        return None
+    paths = ", ".join("'" + str(p).replace("'", "''") + "'" for p in files.values())
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {VIEW} AS SELECT * FROM read_parquet([{paths}])")  # our own paths
+    return f"SELECT * FROM {VIEW}"
+
+
+def _root(con: duckdb.DuckDBPyConnection) -> Path | None:
+    if not enabled():
+        return None
+    try:
+        value = con.execute(f"SELECT getvariable('{ROOT_VARIABLE}')").fetchone()[0]
+    except duckdb.Error:  # a locked sandbox connection, or no variables
+        return None
+    return Path(value) if value else None
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("summarize", help="write the per-run routing summaries the analyses read",
+                              description="Build (or refresh) each run's routing summary in the cache directory "
+                                          "(docs/sql.md, 'Summaries'); the analyses also build them on first use.")
+    p.add_argument("runs", nargs="*", help="run names (default: every run)")
+    p.add_argument("--runs-dir", default=None, help="runs directory (default: as `moe-lens sql`)")
+    p.set_defaults(func=_summarize_command)
+
+
+def _summarize_command(args: argparse.Namespace) -> int:
+    # same layer, imported here: store imports this module
+    from moe_lens.store import connect, default_runs_dir
+    con = connect(args.runs_dir or default_runs_dir())
+    names = args.runs or [r[0] for r in con.execute("SELECT run FROM runs ORDER BY run").fetchall()]
+    done = build(con, names)
+    for run in names:
+        print(f"{run}: {done[run]}" if run in done else f"{run}: not summarised (running, damaged or no routing)")
+    return 0
