@@ -1,0 +1,109 @@
+"""Per-run routing summaries (moe_lens/summary.py): every summarised analysis gives the same result from the
+summary files as from a full scan of the trace (the independent reference: the same analysis on a connection with
+summaries off), a new part file invalidates the summary, and runs still running, damaged runs and the sandbox scan."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import moe_lens.analysis as A
+from moe_lens import summary
+from moe_lens.cli import main
+from moe_lens.store import connect
+from moe_lens.synthetic import write_synthetic_run
+
+ROOT = Path(__file__).resolve().parents[1]
+CALLS = [  # (analysis, kwargs) for every analysis that reads `counts`, over its branches
+    ("load_balance", {}), ("load_balance", dict(split="train", by="step")),
+    ("load_balance", dict(per_expert=True, all_ranks=False)), ("load_balance", dict(epoch=0, layer=1)),
+    ("collapse", {}), ("collapse", dict(by="epoch", all_ranks=True, threshold=3.0)),
+    ("router_confidence", {}), ("router_confidence", dict(split="train", by="step", layer=0)),
+    ("capacity", {}), ("capacity", dict(split="valid")),
+]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MOE_LENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MOE_LENS_SUMMARIES", raising=False)
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    d = tmp_path / "runs"
+    write_synthetic_run(d, "a", num_tokens=600, layers=2, num_experts=4, top_k=2, epochs=3, capacity_factor=1.0,
+                        drop_rate=0.1, skew=1.0, dead_experts=1)
+    write_synthetic_run(d, "b", num_tokens=300, num_experts=3, top_k=1, epochs=2, seed=1, dataset="conll2003",
+                        chunk_tokens=128, rows_per_part=100)
+    return d
+
+
+def assert_same(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    """Integers and strings equal; floats equal up to summation order (sums of gates)."""
+    assert list(got.columns) == list(want.columns) and len(got) == len(want)
+    for col in want.columns:
+        if pd.api.types.is_float_dtype(want[col]):
+            np.testing.assert_allclose(got[col].to_numpy(float), want[col].to_numpy(float), rtol=1e-12, atol=0,
+                                       err_msg=col)
+        else:
+            pd.testing.assert_series_equal(got[col], want[col], check_names=False, obj=col)
+
+
+def both(root: Path, names: list[str] | None, calls=CALLS) -> None:
+    fast, scan = connect(root), connect(root, summaries=False)
+    for name, kw in calls:
+        assert_same(getattr(A, name)(fast, names, **kw), getattr(A, name)(scan, names, **kw))
+
+
+def test_summarised_analyses_equal_the_scan(runs: Path, cache: Path) -> None:
+    both(runs, None)
+    assert len(list((cache / "summaries").rglob("routing_counts-*.parquet"))) == 2  # one per run, used above
+
+
+def test_summarised_analyses_equal_the_scan_on_sample_runs() -> None:
+    names = ["wikitext2-load-3layer", "wikitext2-switch", "conll2003-noisy_topk", "squad-hybrid"]
+    both(ROOT / "sample_runs", names, CALLS[:1] + CALLS[4:5] + CALLS[6:7] + CALLS[8:9])
+    fast = connect(ROOT / "sample_runs")
+    A.load_balance(fast, names)
+    assert summary.counts_source(fast, names) is not None  # the sample runs are summarised (nothing written there)
+
+
+def test_a_new_part_file_rebuilds_the_summary(runs: Path) -> None:
+    con = connect(runs)
+    before = A.load_balance(con, "a", per_expert=True)
+    old = summary.summary_path(runs / "a")
+    assert old.exists()
+    part = runs / "a/routing/dataset=wikitext2/split=valid/epoch=2"
+    shutil.copy(part / "part-00000.parquet", part / "part-00001.parquet")  # the epoch's rows recorded twice
+    new = summary.summary_path(runs / "a")
+    assert new != old and not new.exists()
+    after = A.load_balance(con, "a", per_expert=True)
+    assert new.exists() and not old.exists()  # rebuilt, the stale file removed
+    last = after["epoch"] == 2
+    assert (after.loc[last, "tokens"].to_numpy() == 2 * before.loc[last, "tokens"].to_numpy()).all()
+    assert_same(after, A.load_balance(connect(runs, summaries=False), "a", per_expert=True))
+
+
+def test_running_damaged_and_sandbox_scan(runs: Path) -> None:
+    write_synthetic_run(runs, "live", num_tokens=100, status="running")
+    con = connect(runs)
+    assert summary.counts_source(con, ["live"]) is None
+    assert summary.counts_source(con, ["a", "live"]) is None  # one run without a summary: all scanned
+    assert summary.counts_source(connect(runs, read_only_sandbox=True), ["a"]) is None
+    (runs / "b/routing/dataset=conll2003/split=valid/epoch=0/part-00000.parquet").write_bytes(b"not parquet")
+    con = connect(runs, warn=False)
+    assert summary.counts_source(con, ["b"]) is None
+    both(runs, ["a", "b", "live"], CALLS[:2])
+
+
+def test_summarize_command(runs: Path, capsys: pytest.CaptureFixture) -> None:
+    write_synthetic_run(runs, "live", num_tokens=100, status="running")
+    assert main(["summarize", "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert f"a: {summary.summary_path(runs / 'a')}" in out and "live: not summarised" in out
+    assert summary.summary_path(runs / "b").exists()
