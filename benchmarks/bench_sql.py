@@ -192,7 +192,7 @@ def main() -> None:
         cases = [(k, c) for k, c in cases if c in args.only.split(",")]
     print(f"# bench_sql: --rows {args.rows} --repeat {args.repeat}; {os.cpu_count()} CPUs; "
           f"summaries {'off' if args.no_summaries else 'on'}", flush=True)
-    results: dict[tuple[str, int], dict] = {}
+    results: dict[tuple[str, str, int], dict] = {}
     for rows in sizes:
         if not args.no_summaries:
             print(f"summaries of {label(rows)} built (or found) in {build_summaries(roots[rows]):.1f} s", flush=True)
@@ -200,7 +200,7 @@ def main() -> None:
             if kind == "page" and rows not in pages_at:
                 continue
             r = run_child(roots[rows], kind, case, args.repeat, args.timeout)
-            results[(case, rows)] = r
+            results[(kind, case, rows)] = r
             shown = f"{r['median']:.3f} s" if "median" in r else r["error"]
             print(f"{label(rows):>5} {kind:<8} {case:<32} {shown:>12}  peak RSS {r.get('peak_rss_mb', 0):.0f} MB",
                   flush=True)
@@ -215,7 +215,7 @@ def table(results: dict, cases: list, sizes: list[int], repeat: int) -> None:
     for kind, case in cases:
         cells, per_row = [], []
         for rows in sizes:
-            r = results.get((case, rows))
+            r = results.get((kind, case, rows))
             if r is None:
                 cells.append("- | -")
                 continue

@@ -13,6 +13,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from moe_lens import summary
 from moe_lens.errors import MoeLensError
 
 Runs = list[str] | str | None
@@ -42,6 +43,12 @@ def with_cte(name: str, inner: str, outer: str) -> str:
     if body[:4].upper() == "WITH":  # outer has its own CTEs: continue the list
         return f"{head},{body[4:]}"
     return f"{head}\n{body}"
+
+
+def keyed(con: duckdb.DuckDBPyConnection, runs: list[str], sql: str) -> str:
+    """`sql` over `trace_keys`: the runs' summary files when every one has a current summary (moe_lens.summary,
+    built here on first use), else the routing view; both hold the same key tuples (run ... expert, rank)."""
+    return with_cte("trace_keys", summary.counts_source(con, runs) or "SELECT * FROM routing", sql)
 
 
 def resolve_runs(con: duckdb.DuckDBPyConnection, runs: Runs) -> list[str]:
@@ -74,7 +81,7 @@ def nonempty(df: pd.DataFrame, runs: list[str], what: str) -> pd.DataFrame:
 def run_datasets(con: duckdb.DuckDBPyConnection, runs: list[str], split: str, dataset: str | None) -> list[str]:
     """'run|dataset' keys an analysis covers (run_datasets.sql): `dataset=None` each run's own dataset
     (config.json), a name that dataset, '*' every dataset recorded in `split`, each on its own rows."""
-    return query(con, sql_text("run_datasets"), dict(runs=runs, split=split, dataset=dataset))["key"].tolist()
+    return query(con, keyed(con, runs, sql_text("run_datasets")), dict(runs=runs, split=split, dataset=dataset))["key"].tolist()
 
 
 def last_epochs(con: duckdb.DuckDBPyConnection, runs: list[str], split: str, epoch: int | None,
@@ -84,7 +91,7 @@ def last_epochs(con: duckdb.DuckDBPyConnection, runs: list[str], split: str, epo
     pairs = run_datasets(con, runs, split, dataset)
     if epoch is not None:
         return [f"{k}|{epoch}" for k in pairs]
-    df = query(con, sql_text("last_epochs"), {"runs": runs, "run_datasets": pairs, "split": split})
+    df = query(con, keyed(con, runs, sql_text("last_epochs")), {"runs": runs, "run_datasets": pairs, "split": split})
     return [f"{r}|{d}|{e}" for r, d, e in zip(df["run"], df["dataset"], df["epoch"])]
 
 

@@ -18,7 +18,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from moe_lens.analysis._query import Runs, last_epochs, nonempty, oov_params, query, resolve_runs, sql_text
+from moe_lens.analysis._query import Runs, keyed, last_epochs, nonempty, oov_params, query, resolve_runs, sql_text
 from moe_lens.information import scores
 from moe_lens.errors import MoeLensError
 
@@ -109,7 +109,8 @@ def coactivation(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: st
 
 def recorded_layers(con: duckdb.DuckDBPyConnection, runs: Runs = None) -> pd.DataFrame:
     """(run, layer) for every MoE layer recorded in `runs` (None = all)."""
-    return query(con, sql_text("recorded_layers"), dict(runs=resolve_runs(con, runs)))
+    names = resolve_runs(con, runs)
+    return query(con, keyed(con, names, sql_text("recorded_layers")), dict(runs=names))
 
 
 __all__ = ["recorded_layers", "routing_paths", "layer_transitions", "coactivation", "PATH_ATTRIBUTES"]

@@ -17,7 +17,7 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
 from moe_lens import information
-from moe_lens.analysis._query import Runs, last_epochs, nonempty, query, resolve_runs, run_datasets, sql_text
+from moe_lens.analysis._query import Runs, keyed, last_epochs, nonempty, query, resolve_runs, run_datasets, sql_text
 from moe_lens.errors import MoeLensError
 
 
@@ -31,7 +31,7 @@ def stability(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str =
     frames = []
     for key in run_datasets(con, names, split, dataset):
         run, ds = key.rsplit("|", 1)
-        epochs = query(con, sql_text("epochs"), dict(run=run, dataset=ds, split=split))["epoch"].tolist()
+        epochs = query(con, keyed(con, [run], sql_text("epochs")), dict(run=run, dataset=ds, split=split))["epoch"].tolist()
         if epoch is not None:
             i = epochs.index(epoch) if epoch in epochs else None
             epochs = [] if i is None else epochs[max(i - 1, 0):i + 1]
@@ -47,15 +47,15 @@ def _layers(con: duckdb.DuckDBPyConnection, run: str, layer: int | None) -> list
     """[layer], or every MoE layer recorded for `run` when layer is None."""
     if layer is not None:
         return [int(layer)]
-    return [int(x) for x in query(con, sql_text("recorded_layers"), dict(runs=[run]))["layer"]]
+    return [int(x) for x in query(con, keyed(con, [run], sql_text("recorded_layers")), dict(runs=[run]))["layer"]]
 
 
 def _stability_sql(con: duckdb.DuckDBPyConnection, params: dict) -> str:
     """`stability` (experts packed into a HUGEINT per token, no sort) when the packing fits, else
     `stability_sorted` (lag windows over the sorted trace); both give the same numbers. Sets params["bits"]."""
-    lo, hi = con.execute("SELECT min(expert), max(expert) FROM routing WHERE run = $run AND dataset = $dataset "
-                         "AND split = $split "
-                         "AND layer = $layer AND rank = 0 AND list_contains($epochs, epoch)", params).fetchall()[0]
+    sql = keyed(con, [params["run"]], "SELECT min(expert), max(expert) FROM trace_keys WHERE run = $run AND dataset = "
+                "$dataset AND split = $split AND layer = $layer AND rank = 0 AND list_contains($epochs, epoch)")
+    lo, hi = con.execute(sql, params).fetchall()[0]
     params["bits"] = bits = max(int(hi if hi is not None else 0) + 1, 1).bit_length()
     return "stability" if (lo is None or lo >= 0) and bits * len(params["epochs"]) <= 126 else "stability_sorted"
 
