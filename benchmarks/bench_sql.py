@@ -96,12 +96,19 @@ def one_analysis(root: Path, case: str, repeat: int) -> dict:
     con = connect(root)
     fn = BY_NAME[name].fn
     n = len(fn(con, **kw))  # warm-up (and the summaries' lazy build, should they be missing)
-    times = []
+    times, cpu = [], []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu()
         n = len(fn(con, **kw))
         times.append(time.perf_counter() - t)
-    return dict(median=statistics.median(times), times=times, result_rows=n)
+        cpu.append(_cpu() - c)
+    return dict(median=statistics.median(times), times=times, cpu=statistics.median(cpu), result_rows=n)
+
+
+def _cpu() -> float:
+    """CPU seconds of this process, all threads (user + system): less sensitive than wall time to a shared CPU."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def one_page(root: Path, name: str, repeat: int) -> dict:
@@ -110,7 +117,7 @@ def one_page(root: Path, name: str, repeat: int) -> dict:
     from streamlit.testing.v1 import AppTest
 
     from moe_lens.app_pages import page
-    times = []
+    times, cpu = [], []
     for _ in range(repeat + 1):  # the first is a warm-up (imports, OS file cache)
         st.cache_data.clear()
         st.cache_resource.clear()
@@ -118,16 +125,17 @@ def one_page(root: Path, name: str, repeat: int) -> dict:
         at.session_state["runs_dir"] = str(root)
         at.session_state["clusters_method"] = "PCA"
         at.run()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu()
         if not page(name).default:
             at.switch_page(page(name).file)
         at.run()
         if name == "sql":  # the example query over the whole routing view
             at.button(key="sql_run").click().run()
         times.append(time.perf_counter() - t)
+        cpu.append(_cpu() - c)
         errors = [e.value for e in [*at.exception, *at.error]]
         assert not errors, errors
-    return dict(median=statistics.median(times[1:]), times=times[1:])
+    return dict(median=statistics.median(times[1:]), times=times[1:], cpu=statistics.median(cpu[1:]))
 
 
 def child(args: argparse.Namespace) -> None:
@@ -201,31 +209,34 @@ def main() -> None:
                 continue
             r = run_child(roots[rows], kind, case, args.repeat, args.timeout)
             results[(kind, case, rows)] = r
-            shown = f"{r['median']:.3f} s" if "median" in r else r["error"]
-            print(f"{label(rows):>5} {kind:<8} {case:<32} {shown:>12}  peak RSS {r.get('peak_rss_mb', 0):.0f} MB",
+            shown = f"{r['median']:.3f} s  cpu {r['cpu']:.3f} s" if "median" in r else r["error"]
+            print(f"{label(rows):>5} {kind:<8} {case:<32} {shown:>22}  peak RSS {r.get('peak_rss_mb', 0):.0f} MB",
                   flush=True)
     table(results, cases, sizes, args.repeat)
 
 
 def table(results: dict, cases: list, sizes: list[int], repeat: int) -> None:
-    """The markdown table: median seconds and peak RSS per size, and the per-row ratio largest/smallest."""
-    head = " | ".join(f"{label(r)} s | {label(r)} RSS MB" for r in sizes)
-    print(f"\n| case | {head} | s/row {label(sizes[-1])} / {label(sizes[0])} |")
-    print("|---|" + "---|---|" * len(sizes) + "---|")
+    """The markdown table: median wall and CPU seconds and peak RSS per size, and the per-row ratios largest/smallest."""
+    head = " | ".join(f"{label(r)} s | {label(r)} cpu s | {label(r)} RSS MB" for r in sizes)
+    big, small = label(sizes[-1]), label(sizes[0])
+    print(f"\n| case | {head} | s/row {big} / {small} | cpu/row {big} / {small} |")
+    print("|---|" + "---|---|---|" * len(sizes) + "---|---|")
     for kind, case in cases:
         cells, per_row = [], []
         for rows in sizes:
             r = results.get((kind, case, rows))
             if r is None:
-                cells.append("- | -")
-                continue
-            cells.append(f"{r['median']:.3f} | {r['peak_rss_mb']:.0f}" if "median" in r else f"{r['error']} | -")
-            if "median" in r:
-                per_row.append((rows, r["median"] / rows))
-        ratio = f"{per_row[-1][1] / per_row[0][1]:.2f}" if len(per_row) > 1 else "-"
+                cells.append("- | - | -")
+            elif "median" in r:
+                cells.append(f"{r['median']:.3f} | {r['cpu']:.3f} | {r['peak_rss_mb']:.0f}")
+                per_row.append((r["median"] / rows, r["cpu"] / rows))
+            else:
+                cells.append(f"{r['error']} | - | -")
+        ratio = " | ".join(f"{per_row[-1][i] / per_row[0][i]:.2f}" if len(per_row) > 1 and per_row[0][i] else "-"
+                           for i in (0, 1))
         name = case if kind == "analysis" else f"page: {case}"
         print(f"| {name} | {' | '.join(cells)} | {ratio} |")
-    print(f"\nmedians over {repeat} repetitions after one warm-up")
+    print(f"\nmedians over {repeat} repetitions after one warm-up; cpu = user + system seconds of the process")
 
 
 if __name__ == "__main__":
