@@ -12,6 +12,7 @@ import pytest
 
 import moe_lens.analysis as A
 from moe_lens import summary
+from moe_lens.analysis import _query
 from moe_lens.cli import main
 from moe_lens.store import connect
 from moe_lens.synthetic import write_synthetic_run
@@ -107,3 +108,17 @@ def test_summarize_command(runs: Path, capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert f"a: {summary.summary_path(runs / 'a')}" in out and "live: not summarised" in out
     assert summary.summary_path(runs / "b").exists()
+
+
+def test_key_lookups_from_the_summary_equal_the_scan(runs: Path) -> None:
+    """run_datasets, last_epochs, epochs and recorded_layers read `trace_keys` (the summary when present): every
+    analysis built on them gives the scan's result."""
+    fast, scan = connect(runs), connect(runs, summaries=False)
+    for split, dataset in (("valid", None), ("train", "*"), ("valid", "conll2003")):
+        assert _query.run_datasets(fast, ["a", "b"], split, dataset) == _query.run_datasets(scan, ["a", "b"], split, dataset)
+        assert _query.last_epochs(fast, ["a", "b"], split, None, dataset) == \
+            _query.last_epochs(scan, ["a", "b"], split, None, dataset)
+    both(runs, ["a", "b"], [("recorded_layers", {}), ("stability", {}), ("stability", dict(epoch=1, split="train")),
+                            ("specialization", {}), ("coactivation", {})])
+    both(runs, ["a"], [("routing_paths", {}), ("layer_transitions", dict(layer_a=0, layer_b=1))])
+    assert_same(A.agreement(fast, "b", "b", epoch_b=0), A.agreement(scan, "b", "b", epoch_b=0))
