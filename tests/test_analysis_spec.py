@@ -173,7 +173,7 @@ def test_stability_packed_equals_sorted_with_gaps(e: int, n: int, epochs: int, k
     when tokens miss epochs (expert-choice routing) and runs of complete and incomplete tokens alternate."""
     import pyarrow.parquet as pq
     from moe_lens.analysis.stability import _stability_sql
-    from moe_lens.analysis._query import query, sql_text
+    from moe_lens.analysis._query import keyed, query, sql_text
     with tempfile.TemporaryDirectory() as tmp:
         root = write_synthetic_run(tmp, "r", num_experts=e, top_k=1, num_tokens=n, epochs=epochs, seed=seed)
         rng = np.random.default_rng(seed)
@@ -188,7 +188,7 @@ def test_stability_packed_equals_sorted_with_gaps(e: int, n: int, epochs: int, k
                 got = A.stability(con, "r", epoch=ep)
             except MoeLensError:  # nothing left at rank 0 in the valid split
                 got = pd.DataFrame()
-            epochs_list = query(con, sql_text("epochs"), dict(run="r", dataset="wikitext2", split="valid"))["epoch"].tolist()
+            epochs_list = query(con, keyed(con, ["r"], sql_text("epochs")), dict(run="r", dataset="wikitext2", split="valid"))["epoch"].tolist()
             if ep is not None:
                 i = epochs_list.index(ep) if ep in epochs_list else None
                 epochs_list = [] if i is None else epochs_list[max(i - 1, 0):i + 1]
