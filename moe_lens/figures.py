@@ -3,7 +3,8 @@
 Each builder takes a connection from `moe_lens.store.connect` and returns `(figure, table)`: the table is
 the analysis DataFrame the figure plots, so every number in a figure can be printed or checked.
 
-- `collapse`        effective experts exp(H) of top-1 usage in each run's last recorded epoch, by dataset
+- `collapse`        effective experts exp(H) of top-1 usage in each run's last recorded epoch, by dataset; a bar
+                    averages one run's seed replicates (n printed on it)
 - `collapse-curve`  effective experts over training steps (recorded training batches)
 - `specialization`  expert x attribute-value lift heatmap of one run (POS tag, frequency band, dataset...)
 - `nmi`             NMI and AMI (expert; attribute) per run next to the expected NMI under permutation (chance)
@@ -52,9 +53,11 @@ def _routed_runs(con: duckdb.DuckDBPyConnection, runs: list[str] | None,
 
 def collapse_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, split: str = "valid",
                   modes: list[str] | None = None) -> tuple[go.Figure, pd.DataFrame]:
-    """Effective experts (top-1, layer 0, last recorded epoch of `split`) per dataset, one bar per mode: the mean
-    over the runs of that (dataset, mode) (seeds), with a min-max error bar when there are several. Runs of
-    another depth than the default (`num_layers` 2, `moe_layers` "1") are left out: the Layers page shows them."""
+    """Effective experts (top-1, layer 0, last recorded epoch of `split`) per dataset and mode. A bar averages
+    the seed replicates of one run only (`replicate`: the run name without a trailing `-seed<N>`), prints their
+    number n and shows their min-max range; a run that is no seed of another (conll2003-load-ablate, a smaller
+    model) is a bar of its own, named `mode: run`. Runs of another depth than the default (`num_layers` 2,
+    `moe_layers` "1") are left out: the Layers page shows them."""
     info = _routed_runs(con, runs, modes)
     depth = con.execute("SELECT run, num_layers, moe_layers FROM runs").df().set_index("run")
     default = depth["num_layers"].fillna(2).eq(2) & depth["moe_layers"].fillna("1").astype(str).eq("1")
@@ -62,26 +65,39 @@ def collapse_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None,
     df = A.collapse(con, info["run"].tolist(), split=split, by="epoch", layer=0)
     df = df.sort_values("epoch").groupby("run", as_index=False).last().drop(columns="dataset")
     df = df.merge(info[["run", "dataset", "mode"]], on="run")
-    agg = df.groupby(["dataset", "mode"], sort=False).agg(
+    df["replicate"] = df["run"].str.replace(r"-seed\d+$", "", regex=True)
+    size = df.groupby("replicate")["run"].transform("size")
+    # the bar named by the mode alone: the (dataset, mode)'s replicate with most runs (ties: the shortest name)
+    main = df.assign(size=size, length=df["replicate"].str.len()).sort_values(["size", "length"], ascending=[False, True])
+    main = main.groupby(["dataset", "mode"])["replicate"].first()
+    main_of = df.set_index(["dataset", "mode"]).index.map(main)
+    df["bar"] = df["mode"].where(df["replicate"].to_numpy() == main_of.to_numpy(), df["mode"] + ": " + df["replicate"])
+    agg = df.groupby(["dataset", "bar"], sort=False).agg(
         mean=("effective_experts", "mean"), lo=("effective_experts", "min"), hi=("effective_experts", "max"),
-        runs=("run", "size"), dead=("dead_experts", lambda x: f"{x.min()}-{x.max()}" if x.nunique() > 1 else str(x.iloc[0]))
+        runs=("run", "size"), names=("run", ", ".join),
+        dead=("dead_experts", lambda x: f"{x.min()}-{x.max()}" if x.nunique() > 1 else str(x.iloc[0]))
     ).reset_index()
-    order = modes or list(dict.fromkeys(info["mode"]))
+    df["runs_in_bar"] = df.groupby(["dataset", "bar"])["run"].transform("size")
+    order = [m for mode in (modes or list(dict.fromkeys(info["mode"])))
+             for m in dict.fromkeys(df.loc[df["mode"] == mode, "bar"].sort_values(key=lambda b: b.str.len()))]
     fig = go.Figure()
-    for mode in order:
-        d = agg[agg["mode"] == mode]
-        fig.add_bar(name=mode, x=d["dataset"], y=d["mean"], text=d["mean"].round(1), textposition="outside",
-                    error_y=dict(type="data", symmetric=False, array=d["hi"] - d["mean"], arrayminus=d["mean"] - d["lo"]),
-                    customdata=d[["runs", "lo", "hi", "dead"]],
-                    hovertemplate=f"{mode}: mean %{{y:.2f}} effective experts over %{{customdata[0]}} run(s) "
-                                  "(min %{customdata[1]:.2f}, max %{customdata[2]:.2f}), dead %{customdata[3]}<extra></extra>")  # fmt: skip
+    for bar in order:
+        d = agg[agg["bar"] == bar]
+        text = [f"{m:.1f}" + (f" (n={n})" if n > 1 else "") for m, n in zip(d["mean"], d["runs"])]
+        fig.add_bar(name=bar, x=d["dataset"], y=d["mean"], text=text, textposition="outside",
+                    error_y=literature_figures.error_bars(d, "mean", lo="lo", hi="hi"),
+                    customdata=d[["runs", "lo", "hi", "dead", "names"]],
+                    hovertemplate=f"{bar}: mean %{{y:.2f}} effective experts over %{{customdata[0]}} run(s) "
+                                  "%{customdata[4]} (min %{customdata[1]:.2f}, max %{customdata[2]:.2f}), "
+                                  "dead %{customdata[3]}<extra></extra>")  # fmt: skip
     e = int(df["num_experts"].max()) if len(df) else 0
     fig.add_hline(y=e, line_dash="dot", annotation_text=f"all {e} experts used equally", annotation_position="top left")
-    seeds = " (mean over seeds, min-max bars)" if (agg["runs"] > 1).any() else ""
+    seeds = "<br><sup>n = seeds averaged in a bar (min-max error bars); a run that is no seed of another has its own bar</sup>" \
+        if (agg["runs"] > 1).any() else ""
     fig.update_layout(barmode="group", title=f"Effective experts exp(H) of top-1 routing ({split}, last epoch){seeds}",
                       yaxis_title="effective experts", xaxis_title="dataset", legend_title="mode", **_LAYOUT)  # fmt: skip
-    return fig, df[["run", "dataset", "mode", "epoch", "step", "effective_experts", "dead_experts", "never_top1",
-                  "norm_entropy"]]
+    return fig, df[["run", "dataset", "mode", "bar", "runs_in_bar", "epoch", "step", "effective_experts",
+                    "dead_experts", "never_top1", "norm_entropy"]]
 
 
 def collapse_curves(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, split: str = "train",
@@ -143,8 +159,7 @@ def probe_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *,
     fig = go.Figure()
     for method, d in df.groupby("method", sort=False):
         fig.add_bar(name=method, x=d["run"], y=d["accuracy"],
-                    error_y=dict(type="data", symmetric=False, array=d["accuracy_hi"] - d["accuracy"],
-                                 arrayminus=d["accuracy"] - d["accuracy_lo"]))  # fmt: skip
+                    error_y=literature_figures.error_bars(d, "accuracy"))
     fig.update_layout(barmode="group", title=f"POS from routing: probe accuracy vs baselines ({split}, held-out documents)",
                       yaxis_title="accuracy", legend_title="predictor", **_LAYOUT)  # fmt: skip
     return fig, df
@@ -157,8 +172,7 @@ def ablation_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None,
     fig = go.Figure()
     for (run, layer), d in df.groupby(["run", "layer"], sort=True):
         fig.add_bar(name=f"{run} layer {layer}", x=[f"e{e}" for e in d["expert"]], y=d["mean_delta"],
-                    error_y=dict(type="data", symmetric=False, array=d["mean_delta_hi"] - d["mean_delta"],
-                                 arrayminus=d["mean_delta"] - d["mean_delta_lo"]))  # fmt: skip
+                    error_y=literature_figures.error_bars(d, "mean_delta"))
     fig.update_layout(barmode="group", title=f"Loss increase when each expert is removed ({split}, nats/token)",
                       xaxis_title="ablated expert", yaxis_title="mean delta loss", **_LAYOUT)  # fmt: skip
     return fig, df

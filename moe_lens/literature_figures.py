@@ -22,10 +22,14 @@ _LAYOUT = dict(template="plotly_white", font=dict(size=13), margin=dict(l=60, r=
 BOOT = dict(by="document", n=200, seed=0)
 
 
-def _err(df: pd.DataFrame, m: str) -> dict | None:
-    if f"{m}_lo" not in df:
+def error_bars(df: pd.DataFrame, m: str, *, lo: str | None = None, hi: str | None = None) -> dict | None:
+    """Plotly `error_y` of column `m` from its interval columns (default `<m>_lo`, `<m>_hi`, as analysis.bootstrap
+    names them); None when `df` has no interval. The one place the asymmetric error-bar dict is written (the
+    figures, literature figures and app pages use it)."""
+    lo, hi = lo or f"{m}_lo", hi or f"{m}_hi"
+    if lo not in df or hi not in df:
         return None
-    return dict(type="data", symmetric=False, array=df[f"{m}_hi"] - df[m], arrayminus=df[m] - df[f"{m}_lo"])
+    return dict(type="data", symmetric=False, array=df[hi] - df[m], arrayminus=df[m] - df[lo])
 
 
 def _label(df: pd.DataFrame) -> pd.Series:
@@ -41,7 +45,7 @@ def consecutive_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None, *, 
     fig = go.Figure()
     for m, name in (("same_top1", "same top-1"), ("same_top1_chance", "chance: sum p_i^2"),
                     ("top1_in_next_top2", "top-1 in next token's top-2"), ("top1_in_next_top2_chance", "chance (top-2)")):
-        fig.add_bar(name=name, x=x, y=df[m], error_y=_err(df, m), marker_pattern_shape="/" if "chance" in m else "")
+        fig.add_bar(name=name, x=x, y=df[m], error_y=error_bars(df, m), marker_pattern_shape="/" if "chance" in m else "")
     fig.update_layout(barmode="group", title=f"Consecutive tokens (same {within}) routed alike ({split}, last epoch; "
                       "95% intervals over documents)", yaxis_title="share of pairs", **_LAYOUT)
     return fig, df
@@ -53,7 +57,7 @@ def saturation_lines(con: duckdb.DuckDBPyConnection, runs: list[str] | None, *,
     df = df.assign(label=_label(df))
     fig = go.Figure()
     for label, d in df.groupby("label", sort=True):
-        fig.add_scatter(x=d["epoch"], y=d["top1_match"], error_y=_err(d, "top1_match"), mode="lines+markers",
+        fig.add_scatter(x=d["epoch"], y=d["top1_match"], error_y=error_bars(d, "top1_match"), mode="lines+markers",
                         name=f"{label}")
         fig.add_scatter(x=d["epoch"], y=d["top1_match_chance"], mode="lines", line_dash="dot", name=f"{label} chance")
     fig.update_layout(title=f"Router saturation: top-1 match with the final epoch ({split}; 95% intervals)",
@@ -67,7 +71,7 @@ def vocabulary_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None, *, s
     x = _label(df)
     fig = go.Figure()
     fig.add_bar(name="share on the most frequent expert (mean over types)", x=x, y=df["mean_share"],
-                error_y=_err(df, "mean_share"))
+                error_y=error_bars(df, "mean_share"))
     fig.add_bar(name="chance: experts drawn from p", x=x, y=df["mean_share_chance"], marker_pattern_shape="/")
     fig.update_layout(barmode="group", title=f"Vocabulary specialization, types seen >= {min_count} times ({split})",
                       yaxis_title="share", **_LAYOUT)

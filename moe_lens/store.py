@@ -79,6 +79,22 @@ _FIRST_SUBWORD = " WHERE coalesce(subword, 0) = 0"
 _PA = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(), "BOOLEAN": pa.bool_()}
 
 
+# A token's value of a specialization attribute (analysis.specialization.ATTRIBUTES), written once for every SQL
+# that groups by one (specialization.sql, specialization_units.sql): `token_value($attribute, pos_tag, freq_band,
+# dataset, ner_tag, segment, token, in_answer, position)`; position_band buckets position into
+# analysis.specialization.POSITION_BANDS. NULL for an unknown attribute (the Python callers check the name).
+TOKEN_VALUE_MACRO = """CREATE OR REPLACE MACRO token_value(attribute, pos_tag, freq_band, dataset, ner_tag, segment,
+                                              token, in_answer, position) AS
+    CASE attribute
+        WHEN 'pos_tag' THEN pos_tag WHEN 'freq_band' THEN freq_band WHEN 'dataset' THEN dataset
+        WHEN 'ner_tag' THEN ner_tag WHEN 'segment' THEN segment WHEN 'token' THEN token
+        WHEN 'in_answer' THEN CAST(in_answer AS VARCHAR)
+        WHEN 'position_band' THEN CASE WHEN position = 0 THEN '0' WHEN position < 5 THEN '1-4'
+            WHEN position < 10 THEN '5-9' WHEN position < 20 THEN '10-19' WHEN position < 50 THEN '20-49'
+            WHEN position >= 50 THEN '50+' END
+    END"""
+
+
 def connect(runs_dir: str | Path, *, read_only_sandbox: bool = False, threads: int | None = None,
             memory_limit: str | None = MEMORY_LIMIT, temp_directory: str | Path | None = None, warn: bool = True,
             summaries: bool = True) -> duckdb.DuckDBPyConnection:
@@ -125,6 +141,7 @@ def connect(runs_dir: str | Path, *, read_only_sandbox: bool = False, threads: i
         con.execute(f"CREATE VIEW {table} AS {body}")  # DDL: table names and paths are ours, not user values
         if table == "routing":  # every subword row of captured runs, token_idx = subword position (docs/capture.md)
             con.execute(f"CREATE VIEW routing_subwords AS {_subword_body(con, files, root, found, read_only_sandbox)}")
+    con.execute(TOKEN_VALUE_MACRO)
     if read_only_sandbox:
         con.execute("SET enable_external_access = false")
         con.execute("SET autoinstall_known_extensions = false")

@@ -130,3 +130,33 @@ def test_ablation_importance_is_scipy_spearman(runs: Path) -> None:
             assert rho.loc[(layer, name), "rho"] == pytest.approx(spearmanr(delta, obs).statistic, abs=1e-9)
         lo, hi = rho.loc[(layer, "load"), ["rho_lo", "rho_hi"]]
         assert lo <= rho.loc[(layer, "load"), "rho"] <= hi
+
+
+def test_bootstrap_of_ablation_by_is_a_numpy_loop(runs: Path) -> None:
+    """Intervals of delta-loss per frequency band: a plain numpy loop over the raw Parquet rows with the same seed
+    draws the same replicate documents (groups in key order, each group's documents ascending)."""
+    got = A.bootstrap(A.ablation_by, connect(runs), "pos", attribute="freq_band", min_tokens=1, n=100, seed=7)
+    a = raw(runs / "pos", "ablation").merge(raw(runs / "pos", "tokens")[["token_idx", "doc_id", "freq_band"]],
+                                            on="token_idx").astype({"delta_loss": np.float64})  # fmt: skip
+    rng = np.random.default_rng(7)
+    checked = 0
+    for (layer, expert, band), g in a.groupby(["layer", "expert", "freq_band"], sort=True):
+        docs = sorted(g["doc_id"].unique())
+        idx = rng.integers(0, len(docs), size=(100, len(docs)))  # replicate b draws docs[idx[b]]
+        reps = {m: [] for m in ("mean_delta", "mean_delta_chose", "share_up")}
+        for b in range(100):
+            rows = pd.concat([g[g["doc_id"] == docs[i]] for i in idx[b]])
+            reps["mean_delta"].append(rows["delta_loss"].mean())
+            chose = rows[rows["chose"]]
+            reps["mean_delta_chose"].append(chose["delta_loss"].mean() if len(chose) else np.nan)
+            reps["share_up"].append((rows["delta_loss"] > 0).mean())
+        row = got[(got["layer"] == layer) & (got["expert"] == expert) & (got["value"] == band)].iloc[0]
+        assert row["units"] == len(docs) and row["n"] == len(g)
+        assert row["mean_delta"] == pytest.approx(g["delta_loss"].mean(), abs=1e-9)
+        for m, v in reps.items():
+            v = np.asarray(v)
+            if np.isfinite(v).any():
+                lo, hi = np.nanquantile(v, [0.025, 0.975])
+                assert row[f"{m}_lo"] == pytest.approx(lo, abs=1e-9) and row[f"{m}_hi"] == pytest.approx(hi, abs=1e-9)
+        checked += 1
+    assert checked == len(got) > 8

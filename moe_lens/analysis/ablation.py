@@ -8,7 +8,8 @@ importance poorly; these functions put the two side by side.
                          evaluated tokens, the same over the tokens that chose the expert (mean_delta_chose), and
                          share_up (tokens whose loss rose); `analysis.bootstrap(ablation, ...)` gives intervals
                          resampling documents or sentences
-- `ablation_by`          mean delta_loss per expert and POS tag or frequency band
+- `ablation_by`          mean delta_loss per expert and POS tag or frequency band; `analysis.bootstrap(ablation_by,
+                         ...)` gives intervals resampling documents or sentences
 - `ablation_importance`  per expert: mean_delta beside the observed load share, importance (gate-mass) share
                          and specialization KL(P(pos | expert) || P(pos)) (nats) on the same tokens at the
                          ablation's epoch; `summary=True`: the Spearman rank correlation (scipy) of mean_delta
@@ -66,15 +67,29 @@ def ablation(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: str = 
     return df.sort_values([*GROUP, "expert"]).reset_index(drop=True)
 
 
-def ablation_by(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, attribute: str = "pos_tag",
-                split: str = "valid", layer: int | None = None, min_tokens: int = 20) -> pd.DataFrame:
-    """Per (run, dataset, split, epoch, layer, expert, value of `attribute`): n, mean_delta, n_chose,
-    mean_delta_chose; values with fewer than `min_tokens` tokens left out."""
+def ablation_by_units(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, by: str | None = "document",
+                      attribute: str = "pos_tag", split: str = "valid", layer: int | None = None,
+                      **_: Any) -> UnitTables:
+    """Per (run, dataset, split, epoch, layer, expert, value) group, per-unit sums (ablation_by.sql) for the
+    bootstrap; `_` the options that change no count (min_tokens)."""
     if attribute not in BY_ATTRIBUTES:
         raise MoeLensError(f"unknown attribute {attribute!r}; allowed: {', '.join(BY_ATTRIBUTES)}")
     names = resolve_runs(con, runs)
-    params = dict(runs=names, split=split, layer=layer, attribute=attribute, min_tokens=min_tokens)
-    return _nonempty(query(con, sql_text("ablation_by"), params), names)
+    params = dict(runs=names, split=split, layer=layer, attribute=attribute, **unit_params(by))
+    df = _nonempty(query(con, sql_text("ablation_by"), params), names)
+    return unit_tables(df, [*GROUP, "expert", "value"], [], ["n", "delta_sum", "n_chose", "delta_chose", "n_up"])
+
+
+def ablation_by(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, attribute: str = "pos_tag",
+                split: str = "valid", layer: int | None = None, min_tokens: int = 20) -> pd.DataFrame:
+    """Per (run, dataset, split, epoch, layer, expert, value of `attribute`): n, mean_delta, n_chose,
+    mean_delta_chose, share_up; values with fewer than `min_tokens` tokens left out.
+    `analysis.bootstrap(ablation_by, ...)` gives their intervals resampling documents or sentences."""
+    t = ablation_by_units(con, runs, by=None, attribute=attribute, split=split, layer=layer)
+    df = point_rows(t, ablation_statistic).rename(columns={"tokens": "n", "chose": "n_chose"})
+    df = df[df["n"] >= min_tokens].astype({"n": np.int64, "n_chose": np.int64})
+    cols = [*GROUP, "expert", "value", "n", "mean_delta", "n_chose", "mean_delta_chose", "share_up"]
+    return df[cols].sort_values([*GROUP, "expert", "value"]).reset_index(drop=True)
 
 
 def _observed(counts: np.ndarray, gates: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
@@ -160,4 +175,4 @@ def ablation_importance(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, sp
     return pd.DataFrame(rows) if summary else pd.concat(per_expert, ignore_index=True)
 
 
-__all__ = ["ablation", "ablation_by", "ablation_importance", "ablation_statistic", "ablation_units"]
+__all__ = ["ablation", "ablation_by", "ablation_by_units", "ablation_importance", "ablation_statistic", "ablation_units"]

@@ -23,7 +23,7 @@ import pandas as pd
 
 from moe_lens import information
 from moe_lens.analysis import literature
-from moe_lens.analysis.ablation import ablation_statistic, ablation_units
+from moe_lens.analysis.ablation import ablation_by_units, ablation_statistic, ablation_units
 from moe_lens.analysis._query import (Runs, check_by, last_epochs, oov_params, query, resolve_runs, run_datasets,
                                       sql_text)
 from moe_lens.analysis.specialization import ATTRIBUTES
@@ -164,4 +164,5 @@ RESAMPLERS: dict[str, Resampler] = {
     "vocabulary": Resampler(literature.vocabulary_units, literature.vocabulary_statistic, ("mean_share", "token_share"),
                             options=("min_count",)),
     "ablation": Resampler(ablation_units, ablation_statistic, ("mean_delta", "mean_delta_chose", "share_up")),
+    "ablation_by": Resampler(ablation_by_units, ablation_statistic, ("mean_delta", "mean_delta_chose", "share_up")),
 }

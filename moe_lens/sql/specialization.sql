@@ -1,7 +1,8 @@
 -- Contingency counts of expert by token attribute A (pos_tag, freq_band, dataset, ner_tag, segment, in_answer,
 -- position_band, token), over the routing rows of one epoch per (run, dataset) ($keys: 'run|dataset|epoch'
 -- strings), one split, one layer ($layer) or each recorded layer on its own rows ($layer NULL), rank 0 only unless $all_ranks. Rows (run, dataset, layer, is_shuffled, value,
--- expert, n); every measure (P(e|v), lift, MI, NMI, AMI, chance) is computed from them in moe_lens/information.py.
+-- expert, n); the value of a token is the `token_value` macro (moe_lens/store.py, shared with the other
+-- attribute SQL); every measure (P(e|v), lift, MI, NMI, AMI, chance) is computed from them in moe_lens/information.py.
 -- The analysed tokens of a (run, dataset): routed in that group, with a non-NULL value (ner_tag is NULL outside
 -- CoNLL), and in the vocabulary unless $include_oov: in_vocab = false is out; where in_vocab is NULL (traces
 -- recorded before the column) a token is out iff token_id is the run's <unk> id ($unk_ids[i] for $unk_runs[i],
@@ -18,14 +19,7 @@
 -- is the numbering of the analysed tokens (a window over tokens, not over routing rows).
 WITH tok AS (
     SELECT hash(run, dataset) AS part, token_idx,
-           CASE $attribute
-               WHEN 'pos_tag' THEN pos_tag WHEN 'freq_band' THEN freq_band WHEN 'dataset' THEN dataset
-               WHEN 'ner_tag' THEN ner_tag WHEN 'segment' THEN segment WHEN 'token' THEN token
-               WHEN 'in_answer' THEN CAST(in_answer AS VARCHAR)
-               WHEN 'position_band' THEN CASE WHEN position = 0 THEN '0' WHEN position < 5 THEN '1-4'
-                   WHEN position < 10 THEN '5-9' WHEN position < 20 THEN '10-19' WHEN position < 50 THEN '20-49'
-                   WHEN position >= 50 THEN '50+' END
-           END AS value,
+           token_value($attribute, pos_tag, freq_band, dataset, ner_tag, segment, token, in_answer, position) AS value,
            coalesce(NOT in_vocab, token_id = $unk_ids[list_position($unk_runs, run)], false) AS oov
     FROM tokens
     WHERE list_contains($runs, run) AND split = $split

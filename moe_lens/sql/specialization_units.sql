@@ -4,17 +4,11 @@
 -- unless $include_oov, where in_vocab is NULL token_id = the run's <unk> id out), split by the unit of their
 -- token: unit_ds = its dataset, unit_doc = doc_id, unit_sent = sent_id with $by_sentence (-1 where a level is not
 -- used; $by_unit false: one unit per dataset). Rows (run, dataset, layer, unit_ds, unit_doc, unit_sent, value,
--- expert, n); MI, NMI and AMI of the summed table are computed in moe_lens/information.py.
+-- expert, n); the value of a token is the `token_value` macro (moe_lens/store.py, shared with the other
+-- attribute SQL); MI, NMI and AMI of the summed table are computed in moe_lens/information.py.
 WITH tok AS (
     SELECT run, dataset, token_idx, doc_id, sent_id,
-           CASE $attribute
-               WHEN 'pos_tag' THEN pos_tag WHEN 'freq_band' THEN freq_band WHEN 'dataset' THEN dataset
-               WHEN 'ner_tag' THEN ner_tag WHEN 'segment' THEN segment WHEN 'token' THEN token
-               WHEN 'in_answer' THEN CAST(in_answer AS VARCHAR)
-               WHEN 'position_band' THEN CASE WHEN position = 0 THEN '0' WHEN position < 5 THEN '1-4'
-                   WHEN position < 10 THEN '5-9' WHEN position < 20 THEN '10-19' WHEN position < 50 THEN '20-49'
-                   WHEN position >= 50 THEN '50+' END
-           END AS value,
+           token_value($attribute, pos_tag, freq_band, dataset, ner_tag, segment, token, in_answer, position) AS value,
            coalesce(NOT in_vocab, token_id = $unk_ids[list_position($unk_runs, run)], false) AS oov
     FROM tokens
     WHERE list_contains($runs, run) AND split = $split
