@@ -11,6 +11,7 @@ listed in a banner on every page.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import threading
 from pathlib import Path
@@ -23,6 +24,7 @@ import streamlit as st
 
 from moe_lens import analysis, health, store
 from moe_lens.errors import MoeLensError
+from moe_lens.literature_figures import error_bars
 
 HOW_TO_MAKE_RUNS = """To make runs:
 
@@ -121,6 +123,7 @@ def _call(root: str, generation: int, name: str, runs: tuple[str, ...] | None, k
             return con.table("runs").df()
         if name == "bootstrap":  # analysis.bootstrap(fn, con, runs, ...): the analysis named by `fn`
             kw = dict(kw)
+            kw.pop("trace", None)  # the traces' fingerprint: part of the cache key only (bootstrap() below)
             return analysis.bootstrap(kw.pop("fn"), con, list(runs) if runs is not None else None, **kw)
         if name == "hidden_keys":
             from moe_lens import projection
@@ -136,6 +139,52 @@ def get(name: str, runs: list[str] | str | None = None, **kw: Any) -> pd.DataFra
     except MoeLensError as e:
         st.warning(str(e))
         return None
+
+
+BOOTSTRAP_N = 200  # replicates of the intervals the pages draw (analysis.bootstrap; the Literature page picks its own)
+FEW_RUNS = 8       # the pages' interval checkboxes default on up to this many runs (more: seconds per run)
+TRACE_TABLES = ("routing", "tokens", "ablation")  # what a bootstrap reads: its fingerprint covers these
+
+
+def trace_fingerprint(runs: list[str] | str | None) -> str:
+    """Hash of the part files (relative path, size, mtime in ns) of `runs`' routing, tokens and ablation tables:
+    a cached bootstrap is recomputed when a run's traces change, without the "Reload runs" button."""
+    root = Path(runs_dir()).resolve()
+    names = [runs] if isinstance(runs, str) else (runs if runs is not None else [d.name for d in store.run_dirs(root)])
+    h = hashlib.sha256()
+    for run in sorted(names):
+        for table in TRACE_TABLES:
+            for f in sorted((root / run / table).rglob("part-*.parquet")):
+                s = f.stat()
+                h.update(f"{f.relative_to(root)}\0{s.st_size}\0{s.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def bootstrap(fn: str, runs: list[str] | str | None, *, by: str = "document", n: int = BOOTSTRAP_N,
+              **kw: Any) -> pd.DataFrame | None:
+    """`analysis.bootstrap(fn, con, runs, by=, n=, **kw)` (fn's table with `<metric>_lo/_hi`, 95%), cached by
+    st.cache_data on the runs directory, the runs, the options and the fingerprint of the runs' traces."""
+    return get("bootstrap", runs, fn=fn, by=by, n=n, trace=trace_fingerprint(runs), **kw)
+
+
+def intervals_toggle(n_runs: int, key: str) -> bool:
+    """The pages' "confidence intervals" checkbox: on by default for at most FEW_RUNS runs."""
+    return st.checkbox(f"Confidence intervals (bootstrap n={BOOTSTRAP_N})", value=n_runs <= FEW_RUNS, key=key,
+                       help=f"95% percentile intervals over {BOOTSTRAP_N} resamples of the documents "
+                            f"(analysis.bootstrap, seed 0); on by default for up to {FEW_RUNS} runs, since each run "
+                            "adds a second or so the first time (then cached)")  # fmt: skip
+
+
+def interval_bars(df: pd.DataFrame, metrics: list[tuple[str, str]], title: str, key: str, x: str = "run",
+                  yaxis: str = "share") -> None:
+    """Grouped bars of each (metric, label) with its `_lo`/`_hi` interval as error bars when `df` has one;
+    chance columns hatched."""
+    fig = go.Figure()
+    for m, label in metrics:
+        fig.add_bar(name=label, x=df[x].astype(str), y=df[m], error_y=error_bars(df, m),
+                    marker_pattern_shape="/" if "chance" in m else None)
+    fig.update_layout(barmode="group", title=title, yaxis_title=yaxis, legend_title="")
+    show(fig, key)
 
 
 def runs_table() -> pd.DataFrame:

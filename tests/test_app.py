@@ -101,6 +101,7 @@ def test_sample_runs_charts_carry_the_sql_numbers() -> None:
     heat = first(figure(at, "spec-heatmap"))
     want = spec.pivot_table(index="expert", columns="value", values="p_expert_given_value").fillna(0.0)
     assert np.allclose(heat["z"], want[list(heat["x"])].to_numpy())
+    assert not at.checkbox(key="spec_ci").value  # 46 runs: the intervals are one click away, not computed by default
 
 
 @pytest.mark.parametrize("state", ["missing", "empty"])
@@ -151,6 +152,17 @@ def test_collapse_numbers(runs_dir: Path) -> None:
     steps = at.dataframe[0].value.set_index("run")["collapse_step"]
     assert steps["b-switch"] == want[want["run"] == "b-switch"]["collapse_step"].iloc[0]
     assert any(s.get("x0") == steps["b-switch"] for s in fig["layout"]["shapes"])  # the marked step
+    # the checkbox is on for two runs: exp(H) with its bootstrap interval over documents (n=200, seed 0)
+    ci = analysis.bootstrap(analysis.collapse, con(runs_dir), ["a-noisy", "b-switch"], n=200, fn_options={"by": "step"})
+    for t in fig["data"]:
+        want = ci[ci["run"] == t["name"]].sort_values("step")
+        assert np.allclose(_decode(t["error_y"]["array"]), want["effective_experts_hi"] - want["effective_experts"])
+        assert np.allclose(_decode(t["error_y"]["arrayminus"]), want["effective_experts"] - want["effective_experts_lo"])
+    assert "95% bootstrap intervals" in fig["layout"]["title"]["text"]
+    off = figure(app(runs_dir, "collapse", runs_collapse=["a-noisy", "b-switch"], collapse_ci=False),
+                 "collapse-effective_experts")
+    assert all("error_y" not in t or not t["error_y"].get("array") for t in off["data"])
+    assert np.allclose(_decode(off["data"][0]["y"]), _decode(fig["data"][0]["y"]))
 
 
 def test_specialization_numbers(runs_dir: Path) -> None:
@@ -170,6 +182,19 @@ def test_specialization_numbers(runs_dir: Path) -> None:
     assert any("<mark>" in m.value for m in at.markdown)
     bare = app(runs_dir, "specialization", spec_run="a-noisy")  # the defaults: exact expected chance, no top tokens
     assert set(traces(figure(bare, "spec-nmi"))) == {"nmi", "ami", "nmi_chance"} and not bare.dataframe
+    # four runs: the intervals checkbox is on; MI, NMI, AMI error bars are analysis.bootstrap's (n=200, documents)
+    ci = analysis.bootstrap(analysis.specialization, c, ["a-noisy", "b-switch", "c-empty", "d-half"],
+                            attribute="pos_tag", summary=True, shuffled=False, n=200).set_index("run")
+    for key, measures in (("spec-nmi", ("nmi", "ami")), ("spec-mi", ("mi",))):
+        bars = {t["name"]: t for t in figure(bare, key)["data"]}
+        for m in measures:
+            x = list(_decode(bars[m]["x"]))
+            assert np.allclose(_decode(bars[m]["error_y"]["array"]), ci.loc[x, f"{m}_hi"] - ci.loc[x, m], equal_nan=True)
+            assert np.allclose(_decode(bars[m]["error_y"]["arrayminus"]), ci.loc[x, m] - ci.loc[x, f"{m}_lo"],
+                               equal_nan=True)  # fmt: skip
+        assert "error_y" not in bars.get("nmi_chance", {}) or bars["nmi_chance"]["error_y"] is None
+    off = app(runs_dir, "specialization", spec_run="a-noisy", spec_ci=False)
+    assert all(not t.get("error_y") for t in figure(off, "spec-nmi")["data"])
 
 
 def test_clusters_pca_numbers_and_cache(runs_dir: Path) -> None:

@@ -1,5 +1,6 @@
 """Collapse: effective experts exp(H), dead experts and experts never chosen first over training, the collapse step marked, gating
-variants compared (`analysis.collapse`; top-1 usage by default)."""
+variants compared (`analysis.collapse`; top-1 usage by default); exp(H) with its 95% bootstrap interval over documents
+(`analysis.bootstrap`, cached per run and trace fingerprint; a checkbox, on by default for a few runs)."""
 from __future__ import annotations
 
 import plotly.express as px
@@ -13,7 +14,10 @@ c1, c2 = st.columns(2)
 split = c1.selectbox("Split", ["train", "valid", "test"], key="collapse_split")
 threshold = c2.number_input("Collapsed below exp(H) =", min_value=1.0, value=2.0, step=0.5, key="collapse_threshold")
 by = "step" if split == "train" else "epoch"
-df = ui.get("collapse", runs, split=split, by=by, layer=ui.layer(), threshold=float(threshold))
+ci = ui.intervals_toggle(len(runs), "collapse_ci")
+args = dict(split=split, layer=ui.layer(), threshold=float(threshold))
+# with intervals: collapse's own table from the bootstrap (one call), plus effective_experts_lo/_hi
+df = ui.bootstrap("collapse", runs, fn_options=(("by", by),), **args) if ci else ui.get("collapse", runs, by=by, **args)
 if df is None:
     st.stop()
 modes = ui.runs_table().set_index("run")["mode"]
@@ -25,7 +29,12 @@ for col, title in (("effective_experts", "Effective experts exp(H)"),
                    ("dead_experts", "Dead experts (under 1/(10e) of all k assignments)"),
                    ("never_top1", "Experts never chosen first (no rank-0 assignment)")):
     few = df.groupby("run")[by].nunique().max() <= 30  # short or one-point curves need markers to show at all
-    fig = px.line(df, x=by, y=col, color="run", hover_data=["mode"], title=title, markers=bool(few))
+    bars = {}
+    if col == "effective_experts" and f"{col}_lo" in df:  # the 95% interval over documents as error bars
+        df = df.assign(ci_plus=df[f"{col}_hi"] - df[col], ci_minus=df[col] - df[f"{col}_lo"])
+        bars = dict(error_y="ci_plus", error_y_minus="ci_minus")
+        title += f" with 95% bootstrap intervals over documents (n={ui.BOOTSTRAP_N})"
+    fig = px.line(df, x=by, y=col, color="run", hover_data=["mode"], title=title, markers=bool(few), **bars)
     for _, r in steps.dropna(subset=["collapse_step"]).iterrows() if by == "step" else []:
         fig.add_vline(x=float(r["collapse_step"]), line_dash="dash", annotation_text=f"collapse {r['run']}")
     if col == "effective_experts":

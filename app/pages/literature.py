@@ -6,7 +6,6 @@ fluctuation (`fluctuation`), co-activation within the top-k (`coactivation`), an
 from __future__ import annotations
 
 import plotly.express as px
-import plotly.graph_objects as go
 import streamlit as st
 
 import lens_ui as ui
@@ -22,29 +21,17 @@ layer = ui.layer()
 BOOT = dict(by=by, n=n, split=split, layer=layer)
 
 
-def bars(df, metrics: list[tuple[str, str]], title: str, key: str, x: str = "run") -> None:
-    """Grouped bars of each (metric, label) with its _lo/_hi interval as error bars; chance columns dotted."""
-    fig = go.Figure()
-    for m, label in metrics:
-        err = dict(type="data", symmetric=False, array=df[f"{m}_hi"] - df[m], arrayminus=df[m] - df[f"{m}_lo"]) \
-            if f"{m}_lo" in df else None
-        fig.add_bar(name=label, x=df[x].astype(str), y=df[m], error_y=err,
-                    marker_pattern_shape="/" if m.endswith("chance") else None)
-    fig.update_layout(barmode="group", title=title, yaxis_title="share", legend_title="")
-    ui.show(fig, key)
-
-
 st.subheader("Consecutive tokens (Mixtral, Table 5)")
 within = st.radio("Pairs within the same", ["document", "sentence"], horizontal=True, key="literature_within")
-con = ui.get("bootstrap", runs, fn="consecutive", within=within, **BOOT)
+con = ui.bootstrap("consecutive", runs, within=within, **BOOT)
 if con is not None:
-    bars(con, [("same_top1", "same top-1"), ("same_top1_chance", "chance sum p_i^2"),
+    ui.interval_bars(con, [("same_top1", "same top-1"), ("same_top1_chance", "chance sum p_i^2"),
                ("top1_in_next_top2", "top-1 in next top-2"), ("top1_in_next_top2_chance", "chance (top-2)")],
          f"Consecutive tokens with the same expert, layer {layer}", "literature-consecutive")
     st.dataframe(con, hide_index=True, key="literature_consecutive_table")
 
 st.subheader("Router saturation (OLMoE)")
-sat = ui.get("bootstrap", runs, fn="saturation", by=by, n=n, split=split, layer=layer)
+sat = ui.bootstrap("saturation", runs, by=by, n=n, split=split, layer=layer)
 if sat is not None:
     fig = px.line(sat, x="epoch", y="top1_match", color="run", markers=True, error_y=sat["top1_match_hi"] - sat["top1_match"],
                   error_y_minus=sat["top1_match"] - sat["top1_match_lo"],
@@ -56,9 +43,9 @@ if sat is not None:
 
 st.subheader("Vocabulary specialization (OLMoE)")
 m = int(st.number_input("Token types seen at least", min_value=1, value=20, key="literature_min_count"))
-voc = ui.get("bootstrap", runs, fn="vocabulary", min_count=m, **BOOT)
+voc = ui.bootstrap("vocabulary", runs, min_count=m, **BOOT)
 if voc is not None:
-    bars(voc, [("mean_share", "share to the top expert (mean over types)"),
+    ui.interval_bars(voc, [("mean_share", "share to the top expert (mean over types)"),
                ("mean_share_chance", "chance (experts drawn from p)")],
          f"Share of a token type's occurrences on its most frequent expert, layer {layer}", "literature-vocabulary")
     st.dataframe(voc, hide_index=True, key="literature_vocabulary_table")
@@ -89,12 +76,12 @@ else:
                       title=f"P(j in the top-k | i in the top-k), {co_run}, layer {layer}"), "literature-coactivation")
 
 st.subheader("Headline numbers with 95% intervals")
-col = ui.get("bootstrap", runs, fn="collapse", by=by, n=n, split=split, layer=layer, fn_options=(("by", "epoch"),))
-spec = ui.get("bootstrap", runs, fn="specialization", by=by, n=n, split=split, layer=layer, summary=True)
+col = ui.bootstrap("collapse", runs, by=by, n=n, split=split, layer=layer, fn_options=(("by", "epoch"),))
+spec = ui.bootstrap("specialization", runs, by=by, n=n, split=split, layer=layer, summary=True)
 if col is not None:
     last = col.sort_values("epoch").groupby("run", as_index=False).last()
-    bars(last, [("effective_experts", "effective experts exp(H)")], "Effective experts (last epoch, top-1)",
+    ui.interval_bars(last, [("effective_experts", "effective experts exp(H)")], "Effective experts (last epoch, top-1)",
          "literature-collapse")
 if spec is not None:
-    bars(spec, [("nmi", "NMI(expert; POS)"), ("ami", "AMI(expert; POS)")], "POS specialization (last epoch)",
+    ui.interval_bars(spec, [("nmi", "NMI(expert; POS)"), ("ami", "AMI(expert; POS)")], "POS specialization (last epoch)",
          "literature-specialization")

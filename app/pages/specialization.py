@@ -1,6 +1,7 @@
 """Specialization: expert x POS / frequency band / dataset (share P(e|v) or lift), NMI and AMI per run against
-the exact expected NMI under permutation (and one shuffled attribute), and for one expert its top tokens with example contexts
-(`analysis.specialization`)."""
+the exact expected NMI under permutation (and one shuffled attribute), MI, NMI and AMI with 95% bootstrap intervals
+over documents (`analysis.bootstrap`; a checkbox, on by default for a few runs), and for one expert its top tokens
+with example contexts (`analysis.specialization`)."""
 from __future__ import annotations
 
 import html
@@ -48,20 +49,25 @@ if df is not None:
     ui.show(fig, "spec-heatmap")
 
 st.subheader("NMI and AMI per run against chance, and the mutual information beside them")
+ci = ui.intervals_toggle(len(names), "spec_ci")
 if full is not None:
     measures = ["nmi", "ami", "nmi_shuffled", "nmi_chance"] if shuffled else ["nmi", "ami", "nmi_chance"]
-    nmi = full.drop_duplicates(["run", "dataset", "layer"])[["run", *measures, "mi"]]
-    long = nmi.melt(id_vars=["run"], value_vars=measures, var_name="measure")
+    keys = ["run", "dataset", "layer"]
+    nmi = full.drop_duplicates(keys)[[*keys, *measures, "mi"]]
+    if ci:  # MI, NMI, AMI intervals resampling documents (cached per run and trace fingerprint)
+        boot = ui.bootstrap("specialization", names, attribute=attribute, summary=True, shuffled=False, **kw)
+        if boot is not None:
+            nmi = nmi.merge(boot[[*keys, *(f"{m}_{s}" for m in ("mi", "nmi", "ami") for s in ("lo", "hi"))]],
+                            on=keys, how="left")  # fmt: skip
     n1, n2 = st.columns(2)
-    fig = px.bar(long, x="run", y="value", color="measure", barmode="group",
-                 title=f"NMI and AMI (expert; {attribute}) vs {'one shuffle and ' if shuffled else ''}"
-                       "the expected NMI under permutation")
     with n1:
-        ui.show(fig, "spec-nmi")
+        ui.interval_bars(nmi, [(m, m) for m in measures], f"NMI and AMI (expert; {attribute}) vs "
+                         f"{'one shuffle and ' if shuffled else ''}the expected NMI under permutation"
+                         + (f" (95% intervals, n={ui.BOOTSTRAP_N})" if ci else ""), "spec-nmi", yaxis="value")
     # a collapsed router scores a high normalised score on little information: MI (nats) tells them apart
-    fig = px.bar(nmi.sort_values("mi"), x="run", y="mi", title=f"MI(expert; {attribute}) in nats")
     with n2:
-        ui.show(fig, "spec-mi")
+        ui.interval_bars(nmi.sort_values("mi"), [("mi", "mi")], f"MI(expert; {attribute}) in nats", "spec-mi",
+                         yaxis="nats")
 
 st.subheader("POS probe from routing (Antoine et al. 2024)")
 if st.toggle("Fit a logistic-regression POS probe on this run's routing (held-out documents; a few seconds)",
