@@ -4,7 +4,7 @@ Each builder takes a connection from `moe_lens.store.connect` and returns `(figu
 the analysis DataFrame the figure plots, so every number in a figure can be printed or checked.
 
 - `collapse`        effective experts exp(H) of top-1 usage in each run's last recorded epoch, by dataset; a bar
-                    averages one run's seed replicates (n printed on it)
+                    averages one run's seed replicates (their number under the dataset)
 - `collapse-curve`  effective experts over training steps (recorded training batches)
 - `specialization`  expert x attribute-value lift heatmap of one run (POS tag, frequency band, dataset...)
 - `nmi`             NMI and AMI (expert; attribute) per run next to the expected NMI under permutation (chance)
@@ -54,8 +54,8 @@ def _routed_runs(con: duckdb.DuckDBPyConnection, runs: list[str] | None,
 def collapse_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None, *, split: str = "valid",
                   modes: list[str] | None = None) -> tuple[go.Figure, pd.DataFrame]:
     """Effective experts (top-1, layer 0, last recorded epoch of `split`) per dataset and mode. A bar averages
-    the seed replicates of one run only (`replicate`: the run name without a trailing `-seed<N>`), prints their
-    number n and shows their min-max range; a run that is no seed of another (conll2003-load-ablate, a smaller
+    the seed replicates of one run only (`replicate`: the run name without a trailing `-seed<N>`), their number
+    under the dataset's name and their min-max range as error bars (each bar's runs in its hover); a run that is no seed of another (conll2003-load-ablate, a smaller
     model) is a bar of its own, named `mode: run`. Runs of another depth than the default (`num_layers` 2,
     `moe_layers` "1") are left out: the Layers page shows them."""
     info = _routed_runs(con, runs, modes)
@@ -83,8 +83,7 @@ def collapse_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None,
     fig = go.Figure()
     for bar in order:
         d = agg[agg["bar"] == bar]
-        text = [f"{m:.1f}" + (f" (n={n})" if n > 1 else "") for m, n in zip(d["mean"], d["runs"])]
-        fig.add_bar(name=bar, x=d["dataset"], y=d["mean"], text=text, textposition="outside",
+        fig.add_bar(name=bar, x=d["dataset"], y=d["mean"], text=d["mean"].round(1), textposition="outside",
                     error_y=literature_figures.error_bars(d, "mean", lo="lo", hi="hi"),
                     customdata=d[["runs", "lo", "hi", "dead", "names"]],
                     hovertemplate=f"{bar}: mean %{{y:.2f}} effective experts over %{{customdata[0]}} run(s) "
@@ -92,9 +91,13 @@ def collapse_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None = None,
                                   "dead %{customdata[3]}<extra></extra>")  # fmt: skip
     e = int(df["num_experts"].max()) if len(df) else 0
     fig.add_hline(y=e, line_dash="dot", annotation_text=f"all {e} experts used equally", annotation_position="top left")
-    seeds = "<br><sup>n = seeds averaged in a bar (min-max error bars); a run that is no seed of another has its own bar</sup>" \
-        if (agg["runs"] > 1).any() else ""
-    fig.update_layout(barmode="group", title=f"Effective experts exp(H) of top-1 routing ({split}, last epoch){seeds}",
+    # the number of seeds under each dataset (the bars named by a mode alone; a lone run's bar is named by its run)
+    seeds = agg[agg["bar"].isin(df["mode"].unique())].groupby("dataset", sort=False)["runs"].agg(lambda n: sorted(set(n)))
+    ticks = [f"{ds}<br>{' or '.join(map(str, n))} seeds a bar" if max(n) > 1 else ds for ds, n in seeds.items()]
+    fig.update_xaxes(tickvals=list(seeds.index), ticktext=ticks)
+    note = "<br><sup>a bar: the mean over one run's seeds (their number under the dataset; min-max error bars); " \
+        "a run that is no seed of another has a bar of its own</sup>" if (agg["runs"] > 1).any() else ""
+    fig.update_layout(barmode="group", title=f"Effective experts exp(H) of top-1 routing ({split}, last epoch){note}",
                       yaxis_title="effective experts", xaxis_title="dataset", legend_title="mode", **_LAYOUT)  # fmt: skip
     return fig, df[["run", "dataset", "mode", "bar", "runs_in_bar", "epoch", "step", "effective_experts",
                     "dead_experts", "never_top1", "norm_entropy"]]

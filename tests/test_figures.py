@@ -36,7 +36,7 @@ def test_collapse_bars_plot_the_analysis_numbers(runs: Path) -> None:
 
 
 def test_collapse_bars_average_only_seed_replicates() -> None:
-    """On the sample runs: a bar is the mean of one run's seeds (n printed on it, min-max bars), and
+    """On the sample runs: a bar is the mean of one run's seeds (their number under the dataset, min-max bars), and
     conll2003-load-ablate (a smaller model, no seed of conll2003-load) is a bar of its own, not averaged in."""
     con = connect(Path(__file__).resolve().parents[1] / "sample_runs")
     runs = ["conll2003-load", "conll2003-load-seed1", "conll2003-load-seed2", "conll2003-load-ablate",
@@ -44,19 +44,21 @@ def test_collapse_bars_average_only_seed_replicates() -> None:
     fig, table = figures.build(con, "collapse", runs)
     ref = A.collapse(con, runs, split="valid", by="epoch", layer=0)
     ref = ref.sort_values("epoch").groupby("run")["effective_experts"].last()
-    bars = {(bar.name, x): (y, t, e) for bar in fig.data for x, y, t, e in zip(bar.x, bar.y, bar.text, bar.error_y.array)}
+    bars = {(bar.name, x): (y, e, h) for bar in fig.data for x, y, e, h in zip(bar.x, bar.y, bar.error_y.array,
+                                                                               bar.customdata)}
     seeds = ref[["conll2003-load", "conll2003-load-seed1", "conll2003-load-seed2"]]
-    y, text, err = bars[("load", "conll2003")]
-    assert y == pytest.approx(seeds.mean(), abs=1e-9) and text.endswith("(n=3)")
-    assert err == pytest.approx(seeds.max() - seeds.mean(), abs=1e-9)
-    y, text, _ = bars[("load: conll2003-load-ablate", "conll2003")]
-    assert y == pytest.approx(ref["conll2003-load-ablate"], abs=1e-9) and "n=" not in text
+    y, err, hover = bars[("load", "conll2003")]
+    assert y == pytest.approx(seeds.mean(), abs=1e-9) and err == pytest.approx(seeds.max() - seeds.mean(), abs=1e-9)
+    assert hover[0] == 3 and hover[4] == "conll2003-load, conll2003-load-seed1, conll2003-load-seed2"
+    y, _, hover = bars[("load: conll2003-load-ablate", "conll2003")]
+    assert y == pytest.approx(ref["conll2003-load-ablate"], abs=1e-9) and hover[0] == 1
     assert bars[("load", "wikitext2")][0] == pytest.approx(ref["wikitext2-load"], abs=1e-9)
-    assert bars[("switch", "conll2003")][1].endswith("(n=1)") is False
+    ticks = dict(zip(fig.layout.xaxis.tickvals, fig.layout.xaxis.ticktext))
+    assert ticks == {"conll2003": "conll2003<br>1 or 3 seeds a bar", "wikitext2": "wikitext2"}  # switch: one seed here
     assert table.set_index("run")["runs_in_bar"].to_dict() == {
         "conll2003-load": 3, "conll2003-load-seed1": 3, "conll2003-load-seed2": 3, "conll2003-load-ablate": 1,
         "conll2003-switch": 1, "wikitext2-load": 1}
-    assert "seeds averaged" in fig.layout.title.text
+    assert "the mean over one run's seeds" in fig.layout.title.text
 
 
 def test_specialization_heatmap_is_log2_lift(runs: Path) -> None:
