@@ -30,7 +30,8 @@ from moe_lens.errors import MoeLensError
 
 GROUP = ["run", "dataset", "split", "epoch", "layer"]
 BY_ATTRIBUTES = ("pos_tag", "freq_band")
-MEASURES = ("load", "importance", "specialization")  # observed statistics set against mean_delta
+MEASURES = ("load", "importance", "specialization")
+SUMS = ("n", "delta_sum", "n_chose", "delta_chose", "n_up")  # per-unit sums of ablation_units.sql / ablation_by.sql  # observed statistics set against mean_delta
 
 
 def _nonempty(df: pd.DataFrame, names: list[str]) -> pd.DataFrame:
@@ -77,7 +78,7 @@ def ablation_by_units(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, by: 
     names = resolve_runs(con, runs)
     params = dict(runs=names, split=split, layer=layer, attribute=attribute, **unit_params(by))
     df = _nonempty(query(con, sql_text("ablation_by"), params), names)
-    return unit_tables(df, [*GROUP, "expert", "value"], [], ["n", "delta_sum", "n_chose", "delta_chose", "n_up"])
+    return unit_tables(df, [*GROUP, "expert", "value"], [], list(SUMS))
 
 
 def ablation_by(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, attribute: str = "pos_tag",
@@ -85,8 +86,13 @@ def ablation_by(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, attribute:
     """Per (run, dataset, split, epoch, layer, expert, value of `attribute`): n, mean_delta, n_chose,
     mean_delta_chose, share_up; values with fewer than `min_tokens` tokens left out.
     `analysis.bootstrap(ablation_by, ...)` gives their intervals resampling documents or sentences."""
-    t = ablation_by_units(con, runs, by=None, attribute=attribute, split=split, layer=layer)
-    df = point_rows(t, ablation_statistic).rename(columns={"tokens": "n", "chose": "n_chose"})
+    if attribute not in BY_ATTRIBUTES:
+        raise MoeLensError(f"unknown attribute {attribute!r}; allowed: {', '.join(BY_ATTRIBUTES)}")
+    names = resolve_runs(con, runs)
+    params = dict(runs=names, split=split, layer=layer, attribute=attribute, **unit_params(None))
+    df = _nonempty(query(con, sql_text("ablation_by"), params), names)  # one row per group (one unit)
+    stats = ablation_statistic(df[list(SUMS)].to_numpy(np.float64), [], {})  # the statistic, row by row
+    df = df.drop(columns=list(SUMS)).assign(**stats).rename(columns={"tokens": "n", "chose": "n_chose"})
     df = df[df["n"] >= min_tokens].astype({"n": np.int64, "n_chose": np.int64})
     cols = [*GROUP, "expert", "value", "n", "mean_delta", "n_chose", "mean_delta_chose", "share_up"]
     return df[cols].sort_values([*GROUP, "expert", "value"]).reset_index(drop=True)
