@@ -63,6 +63,8 @@ def make_groups(expert_sorted: Tensor, e: int) -> Groups:
 
 def grouped_linear(x: Tensor, w: Tensor, b: Tensor | None, groups: Groups, scale: Tensor | None = None) -> Tensor:
     """(A, q): row r of group g is x[r] @ w[g] + scale[r] * b[g] (scale 1 if None; no bias if b is None)."""
+    x = x.to(compute_dtype(x))  # CUDA autocast: bf16 operands, so F.grouped_mm runs (no fallback, no sync)
+    scale = scale.to(x.dtype) if scale is not None else None
     w = w.to(x.dtype)
     b = b.to(x.dtype) if b is not None else None
     if groups.counts is not None:
@@ -118,6 +120,22 @@ class _CPUGroupedLinear(torch.autograd.Function):
 
 def split_rows(t: Tensor | None, counts: tuple[int, ...]) -> Sequence[Tensor | None]:
     return t.split(counts) if t is not None else (None,) * len(counts)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the grouped matmuls run in: under CUDA autocast its 16-bit dtype (F.grouped_mm on CUDA
+    takes only bf16/fp16, and autocast does not cast its inputs), else x's own. An fp32 x under CUDA
+    autocast (the layer fed by an fp32 tensor, as in benchmarks/bench_moe_layer.py) would otherwise
+    fall back to the per-group loop, which reads the group sizes on the host."""
+    return autocast_compute_dtype(x.device.type, x.dtype, torch.is_autocast_enabled(x.device.type),
+                                  torch.get_autocast_dtype(x.device.type))  # fmt: skip
+
+
+def autocast_compute_dtype(device_type: str, dtype: torch.dtype, autocast: bool, autocast_dtype: torch.dtype) -> torch.dtype:
+    """`compute_dtype` as a pure rule (tests/test_gpu_paths.py checks it without a GPU)."""
+    if device_type == "cuda" and autocast and dtype == torch.float32:
+        return autocast_dtype
+    return dtype
 
 
 def _grouped_ok(x: Tensor, w: Tensor) -> bool:
