@@ -35,6 +35,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -287,8 +288,9 @@ def train_one(args, tables: Tables, mode: str, epochs: int) -> bool:
     from moe_lens import data as mdata
     from moe_lens import resume as rs
 
-    cfg = replace(lm_config(mode, args), epochs=epochs, record=True, runs_dir=str(Path(args.out) / "runs"),
-                  run_name=f"gpu-{mode}")  # fmt: skip
+    runs = Path(args.runs or Path(args.out) / "runs")
+    cfg = replace(lm_config(mode, args), epochs=epochs, record=True, runs_dir=str(runs), run_name=f"gpu-{mode}",
+                  checkpoint_every=10**9)  # fmt: skip  (epoch-end checkpoints only)
     if args.tiny:
         cfg = replace(cfg, epoch_steps=3, max_eval_batches=2)
     test = mdata.load_split("wikitext2", "test", cfg.data_dir, vocab=tr.load_data(cfg)["train"].vocab,
@@ -318,6 +320,10 @@ def train_one(args, tables: Tables, mode: str, epochs: int) -> bool:
 
     tr.evaluate = evaluate
     timer = None
+    if args.budget_s and args.budget_s - (time.monotonic() - T0) < 30:
+        log(f"train {mode}: skipped, under 30 s of the budget left")
+        tr.evaluate = real_evaluate
+        return False
     if args.budget_s:
         timer = threading.Timer(max(args.budget_s - (time.monotonic() - T0), 0.0), os.kill,
                                 (os.getpid(), signal.SIGTERM))  # fmt: skip
@@ -335,6 +341,11 @@ def train_one(args, tables: Tables, mode: str, epochs: int) -> bool:
         tr.evaluate = real_evaluate
         if timer is not None:
             timer.cancel()
+        keep = Path(args.out) / "runs-meta" / cfg.run_name  # the run's small files, beside the tables
+        keep.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "run.json", "metrics.parquet"):
+            if (runs / cfg.run_name / name).is_file():
+                shutil.copy2(runs / cfg.run_name / name, keep / name)
         if torch.device(args.device).type == "cuda":
             torch.cuda.empty_cache()
 
@@ -361,10 +372,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=None, help="dataset folder (default: $MOE_LENS_DATA)")
     p.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 1,2 or 3")
     p.add_argument("--budget-s", type=float, default=None, help="wall-time budget of the whole script, seconds")
+    p.add_argument("--runs", default=None, help="runs directory of part 3 (default OUTDIR/runs; checkpoints are "
+                   "about 230 MB each at full size, so the device command puts them under /tmp)")
     args = p.parse_args(argv)
     parts = {int(x) for x in args.parts.split(",") if x.strip()}
     import torch
 
+    # SIGTERM from the budget timer outside a training run (the trainer installs its own handler while it runs):
+    # note it and go on; the next run checks the budget before it starts
+    signal.signal(signal.SIGTERM, lambda signum, frame: log("budget reached (SIGTERM outside a training run)"))
     out = Path(args.out)
     tables = Tables(out)
     env = {"device": _device_name(args.device), "torch": torch.__version__, "python": sys.version.split()[0],

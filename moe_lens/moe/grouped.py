@@ -35,11 +35,18 @@ def grouped_bias(b: Tensor, offs: Tensor, scale: Tensor) -> Tensor:
     """(A, q): row r of group g gets scale[r] * b[g], as a grouped matmul [scale, 0, 0, 0] @ [b; 0; 0; 0].
 
     Gathering b[expert] instead would make an (A, q) index whose backward is a slow scatter; here the
-    backward is a per-group matmul (a column sum), and the (A, 4) operand keeps 16-byte alignment.
+    backward is a per-group matmul (a column sum), and the (A, c) operand keeps 16-byte rows (`bias_columns`).
     """
-    s4 = torch.cat([scale.unsqueeze(1), scale.new_zeros(scale.shape[0], 3)], dim=1)  # (A, 4)
-    b4 = torch.cat([b.unsqueeze(1), b.new_zeros(b.shape[0], 3, b.shape[1])], dim=1)  # (e, 4, q)
+    c = bias_columns(scale.dtype)
+    s4 = torch.cat([scale.unsqueeze(1), scale.new_zeros(scale.shape[0], c - 1)], dim=1)  # (A, c)
+    b4 = torch.cat([b.unsqueeze(1), b.new_zeros(b.shape[0], c - 1, b.shape[1])], dim=1)  # (e, c, q)
     return gmm(s4, b4, offs)
+
+
+def bias_columns(dtype: torch.dtype) -> int:
+    """Columns of `grouped_bias`'s padded scale operand: 16 bytes per row (4 in fp32, 8 in bf16/fp16), the
+    alignment F.grouped_mm needs. With 4 bf16 columns (8 bytes) CUDA fell back to the per-group loop."""
+    return max(1, 16 // torch.empty((), dtype=dtype).element_size())
 
 
 class Groups(NamedTuple):
