@@ -334,8 +334,12 @@ def train_one(args, tables: Tables, mode: str, epochs: int) -> bool:
         last[0] = time.perf_counter()
         tr.train(cfg, progress=False)
         return True
-    except rs.RunInterrupted:
-        log(f"train {mode}: stopped by the budget after {len(rows)} epochs")
+    except rs.RunInterrupted as stopped:
+        log(f"train {mode}: stopped by the budget at step {stopped.step}, after {len(rows)} epochs")
+        rows.append({"mode": mode, "epoch": f"stopped by the budget at step {stopped.step}"})
+        tables.write(f"train_{mode}", f"WikiText-2 LM, mode {mode}, trained by moe_lens.train (recorded)", rows,
+                     notes=f"device {_device_name(args.device)}; {epochs} epochs planned; stopped by --budget-s "
+                     f"{args.budget_s:g} at step {stopped.step}")  # fmt: skip
         return False
     finally:
         tr.evaluate = real_evaluate
