@@ -25,7 +25,8 @@ key names the installed tagger, so a carried cache would not be found. Routing i
 only the `pos_tag` column is NULL.
 
 `--budget-s`: the whole script's wall-time budget. Part 3 fits its epochs into what is left (same
-number for both modes, estimated from part 2's epoch time) and a timer stops a run cleanly at a step
+number for both modes, at most 8, estimated from part 2's epoch time: 1.3x it + 5 s of evaluation per
+epoch, 30 s per run) and a timer stops a run cleanly at a step
 boundary (SIGTERM, the trainer's own stop: checkpoint, run.json `interrupted`) at the deadline; the
 tables then hold the epochs that finished.
 """
@@ -269,9 +270,10 @@ def part_lm_step(args, tables: Tables) -> dict:
 def part_train(args, tables: Tables, epoch_s: dict) -> None:
     epochs = 1 if args.tiny else 8
     left = args.budget_s - (time.monotonic() - T0) if args.budget_s else None
-    if left is not None and epoch_s:  # same epochs for both modes; epoch + evals estimated at 1.5x training
-        per = sum(1.5 * epoch_s.get(m, max(epoch_s.values())) for m in TRAIN_MODES) + 20.0
-        fit = int(left // per)
+    if left is not None and epoch_s:  # same epochs for both modes: an epoch of each ~1.3x part 2's training
+        # estimate + 5 s for its recorded validation and test, and 30 s once per run (start, token tables)
+        per = sum(1.3 * epoch_s.get(m, max(epoch_s.values())) + 5.0 for m in TRAIN_MODES)
+        fit = int((left - 30.0 * len(TRAIN_MODES)) // per)
         if fit < epochs:
             log(f"budget: {left:.0f} s left, about {per:.0f} s per epoch of both modes: {max(fit, 1)} epochs")
             epochs = max(fit, 1)
