@@ -260,7 +260,7 @@ def part_lm_step(args, tables: Tables) -> dict:
                      notes=f"device {_device_name(args.device)}; {pairs} pairs of steps (recorder on/off interleaved) "
                      f"after {warm} warm-up steps, medians; tokens/s and s/epoch at the trainer's record cadence; "
                      "s/epoch excludes validation; pos_tags off")  # fmt: skip
-        del model, opt
+        del model, opt, params, window, recorder, fwd, loss, state, batch, batches  # the next mode's peak is its own
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return epoch_s
