@@ -204,8 +204,8 @@ def route_fp32(router, x: Tensor, token_ids: Tensor | None, group: int | None) -
     """The router in float32 whatever the autocast: its matmul, softmax, top-k and noise maths (Switch
     Transformer's selective precision, Fedus et al. 2021). Under bf16 autocast the logits were bf16 and
     0.7% of tokens got another top-1 expert at e = 64, d = 256 (tests/test_router_fp32.py)."""
-    with torch.autocast(x.device.type, enabled=False):
-        return router(x.float(), token_ids, group)
+    with torch.autocast(x.device.type, enabled=False):  # float64 (gradcheck) stays float64
+        return router(x.to(torch.promote_types(x.dtype, torch.float32)), token_ids, group)
 
 def assignments(r: Routing) -> tuple[Tensor, Tensor, Tensor]:
     """Flatten routing into (token (A,), expert (A,), gate (A,)); empty slots (-1) are left out."""
