@@ -17,7 +17,8 @@ from moe_lens.moe import grouped as G
 def _layer(mode: str, d: int = 256, e: int = 64) -> MoELayer:
     torch.manual_seed(0)
     shape = {} if MODES[mode].get("router") == "dense" else {"num_experts": e}  # dense: its own one-expert shape
-    cfg = RunConfig.for_mode(mode, expert_hidden=32, **shape)
+    # dispatch="loop": routing does not depend on it, and the CPU kernel (built once, slowly) is not needed here
+    cfg = RunConfig.for_mode(mode, expert_hidden=32, dispatch="loop", **shape)
     layer = MoELayer.from_config(cfg, d)
     with torch.no_grad():  # a trained router's scale: logits of several units, where bf16 rounding flips choices
         layer.router.w_gate.weight.mul_(8.0) if hasattr(layer.router, "w_gate") else None
@@ -142,7 +143,7 @@ def test_lstm_inputs_are_contiguous_and_batch_first():
     from moe_lens.models import build_model
 
     cfg = RunConfig.for_mode("baseline", dataset="wikitext2", d_embed=16, d_model=16, num_layers=2,
-                             expert_hidden=16, num_experts=4, pos_tags=False)  # fmt: skip
+                             expert_hidden=16, num_experts=4, pos_tags=False, dispatch="loop")  # fmt: skip
     model = build_model(cfg, 50).train()
     seen = []
     for lstm in model.lstms:
