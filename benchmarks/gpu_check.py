@@ -42,6 +42,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -84,6 +85,19 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def guarded(args, label: str, fn, *a, **kw):
+    """fn(*a, **kw), or, when it raises, the error's one-line text after its traceback is printed and
+    appended to OUTDIR/errors.md: one failing piece must not lose the rest of the one device call."""
+    try:
+        return fn(*a, **kw)
+    except Exception as err:  # noqa: BLE001 - reported in errors.md and the table, the check goes on
+        tb = traceback.format_exc()
+        print(tb, file=sys.stderr, flush=True)
+        with open(Path(args.out) / "errors.md", "a") as f:
+            f.write(f"## {label}\n\n```\n{tb}```\n\n")
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+
+
 def log(msg: str) -> None:
     print(f"[{time.monotonic() - T0:6.1f} s] {msg}", flush=True)
 
@@ -109,7 +123,10 @@ def part_moe_layer(args, tables: Tables) -> None:
     for size, (d, h) in sizes.items():
         for e in es:
             for k in (1, 2):
-                sec = bml.time_both(dev, n, d, h, e, k, reps, mode="baseline")
+                sec = guarded(args, f"moe_layer {size} e={e} k={k}", bml.time_both, dev, n, d, h, e, k, reps, mode="baseline")
+                if not isinstance(sec, dict):
+                    rows.append({"size": size, "d": d, "h": h, "e": e, "k": k, "n": n, "error": sec})
+                    continue
                 ratios = sec["ratios"]
                 fl = bml.flops_per_token(d, h, e, k, sec["router_mats"]) * n
                 rows.append({"size": size, "d": d, "h": h, "e": e, "k": k, "n": n,
@@ -183,6 +200,31 @@ def part_lm_step(args, tables: Tables) -> dict:
     """Per mode: tokens/s, estimated s/epoch, peak memory, recorder on vs off. Returns {mode: s/epoch}."""
     import torch
 
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    pairs, warm = (3, 2) if args.tiny else (40, 10)
+    rows, epoch_s = [], {}
+    for mode in LM_MODES:
+        row = guarded(args, f"lm_step {mode}", lm_step_mode, mode, args, device, pairs, warm)
+        rows.append(row if isinstance(row, dict) else {"mode": mode, "error": row})
+        if isinstance(row, dict):
+            epoch_s[mode] = row["s/epoch (ESTIMATED: steps x median step)"]
+            log(f"lm step {mode}: {row['step ms (no recorder)']:.1f} ms")
+        tables.write("lm_step", "WikiText-2 LM training step at the 2025 LSTM-MoE study's size", rows,
+                     notes=f"device {_device_name(args.device)}; {pairs} pairs of steps (recorder on/off interleaved) "
+                     f"after {warm} warm-up steps, medians; tokens/s and s/epoch at the trainer's record cadence; "
+                     "s/epoch excludes validation; pos_tags off")  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the mode's model and optimizer are gone with lm_step_mode's frame
+    return epoch_s
+
+
+def lm_step_mode(mode: str, args, device, pairs: int, warm: int) -> dict:
+    """One mode's row of `lm_step`."""
+    import torch
+
     from moe_lens.models import build_model
     from moe_lens.record import Recorder
     from moe_lens.stats_window import StatsWindow
@@ -195,75 +237,58 @@ def part_lm_step(args, tables: Tables) -> dict:
         seed_everything,
     )
 
-    device = torch.device(args.device)
+    cfg = lm_config(mode, args)
+    data = load_data(cfg)
+    split = data["train"]
+    task = get_task(cfg.dataset, cfg)
+    steps_per_epoch = sum(1 for _ in task.batches(split, train=True, seed=0))
+    seed_everything(0)
+    model = build_model(cfg, len(split.vocab)).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg, device)
+    window = StatsWindow(device)
+    run_dir = Path(args.out) / "lm_step_runs" / mode
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recorder = Recorder(run_dir)
+    batches = task.batches(split, train=True, seed=0)
+    state = task.init_state()
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    pairs, warm = (3, 2) if args.tiny else (40, 10)
-    rows, epoch_s = [], {}
-    for mode in LM_MODES:
-        cfg = lm_config(mode, args)
-        data = load_data(cfg)
-        split = data["train"]
-        task = get_task(cfg.dataset, cfg)
-        steps_per_epoch = sum(1 for _ in task.batches(split, train=True, seed=0))
-        seed_everything(0)
-        model = build_model(cfg, len(split.vocab)).to(device).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(params, cfg, device)
-        window = StatsWindow(device)
-        run_dir = Path(args.out) / "lm_step_runs" / mode
-        run_dir.mkdir(parents=True, exist_ok=True)
-        recorder = Recorder(run_dir)
-        batches = task.batches(split, train=True, seed=0)
-        state = task.init_state()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times: dict[bool, list[float]] = {True: [], False: []}
-        for i in range(warm + 2 * pairs):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                batches, state = task.batches(split, train=True, seed=0), task.init_state()
-                batch = next(batches)
-            rec = i % 2 == 0  # interleaved: recorder on, off, on, off, ...
-            _sync(device)
-            t0 = time.perf_counter()
-            batch = _to(batch, device)
-            with _autocast(device):
-                fwd = task.forward(model, batch, state)
-            state = fwd.state
-            loss = fwd.loss + fwd.aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            opt.step()
-            window.update(fwd)
-            if rec:
-                recorder.add(fwd.traces, dataset="wikitext2", split="train", epoch=0, step=i)
-            _sync(device)
-            if i >= warm:
-                times[rec].append(time.perf_counter() - t0)
-        recorder.close()
-        off, on = statistics.median(times[False]), statistics.median(times[True])
-        tokens = cfg.batch_size * cfg.bptt
-        at_cadence = off + (on - off) / cfg.record_every
-        epoch_s[mode] = steps_per_epoch * at_cadence
-        rows.append({"mode": mode, "tokens/step": tokens, "step ms (no recorder)": 1e3 * off,
-                     "step ms (recorder every step)": 1e3 * on, "recorder overhead per recorded step": on / off - 1,
-                     f"recorder overhead at record_every={cfg.record_every}": at_cadence / off - 1,
-                     "tokens/s": tokens / at_cadence, "steps/epoch": steps_per_epoch,
-                     "s/epoch (ESTIMATED: steps x median step)": epoch_s[mode],
-                     "peak GPU MiB": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else "n/a"})  # fmt: skip
-        log(f"lm step {mode}: {1e3 * off:.1f} ms")
-        tables.write("lm_step", "WikiText-2 LM training step at the 2025 LSTM-MoE study's size", rows,
-                     notes=f"device {_device_name(args.device)}; {pairs} pairs of steps (recorder on/off interleaved) "
-                     f"after {warm} warm-up steps, medians; tokens/s and s/epoch at the trainer's record cadence; "
-                     "s/epoch excludes validation; pos_tags off")  # fmt: skip
-        del model, opt, params, window, recorder, fwd, loss, state, batch, batches  # the next mode's peak is its own
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return epoch_s
+        torch.cuda.reset_peak_memory_stats(device)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(warm + 2 * pairs):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches, state = task.batches(split, train=True, seed=0), task.init_state()
+            batch = next(batches)
+        rec = i % 2 == 0  # interleaved: recorder on, off, on, off, ...
+        _sync(device)
+        t0 = time.perf_counter()
+        batch = _to(batch, device)
+        with _autocast(device):
+            fwd = task.forward(model, batch, state)
+        state = fwd.state
+        loss = fwd.loss + fwd.aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        window.update(fwd)
+        if rec:
+            recorder.add(fwd.traces, dataset="wikitext2", split="train", epoch=0, step=i)
+        _sync(device)
+        if i >= warm:
+            times[rec].append(time.perf_counter() - t0)
+    recorder.close()
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    tokens = cfg.batch_size * cfg.bptt
+    at_cadence = off + (on - off) / cfg.record_every
+    return {"mode": mode, "tokens/step": tokens, "step ms (no recorder)": 1e3 * off,
+                 "step ms (recorder every step)": 1e3 * on, "recorder overhead per recorded step": on / off - 1,
+                 f"recorder overhead at record_every={cfg.record_every}": at_cadence / off - 1,
+                 "tokens/s": tokens / at_cadence, "steps/epoch": steps_per_epoch,
+                 "s/epoch (ESTIMATED: steps x median step)": steps_per_epoch * at_cadence,
+                 "peak GPU MiB": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else "n/a"}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- part 3
@@ -278,8 +303,8 @@ def part_train(args, tables: Tables, epoch_s: dict) -> None:
             log(f"budget: {left:.0f} s left, about {per:.0f} s per epoch of both modes: {max(fit, 1)} epochs")
             epochs = max(fit, 1)
     for mode in TRAIN_MODES:
-        if not train_one(args, tables, mode, epochs):
-            return
+        if guarded(args, f"train {mode}", train_one, args, tables, mode, epochs) is False:
+            return  # stopped by the budget
 
 
 def train_one(args, tables: Tables, mode: str, epochs: int) -> bool:
@@ -398,11 +423,16 @@ def main(argv: list[str] | None = None) -> None:
         args.data = str(tiny_data(args.data, out / "tiny-data"))
     epoch_s: dict = {}
     if 1 in parts:
-        part_moe_layer(args, tables)
+        guarded(args, "part 1", part_moe_layer, args, tables)
     if 2 in parts:
-        epoch_s = part_lm_step(args, tables)
+        got = guarded(args, "part 2", part_lm_step, args, tables)
+        epoch_s = got if isinstance(got, dict) else {}
     if 3 in parts:
-        part_train(args, tables, epoch_s)
+        guarded(args, "part 3", part_train, args, tables, epoch_s)
+    errors = Path(args.out) / "errors.md"
+    if errors.is_file():
+        log(f"errors: see {errors}")
+        sys.exit(1)
     log("done")
 
 

@@ -44,3 +44,32 @@ def test_gpu_check_tiny_runs_end_to_end_on_the_cpu(tmp_path, real_data_dir):
         assert pq.read_table(out / "runs-meta" / f"gpu-{mode}" / "metrics.parquet").num_rows > 0
     md = (out / "tables.md").read_text()
     assert md.count("### ") == 5  # each table once, rewritten as it grows
+
+
+def test_a_failing_mode_leaves_an_error_row_and_the_other_modes(tmp_path, real_data_dir, monkeypatch):
+    """One device call: a piece that raises (say a CUDA error in one mode) is written to errors.md and its
+    table row, and the check goes on with the next mode."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    monkeypatch.setenv("MOE_LENS_CPU_EXT", "0")  # never wait for the CPU kernel's build here
+    monkeypatch.setattr(gpu_check, "LM_MODES", ("switch", "dense"))
+    real = gpu_check.lm_step_mode
+
+    def failing(mode, *a, **kw):
+        if mode == "switch":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+        return real(mode, *a, **kw)
+
+    monkeypatch.setattr(gpu_check, "lm_step_mode", failing)
+    out = tmp_path / "gpu"
+    data = gpu_check.tiny_data(str(real_data_dir), tmp_path / "tiny-data")
+    args = argparse.Namespace(out=str(out), device="cpu", tiny=True, data=str(data), budget_s=None, runs=None)
+    epoch_s = gpu_check.part_lm_step(args, gpu_check.Tables(out))
+    assert set(epoch_s) == {"dense"}
+    rows = json.loads((out / "lm_step.json").read_text())["rows"]
+    assert rows[0] == {"mode": "switch", "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    assert rows[1]["mode"] == "dense" and rows[1]["tokens/s"] > 0
+    assert "## lm_step switch" in (out / "errors.md").read_text()
