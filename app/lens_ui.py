@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from moe_lens import analysis, health, store
+from moe_lens import analysis, health, store, summary
 from moe_lens.errors import MoeLensError
 from moe_lens.literature_figures import error_bars
 
@@ -108,6 +108,10 @@ def damage_banner() -> None:
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _connect(root: str, generation: int, sandbox: bool) -> tuple[duckdb.DuckDBPyConnection, threading.Lock]:
     # One connection per directory, shared by sessions; a DuckDB connection is not for concurrent use: lock it.
+    if sandbox:  # the console's `routing_counts` view reads the runs' summaries: write the missing ones first
+        con, lock = _connect(root, generation, False)
+        with lock:
+            summary.build(con, [r for (r,) in con.execute("SELECT run FROM runs").fetchall()])
     return store.connect(root, read_only_sandbox=sandbox, threads=2), threading.Lock()
 
 

@@ -143,6 +143,7 @@ def connect(runs_dir: str | Path, *, read_only_sandbox: bool = False, threads: i
             con.execute(f"CREATE VIEW routing_subwords AS {_subword_body(con, files, root, found, read_only_sandbox)}")
     con.execute(TOKEN_VALUE_MACRO)
     if read_only_sandbox:
+        con.execute(f"CREATE VIEW routing_counts AS {_counts_body(con, root, found)}")
         con.execute("SET enable_external_access = false")
         con.execute("SET autoinstall_known_extensions = false")
         con.execute("SET lock_configuration = true")
@@ -290,6 +291,28 @@ def _arrow_select(con: duckdb.DuckDBPyConnection, table: str, files: list[Path],
         present = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {name}").fetchall()}
         cols = _columns(table, present, _quote(run), subwords=subwords)
         selects.append(f"SELECT {cols} FROM {name}" + _where(table, present, subwords))
+    return " UNION ALL BY NAME ".join(selects)
+
+
+def _counts_body(con: duckdb.DuckDBPyConnection, root: Path, found: health.Scan) -> str:
+    """Sandbox: `routing_counts`, sql/routing_counts.sql over every run (one row per run, dataset, split, epoch,
+    step, layer, expert, rank: n, gates, entropies, dropped, known_drop). A finished, undamaged run's current
+    summary file (moe_lens.summary, registered as an Arrow dataset) where one exists, the query over the routing
+    view for the others: the same rows either way (tests/test_summary.py)."""
+    healthy = {r for (r,) in con.execute("SELECT run FROM runs WHERE status <> 'running' AND problems IS NULL"
+                                         ).fetchall()}  # fmt: skip
+    selects, rest = [], []
+    for i, d in enumerate(found.runs):
+        path = summary.summary_path(d) if summary.enabled() and d.name in healthy else None
+        if path is not None and path.exists():
+            con.register(f"_routing_counts_{i}", pads.dataset(str(path), format="parquet"))
+            selects.append(f"SELECT * FROM _routing_counts_{i}")
+        else:
+            rest.append(d.name)
+    if rest or not selects:  # the runs as a list literal: names of our own directories, quoted (a view has no $params)
+        names = "[" + ", ".join(_quote(r) for r in rest) + "]::VARCHAR[]"
+        sql = summary.counts_sql().replace("$runs", names).replace("$split", "NULL")
+        selects.append(f"SELECT * FROM (\n{sql}\n)")
     return " UNION ALL BY NAME ".join(selects)
 
 

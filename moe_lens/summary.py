@@ -16,16 +16,29 @@ Where and when:
   scan), or ahead of time by `moe-lens summarize` (after training, or for existing runs);
 - runs still `running`, runs with damaged files (`runs.problems`) and the app's read-only sandbox connection are
   not summarised: the analyses scan their traces as before. `MOE_LENS_SUMMARIES=0` turns summaries off.
+
+Stored results (`cached_result`): the per-token analyses of one run (`routing_paths`, `layer_transitions`,
+`coactivation`: joins over token occurrences, seconds at 10^8 rows, which no count table answers) keep the result of
+their SQL for the parameters asked, in the same directory: `result-<name>-<key>-<params>.parquet`, where `key` hashes
+every Parquet file of the run (routing, tokens, ...; path, size, mtime) and the SQL text, and `params` the query's
+parameter values. The stored table is exactly the query's result, rows in its order; a changed trace gives a new key
+(the old results of that analysis are deleted), so a stale result is never read. Same rules as the summaries:
+one run at a time, not for running or damaged runs, not on the sandbox, off with `MOE_LENS_SUMMARIES=0`.
+The app's layers page reads these (docs/sql.md, 'Summaries').
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import warnings
 from importlib import resources
 from pathlib import Path
 
 import duckdb
+import pandas as pd
+import pyarrow as pa
 
 from moe_lens.atomic import write_table_atomic
 from moe_lens.data.paths import resolve_cache_dir
@@ -95,6 +108,50 @@ def counts_source(con: duckdb.DuckDBPyConnection, runs: list[str]) -> str | None
     paths = ", ".join("'" + str(p).replace("'", "''") + "'" for p in files.values())
     con.execute(f"CREATE OR REPLACE TEMP VIEW {VIEW} AS SELECT * FROM read_parquet([{paths}])")  # our own paths
     return f"SELECT * FROM {VIEW}"
+
+
+def run_fingerprint(run_dir: Path, sql: str) -> str:
+    """Hash of every Parquet file of the run (relative path, size, mtime in ns) and of `sql`."""
+    h = hashlib.sha256(sql.encode())
+    for f in sorted(run_dir.rglob("*.parquet")):
+        if "quarantine" in f.relative_to(run_dir).parts:
+            continue
+        st = f.stat()
+        h.update(f"{f.relative_to(run_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+ROW = "_moe_lens_row"  # the stored result's row order
+
+
+def cached_result(con: duckdb.DuckDBPyConnection, runs: list[str], name: str, sql: str,
+                  params: dict) -> pd.DataFrame | None:
+    """`con.execute(sql, params).df()` for one run, from its stored result when current, else run once and stored;
+    None where results are not stored (several runs, a running or damaged run, the sandbox, summaries off): the
+    caller runs the query itself. duckdb.Error propagates as from the query."""
+    root = _root(con)
+    if root is None or len(runs) != 1:
+        return None
+    ok = con.execute("SELECT count(*) FROM runs WHERE run = $run AND status <> 'running' AND problems IS NULL",
+                     {"run": runs[0]}).fetchone()[0]
+    if not ok:
+        return None
+    run_dir = root / runs[0]
+    key = run_fingerprint(run_dir, sql)
+    tag = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = summary_dir(run_dir) / f"result-{name}-{key}-{tag}.parquet"
+    if not path.exists():
+        with warnings.catch_warnings():  # "an extra copy": of a small result table
+            warnings.simplefilter("ignore", UserWarning)
+            table = con.execute(sql, params).to_arrow_table()
+        table = table.append_column(ROW, pa.array(range(table.num_rows), pa.int64()))
+        if run_fingerprint(run_dir, sql) != key:  # a part file came or went during the query: do not store
+            return con.execute(sql, params).df()
+        write_table_atomic(table, path)
+        for old in path.parent.glob(f"result-{name}-*.parquet"):
+            if not old.name.startswith(f"result-{name}-{key}-"):
+                old.unlink(missing_ok=True)
+    return con.execute(f"SELECT * EXCLUDE ({ROW}) FROM read_parquet($p) ORDER BY {ROW}", {"p": str(path)}).df()
 
 
 def _root(con: duckdb.DuckDBPyConnection) -> Path | None:

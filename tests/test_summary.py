@@ -3,6 +3,8 @@ summary files as from a full scan of the trace (the independent reference: the s
 summaries off), a new part file invalidates the summary, and runs still running, damaged runs and the sandbox scan."""
 from __future__ import annotations
 
+import ast
+import os
 import shutil
 from pathlib import Path
 
@@ -122,3 +124,63 @@ def test_key_lookups_from_the_summary_equal_the_scan(runs: Path) -> None:
                             ("specialization", {}), ("coactivation", {})])
     both(runs, ["a"], [("routing_paths", {}), ("layer_transitions", dict(layer_a=0, layer_b=1))])
     assert_same(A.agreement(fast, "b", "b", epoch_b=0), A.agreement(scan, "b", "b", epoch_b=0))
+
+
+OLD_EXAMPLE = "SELECT run, split, expert, count(*) AS n FROM routing WHERE rank = 0 GROUP BY ALL ORDER BY run, split, expert"
+
+
+def test_sandbox_routing_counts_equal_the_scan(runs: Path) -> None:
+    """The console's `routing_counts` view (summary files where current, the query over `routing` for the rest)
+    equals routing_counts.sql over the trace, and the console's example query equals count(*) over `routing`."""
+    page = ast.parse((ROOT / "app" / "pages" / "sql.py").read_text())  # the page's EXAMPLE, without running the page
+    example = next(n.value.value for n in page.body if isinstance(n, ast.Assign) and n.targets[0].id == "EXAMPLE")
+    scan = connect(runs, summaries=False)
+    want = scan.execute(summary.counts_sql(), {"runs": ["a", "b"], "split": None}).df()
+    keys = ["run", "dataset", "split", "epoch", "step", "layer", "expert", "rank"]
+    want = want.sort_values(keys, ignore_index=True)
+    old = scan.execute(OLD_EXAMPLE).df()
+    for built in ([], ["a"], ["a", "b"]):  # no summary, one run's, both
+        summary.build(connect(runs), built)
+        box = connect(runs, read_only_sandbox=True)
+        got = box.execute("SELECT * FROM routing_counts").df().sort_values(keys, ignore_index=True)
+        assert_same(got[list(want.columns)], want)
+        pd.testing.assert_frame_equal(box.execute(example).df(), old)
+
+
+def test_sql_page_example_from_the_summaries_equals_the_direct_query(runs: Path) -> None:
+    """The SQL page's default query, rendered (AppTest), equals the count(*) query over the routing rows."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
+    at.session_state["runs_dir"] = str(runs)
+    at.run()
+    at.switch_page("pages/sql.py").run()
+    at.button(key="sql_run").click().run()
+    assert not at.exception and not at.error
+    assert list((summary.resolve_cache_dir("summaries")).rglob("routing_counts-*.parquet"))  # built for the view
+    want = connect(runs, summaries=False).execute(OLD_EXAMPLE).df()
+    pd.testing.assert_frame_equal(at.dataframe[0].value.reset_index(drop=True), want, check_dtype=False)
+
+
+STORED = [("routing_paths", {}), ("routing_paths", dict(summary=False, top=None)),
+          ("routing_paths", dict(attribute="token", include_oov=True, epoch=1)), ("layer_transitions", {}),
+          ("layer_transitions", dict(split="train", layer_a=1, layer_b=0)), ("coactivation", {}),
+          ("coactivation", dict(layer=1, epoch=0))]
+
+
+def test_stored_per_token_results_equal_the_scan_and_follow_the_trace(runs: Path) -> None:
+    """routing_paths, layer_transitions and coactivation from their stored results equal the same call with
+    summaries off (the query over the trace), on the first call (stored) and the second (read back); a rewritten
+    part file (here of `tokens`) gives a new key: the next call runs the query again, removes the old result and
+    equals the scan."""
+    for _ in range(2):
+        both(runs, ["a"], STORED)
+    stored = sorted(p.name for p in summary.resolve_cache_dir("summaries").rglob("result-*.parquet"))
+    assert len(stored) == 6  # routing_paths' two calls share one result
+    part = sorted((runs / "a" / "tokens").rglob("part-*.parquet"))[-1]  # a table the queries join, not routing
+    os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 10**9))  # rewritten, a second later
+    both(runs, ["a"], STORED)
+    again = sorted(p.name for p in summary.resolve_cache_dir("summaries").rglob("result-*.parquet"))
+    assert len(again) == 6 and not set(again) & set(stored)
+    assert summary.cached_result(connect(runs), ["a", "b"], "x", "SELECT 1", {}) is None  # several runs: no store
+    assert summary.cached_result(connect(runs, summaries=False), ["a"], "x", "SELECT 1", {}) is None

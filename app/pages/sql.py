@@ -1,4 +1,4 @@
-"""SQL: a read-only console over the views (runs, tokens, routing, probs, hidden, metrics). The connection
+"""SQL: a read-only console over the views (runs, tokens, routing, probs, hidden, metrics, routing_counts). The connection
 is `store.connect(..., read_only_sandbox=True)`: it reads no file outside the views and writes none. It is
 shared by every browser session, so `store.check_read_only` refuses anything but a read (DROP VIEW, CREATE,
 SET, BEGIN ...) in one line before it runs: one session cannot break the views of another."""
@@ -12,12 +12,16 @@ from moe_lens import store
 from moe_lens.errors import MoeLensError
 
 MAX_ROWS = 100_000
-EXAMPLE = """SELECT run, split, expert, count(*) AS n
-FROM routing WHERE rank = 0
+# Top-1 routing rows per (run, split, expert): the same numbers as count(*) over `routing` WHERE rank = 0, read
+# from `routing_counts` (per-run summaries, moe_lens/summary.py), a few thousand rows where the trace has 10^8.
+EXAMPLE = """SELECT run, split, expert, CAST(sum(n) AS BIGINT) AS n
+FROM routing_counts WHERE rank = 0
 GROUP BY ALL ORDER BY run, split, expert"""
 
 st.title("SQL")
-st.caption("Views: `runs`, `tokens`, `routing`, `probs`, `hidden`, `metrics` (docs/sql.md). Read-only: "
+st.caption("Views: `runs`, `tokens`, `routing`, `probs`, `hidden`, `metrics`, and `routing_counts` (routing rows "
+           "counted per run, dataset, split, epoch, step, layer, expert, rank: `n`, `gates`, `entropies`, `dropped`, "
+           "`known_drop`; the fast way to count) (docs/sql.md). Read-only: "
            f"{store.READ_STATEMENTS}; the connection cannot open or write files. At most {MAX_ROWS:,} rows are fetched.")
 query = st.text_area("Query", value=EXAMPLE, height=160, key="sql_query")
 if st.button("Run", type="primary", key="sql_run"):

@@ -36,6 +36,19 @@ def query(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]) -> p
         raise MoeLensError(f"query failed: {str(e).splitlines()[0]}") from None
 
 
+def stored_query(con: duckdb.DuckDBPyConnection, runs: list[str], name: str, params: dict[str, Any]) -> pd.DataFrame:
+    """`query(con, sql_text(name), params)` for a per-token analysis: the run's stored result when `runs` is one
+    summarisable run (moe_lens.summary.cached_result: the same rows, written on first use, keyed by the run's
+    files), else the query itself."""
+    sql = sql_text(name)
+    used = {k: v for k, v in params.items() if k in set(re.findall(r"\$(\w+)", sql))}
+    try:
+        df = summary.cached_result(con, runs, name, sql, used)
+    except duckdb.Error as e:
+        raise MoeLensError(f"query failed: {str(e).splitlines()[0]}") from None
+    return df if df is not None else query(con, sql, params)
+
+
 def with_cte(name: str, inner: str, outer: str) -> str:
     """`WITH name AS (inner) outer`: composes two .sql files without touching values."""
     body = "\n".join(line for line in outer.strip().splitlines() if not line.startswith("--"))

@@ -18,7 +18,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from moe_lens.analysis._query import Runs, keyed, last_epochs, nonempty, oov_params, query, resolve_runs, sql_text
+from moe_lens.analysis._query import (Runs, keyed, last_epochs, nonempty, oov_params, query, resolve_runs, sql_text,
+                                     stored_query)
 from moe_lens.information import scores
 from moe_lens.errors import MoeLensError
 
@@ -42,7 +43,7 @@ def routing_paths(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: s
     names = resolve_runs(con, runs)
     params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch, dataset), split=split, attribute=attribute,
                   **oov_params(con, names, include_oov))
-    df = nonempty(query(con, sql_text("routing_paths"), params), names, f"split={split!r}, epoch={epoch}")
+    df = nonempty(stored_query(con, names, "routing_paths", params), names, f"split={split!r}, epoch={epoch}")
     df["layer"] = df["layer"].astype("Int64")
     if not summary:
         paths = df[df["layer"].isna()].groupby(GROUP + ["label"], as_index=False)["n"].sum()
@@ -81,7 +82,7 @@ def layer_transitions(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, spli
     names = resolve_runs(con, runs)
     params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch, dataset), split=split,
                   layer_a=int(layer_a), layer_b=int(layer_b))
-    df = nonempty(query(con, sql_text("layer_transitions"), params), names,
+    df = nonempty(stored_query(con, names, "layer_transitions", params), names,
                   f"split={split!r}, epoch={epoch}, layers {layer_a} and {layer_b} both recorded")
     df.insert(4, "layer_a", int(layer_a))
     df.insert(5, "layer_b", int(layer_b))
@@ -104,7 +105,7 @@ def coactivation(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, split: st
     names = resolve_runs(con, runs)
     params = dict(runs=names, run_epochs=last_epochs(con, names, split, epoch, dataset), split=split,
                   layer=None if layer is None else int(layer))
-    return query(con, sql_text("coactivation"), params)
+    return stored_query(con, names, "coactivation", params)
 
 
 def recorded_layers(con: duckdb.DuckDBPyConnection, runs: Runs = None) -> pd.DataFrame:
