@@ -20,7 +20,7 @@ COMMAND_MODULES = (
     "moe_lens.capture.cli",  # capture (a Hugging Face MoE model's routing)
     "moe_lens.data.commands",  # data download / info
     "moe_lens.store",  # sql
-    "moe_lens.summary",  # summarize
+    "moe_lens.summarize_cli",  # summarize
     "moe_lens.report",  # report
     "moe_lens.analyze_cli",  # analyze
     "moe_lens.figures",  # figure

@@ -1,5 +1,5 @@
 """Per-run routing summaries: small Parquet files of routing counts that the balance analyses read instead of
-scanning the trace, and `moe-lens summarize`.
+scanning the trace (`moe-lens summarize`, moe_lens/summarize_cli.py, writes them ahead of time).
 
 A run's summary is `sql/routing_counts.sql` over all its routing rows: one row per (run, dataset, split, epoch,
 step, layer, expert, rank) with `n`, `gates`, `entropies`, `dropped`, `known_drop`, a few thousand rows where the
@@ -28,7 +28,6 @@ The app's layers page reads these (docs/sql.md, 'Summaries').
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -162,23 +161,3 @@ def _root(con: duckdb.DuckDBPyConnection) -> Path | None:
     except duckdb.Error:  # a locked sandbox connection, or no variables
         return None
     return Path(value) if value else None
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("summarize", help="write the per-run routing summaries the analyses read",
-                              description="Build (or refresh) each run's routing summary in the cache directory "
-                                          "(docs/sql.md, 'Summaries'); the analyses also build them on first use.")
-    p.add_argument("runs", nargs="*", help="run names (default: every run)")
-    p.add_argument("--runs-dir", default=None, help="runs directory (default: as `moe-lens sql`)")
-    p.set_defaults(func=_summarize_command)
-
-
-def _summarize_command(args: argparse.Namespace) -> int:
-    # same layer, imported here: store imports this module
-    from moe_lens.store import connect, default_runs_dir
-    con = connect(args.runs_dir or default_runs_dir())
-    names = args.runs or [r[0] for r in con.execute("SELECT run FROM runs ORDER BY run").fetchall()]
-    done = build(con, names)
-    for run in names:
-        print(f"{run}: {done[run]}" if run in done else f"{run}: not summarised (running, damaged or no routing)")
-    return 0

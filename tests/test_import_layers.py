@@ -50,6 +50,7 @@ LAYER_OF = {
     "moe_lens.figures": "top",
     "moe_lens.literature_figures": "top",  # figure kinds of the literature's analyses
     "moe_lens.app_cli": "top",
+    "moe_lens.summarize_cli": "top",    # `moe-lens summarize`: summaries and the layers page's stored results
     "moe_lens.analyze_cli": "top",      # `moe-lens analyze NAME RUN...` over the analysis registry
     "moe_lens.app_pages": "top",
     "moe_lens.cli": "top",              # imports the command modules by name (COMMAND_MODULES)

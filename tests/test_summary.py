@@ -110,6 +110,9 @@ def test_summarize_command(runs: Path, capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert f"a: {summary.summary_path(runs / 'a')}" in out and "live: not summarised" in out
     assert summary.summary_path(runs / "b").exists()
+    stored = {p.name.split("-")[1] for p in summary.resolve_cache_dir("summaries").glob("a-*/result-*.parquet")}
+    assert stored == {"routing_paths", "layer_transitions", "coactivation"}  # the layers page's defaults
+    assert "(+ 6 stored layers-page results)" in out  # 3 calls x 2 splits
 
 
 def test_key_lookups_from_the_summary_equal_the_scan(runs: Path) -> None:
