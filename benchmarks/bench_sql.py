@@ -10,10 +10,12 @@ splits train + valid, 10 epochs, 100 steps per epoch: N / 80 tokens per split, N
 Every analysis of `moe_lens.analysis.registry.ANALYSES` is timed with the arguments in ARGS (analyses added to
 the registry later run as `fn(con, "bench")`; one that fails prints its error instead of a time), plus the
 heavier full-series variants in EXTRA, and every app page of `moe_lens.app_pages.PAGES` is rendered with
-Streamlit's AppTest. Each case runs in its own Python process (so its peak RSS, ru_maxrss, is its own): one
+Streamlit's AppTest. Analyses run their queries (stored per-token results off, MOE_LENS_STORED_RESULTS=0);
+pages read what `moe-lens summarize` stored, as in the app. Each case runs in its own Python process (so its peak RSS, ru_maxrss, is its own): one
 warm-up call, then --repeat timed calls, median reported. The connection is `store.connect` with its defaults
-(DuckDB threads = cores, memory_limit 4 GB, spilling to the cache directory); per-run summaries
-(moe_lens/summary.py) are built before timing (their build time is printed) unless --no-summaries.
+(DuckDB threads = cores, memory_limit 4 GB, spilling to the cache directory); per-run summaries and the layers
+page's stored results (what `moe-lens summarize` writes, moe_lens/summary.py) are built before timing (their
+build time is printed) unless --no-summaries. Pages also print their first render (the warm-up).
 Targets (issue 25): seconds per row at the largest size <= 1.2x that at the smallest; each page <= 5 s at 100M.
 """
 from __future__ import annotations
@@ -93,6 +95,7 @@ def one_analysis(root: Path, case: str, repeat: int) -> dict:
     from moe_lens.analysis.registry import BY_NAME
     from moe_lens.store import connect
     name, kw = calls()[case]
+    os.environ["MOE_LENS_STORED_RESULTS"] = "0"  # time the analysis's query, not a read of its stored result
     con = connect(root)
     fn = BY_NAME[name].fn
     n = len(fn(con, **kw))  # warm-up (and the summaries' lazy build, should they be missing)
@@ -164,10 +167,14 @@ def run_child(root: Path, kind: str, case: str, repeat: int, timeout: float) -> 
 
 
 def build_summaries(root: Path) -> float:
+    """What `moe-lens summarize` writes: the routing summaries and the layers page's stored per-token results."""
     from moe_lens import summary
     from moe_lens.store import connect
+    from moe_lens.summarize_cli import store_layers_results
     t = time.perf_counter()
-    summary.build(connect(root), [RUN, RUN_B])
+    con = connect(root)
+    for run in summary.build(con, [RUN, RUN_B]):
+        store_layers_results(con, run)
     return time.perf_counter() - t
 
 

@@ -23,7 +23,8 @@ their SQL for the parameters asked, in the same directory: `result-<name>-<key>-
 every Parquet file of the run (routing, tokens, ...; path, size, mtime) and the SQL text, and `params` the query's
 parameter values. The stored table is exactly the query's result, rows in its order; a changed trace gives a new key
 (the old results of that analysis are deleted), so a stale result is never read. Same rules as the summaries:
-one run at a time, not for running or damaged runs, not on the sandbox, off with `MOE_LENS_SUMMARIES=0`.
+one run at a time, not for running or damaged runs, not on the sandbox, off with `MOE_LENS_SUMMARIES=0` (or
+`MOE_LENS_STORED_RESULTS=0` for the stored results alone: benchmarks/bench_sql.py times the queries so).
 The app's layers page reads these (docs/sql.md, 'Summaries').
 """
 from __future__ import annotations
@@ -129,7 +130,7 @@ def cached_result(con: duckdb.DuckDBPyConnection, runs: list[str], name: str, sq
     None where results are not stored (several runs, a running or damaged run, the sandbox, summaries off): the
     caller runs the query itself. duckdb.Error propagates as from the query."""
     root = _root(con)
-    if root is None or len(runs) != 1:
+    if root is None or len(runs) != 1 or os.environ.get("MOE_LENS_STORED_RESULTS", "1") == "0":
         return None
     ok = con.execute("SELECT count(*) FROM runs WHERE run = $run AND status <> 'running' AND problems IS NULL",
                      {"run": runs[0]}).fetchone()[0]

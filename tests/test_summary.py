@@ -171,7 +171,7 @@ STORED = [("routing_paths", {}), ("routing_paths", dict(summary=False, top=None)
           ("coactivation", dict(layer=1, epoch=0))]
 
 
-def test_stored_per_token_results_equal_the_scan_and_follow_the_trace(runs: Path) -> None:
+def test_stored_per_token_results_equal_the_scan_and_follow_the_trace(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """routing_paths, layer_transitions and coactivation from their stored results equal the same call with
     summaries off (the query over the trace), on the first call (stored) and the second (read back); a rewritten
     part file (here of `tokens`) gives a new key: the next call runs the query again, removes the old result and
@@ -187,3 +187,5 @@ def test_stored_per_token_results_equal_the_scan_and_follow_the_trace(runs: Path
     assert len(again) == 6 and not set(again) & set(stored)
     assert summary.cached_result(connect(runs), ["a", "b"], "x", "SELECT 1", {}) is None  # several runs: no store
     assert summary.cached_result(connect(runs, summaries=False), ["a"], "x", "SELECT 1", {}) is None
+    monkeypatch.setenv("MOE_LENS_STORED_RESULTS", "0")
+    assert summary.cached_result(connect(runs), ["a"], "x", "SELECT 1", {}) is None
