@@ -210,17 +210,21 @@ def time_both(device: str, n: int, d: int, h: int, e: int, k: int, reps: int, mo
     else:  # LoRA, low-rank, TT-LoRA experts: no per-expert ceiling
         steps["per_expert"], routed = (lambda: None), 0
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}  # process CPU seconds (all threads) per step
     for step in steps.values():
         step()  # warm-up
     for _ in range(reps):
         for name, step in steps.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     ratios = [r / g for r, g in zip(times["reference"], times["grouped"])]  # paired: the same minute
+    cpu_ratios = [r / g for r, g in zip(cpu["reference"], cpu["grouped"])]
     return {**{name: statistics.median(t) for name, t in times.items()}, "ratios": ratios, "routed": routed,
+            "cpu_ratios": cpu_ratios,
             "router_mats": router_matrices(layers["grouped"]), "same": same}  # fmt: skip
 
 
@@ -376,10 +380,13 @@ def main() -> None:
           f"`auto` dispatch ({auto_choice(args.device, 8, 8, 4, min(k, 4), args.mode)} here); ratio = reference / "
           "moe-lens per step pair; router = router + statistics + aux losses, forward and backward, over the "
           "moe-lens step; matmul = the plain matmul rate of a dense MLP on the expert shapes; GFLOP/s assume MLP experts, count the "
-          "router matmuls.\n")  # fmt: skip
+          "router matmuls; ratio at the matmul rate = reference time / (the layer's FLOPs at that rate): what a layer "
+          "of nothing but its matmuls would reach; cpu-time ratio = the paired ratio of process CPU seconds (all "
+          "threads), less sensitive than wall time to other processes.\n")  # fmt: skip
     print("| threads | size | d | h | e | k | reference tok/s | moe-lens tok/s | ratio (spread) | router share | "
-          "GFLOP/s | matmul GFLOP/s | % of matmul | per-expert GFLOP/s | ref MB | moe-lens MB | same outputs |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "GFLOP/s | matmul GFLOP/s | % of matmul | per-expert GFLOP/s | ratio at the matmul rate | cpu-time ratio | "
+          "ref MB | moe-lens MB | same outputs |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for threads in (int(t) for t in args.threads.split(",")):
         for size in args.sizes.split(","):
             d, h = SIZES[size]
@@ -392,10 +399,14 @@ def main() -> None:
                 gflops = flops_per_token(d, h, e, k, sec["router_mats"]) * args.n / sec["grouped"] / 1e9
                 ceiling = 12 * args.n * d * h / sec["ceiling"] / 1e9
                 per_expert = 12 * sec["routed"] * d * h / sec["per_expert"] / 1e9 if sec["routed"] else float("nan")
+                # the ratio a layer doing only its matmuls (router's included) at the dense matmul rate would reach
+                bound = sec["reference"] * ceiling / (flops_per_token(d, h, e, k, sec["router_mats"]) * args.n / 1e9)
+                cpu = sec["cpu_ratios"]
                 print(f"| {threads} | {size} | {d} | {h} | {e} | {k} | {args.n / sec['reference']:,.0f} | "
                       f"{args.n / sec['grouped']:,.0f} | {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
                       f"{100 * sec['router'] / sec['grouped']:.0f}% | {gflops:.1f} | {ceiling:.1f} | "
-                      f"{100 * gflops / ceiling:.0f}% | {per_expert:.1f} | {mem['reference']['peak_mb']:.0f} | "
+                      f"{100 * gflops / ceiling:.0f}% | {per_expert:.1f} | {bound:.2f}x | {statistics.median(cpu):.2f}x | "
+                      f"{mem['reference']['peak_mb']:.0f} | "
                       f"{mem['grouped']['peak_mb']:.0f} | {'yes' if sec['same'] else 'NO'} |", flush=True)  # fmt: skip
 
 
