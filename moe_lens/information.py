@@ -121,3 +121,106 @@ def scores(table: np.ndarray) -> Scores:
         ami = 0.0 if min(used_a, used_e) == 1 else _signed_floor(mi - emi) / _signed_floor(mean_h - emi)
     unc = mi / h_e if h_e > 0 else float("nan")
     return Scores(int(c.sum()), h_e, h_a, mi, float(nmi), float(unc), float(ami), float(chance))
+
+
+# --- the same measures for a batch of tables (bootstrap replicates) ----------------------------------------------
+
+_LNFACT = _LNK = np.zeros(2)  # ln k! and ln k for k < len, grown on demand (gammaln(k + 1) as expected_mutual_info)
+
+
+def _ln_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ln k!, ln k) for k = 0 .. at least n + 1 (ln 0 taken as 0, never used), kept between calls."""
+    global _LNFACT, _LNK
+    if _LNFACT.size < n + 2:
+        k = np.arange(max(n + 2, 2 * _LNFACT.size), dtype=np.float64)
+        _LNFACT, _LNK = gammaln(k + 1), np.log(np.maximum(k, 1.0))
+    return _LNFACT, _LNK
+
+
+def entropies(counts: np.ndarray) -> np.ndarray:
+    """(n,) `entropy` of each row of (n, k) counts."""
+    c = np.asarray(counts, dtype=np.float64)
+    tot = c.sum(1, keepdims=True)
+    p = c / np.where(tot > 0, tot, 1.0)
+    h = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(1)
+    return np.where((c > 0).sum(1) <= 1, 0.0, h)
+
+
+def mutual_infos(tables: np.ndarray) -> np.ndarray:
+    """(n,) `mutual_info` of each (values, experts) table of (n, v, e) counts."""
+    c = np.asarray(tables, dtype=np.float64)
+    n = c.sum((1, 2))[:, None, None]
+    ab = c.sum(2, keepdims=True) * c.sum(1, keepdims=True)  # (n, v, e) a_v b_e
+    nz = c > 0
+    safe = np.where(nz, c * n / np.where(nz, ab, 1.0), 1.0)
+    mi = np.where(nz, c / np.where(n > 0, n, 1.0) * np.log(safe), 0.0).sum((1, 2))
+    return np.maximum(mi, 0.0)
+
+
+def expected_mutual_infos(a: np.ndarray, b: np.ndarray, max_terms: int = 1 << 15) -> np.ndarray:
+    """(n,) `expected_mutual_info` of row sums a (n, v) and column sums b (n, e), all replicates at once: the
+    same terms (same window, same ln k! values), laid out as (pairs, window) blocks of about `max_terms` cells,
+    pairs sorted by window length so that little is padding, each block small enough to stay in the CPU cache."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    reps = a.shape[0]
+    tot = a.sum(1)  # (n,)
+    ok = ((a > 0).sum(1) > 1) & ((b > 0).sum(1) > 1) & (tot > 1)
+    out = np.zeros(reps)
+    if not ok.any():
+        return out
+    if not (np.all(a == np.round(a)) and np.all(b == np.round(b)) and tot.max() < 5e7):
+        for k in np.flatnonzero(ok):  # non-integer counts: gammaln, one table at a time
+            out[k] = expected_mutual_info(a[k], b[k])
+        return out
+    lnf, lnk = _ln_tables(int(tot.max()))  # ln k!, ln k
+    rep, vi, ej = np.nonzero(ok[:, None, None] & (a[:, :, None] > 0) & (b[:, None, :] > 0))  # the pairs summed
+    ai, bj, n = a[rep, vi], b[rep, ej], tot[rep]  # (p,) each (row, column) pair of each replicate
+    mean = ai * bj / n
+    sd = np.sqrt(mean * (1 - bj / n))
+    lo = np.maximum(np.maximum(1.0, ai + bj - n), np.floor(mean - 12 * sd - 12))
+    hi = np.minimum(np.minimum(ai, bj), np.ceil(mean + 12 * sd + 12))
+    length = np.maximum(hi - lo + 1, 0).astype(np.int64)
+    ia, ib, itot, ilo, ihi = (v.astype(np.int64) for v in (ai, bj, n, lo, hi))
+    g = lnf[ia] + lnf[ib] + lnf[itot - ia] + lnf[itot - ib] - lnf[itot]  # (p,)
+    r = np.log(n) - np.log(ai) - np.log(bj)  # ln(N / (a b))
+    rest = itot - ia - ib
+    per_pair = np.zeros(ai.size)
+    order = np.argsort(length, kind="stable")
+    start, size = int(np.searchsorted(length[order], 1)), order.size  # windows of length 0 add nothing
+    while start < size:
+        rows = max(1, max_terms // int(length[order[start]]))
+        while rows > 1 and rows * int(length[order[min(start + rows, size) - 1]]) > 2 * max_terms:
+            rows //= 2
+        idx = order[start:start + rows]
+        width = int(length[idx[-1]])  # sorted: the block's longest window
+        k = np.minimum(ilo[idx, None] + np.arange(width), ihi[idx, None])  # (rows, width) n_ij, padding clipped
+        log_p = g[idx, None] - (lnf[k] + lnf[ia[idx, None] - k] + lnf[ib[idx, None] - k] + lnf[rest[idx, None] + k])
+        term = k * (r[idx, None] + lnk[k]) * np.exp(log_p)  # N x (n_ij/N ln(N n_ij / (a b)) P(n_ij))
+        term[np.arange(width) >= length[idx, None]] = 0.0  # the padding
+        per_pair[idx] = term.sum(1)
+        start += rows
+    return np.bincount(rep, weights=per_pair / n, minlength=reps)
+
+
+def scores_batch(tables: np.ndarray) -> dict[str, np.ndarray]:
+    """`scores` of each (values, experts) table of (n, v, e) counts, as arrays (n,): rows, h_expert, h_value, mi,
+    nmi, uncertainty_coef, ami, nmi_chance (the same edge cases; bootstrap's replicates in one call)."""
+    c = np.asarray(tables, dtype=np.float64)
+    a, b = c.sum(2), c.sum(1)  # (n, v), (n, e)
+    h_e, h_a, mi = entropies(b), entropies(a), mutual_infos(c)
+    used_a, used_e = (a > 0).sum(1), (b > 0).sum(1)
+    mean_h = (h_e + h_a) / 2
+    trivial = (used_a == used_e) & (used_a <= 1)
+    emi = expected_mutual_infos(np.where(trivial[:, None], 0.0, a), np.where(trivial[:, None], 0.0, b))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nmi = np.where(mi > 0, mi / mean_h, 0.0)
+        chance = emi / mean_h
+        num, den = mi - emi, mean_h - emi
+        num = np.where(num < 0, np.minimum(num, -_EPS), np.maximum(num, _EPS))
+        den = np.where(den < 0, np.minimum(den, -_EPS), np.maximum(den, _EPS))
+        ami = np.where(np.minimum(used_a, used_e) == 1, 0.0, num / den)
+        unc = np.where(h_e > 0, mi / np.where(h_e > 0, h_e, 1.0), np.nan)
+    nmi, ami, chance = (np.where(trivial, 1.0, v) for v in (nmi, ami, chance))
+    return {"rows": c.sum((1, 2)).astype(np.int64), "h_expert": h_e, "h_value": h_a, "mi": mi, "nmi": nmi,
+            "uncertainty_coef": unc, "ami": ami, "nmi_chance": chance}

@@ -101,6 +101,60 @@ def test_specialization_intervals_equal_a_numpy_loop(con) -> None:
         np.testing.assert_allclose([got.at[0, f"{m}_lo"], got.at[0, f"{m}_hi"]], ref[m], **TOL)
 
 
+@pytest.mark.parametrize("run", ["wikitext2-load", "squad-load"])
+def test_specialization_intervals_with_repeated_draws(con, run: str) -> None:
+    """Few units (WikiText-2's 5 valid documents, SQuAD's 1) repeat draws, each distinct draw computed once
+    (bootstrap.intervals): still every replicate's sklearn scores, and a point interval for one unit."""
+    got = A.bootstrap("specialization", con, run, by="document", n=40, seed=2, summary=True)
+    got = got[got["dataset"] == run.split("-")[0]].reset_index(drop=True)
+    dataset = run.split("-")[0]  # WikiText-2 runs also record CoNLL replays: the run's own dataset's group
+    tok = read(SAMPLE / run, "tokens").query("dataset == @dataset").drop(columns=["dataset", "split"])
+    rout = read(SAMPLE / run, "routing").query("dataset == @dataset")
+    last = rout["epoch"].astype(int).max()
+    rows = rout[(rout["rank"] == 0) & (rout["epoch"].astype(int) == last)].merge(tok, on="token_idx")
+    rows = rows[rows["pos_tag"].notna() & rows["in_vocab"]]
+    units = len(_units(rows, "document")[0])
+    draws = np.random.default_rng(2).integers(0, units, size=(40, units))
+    assert len(np.unique(np.sort(draws, 1), axis=0)) < 40  # repeated multisets: the dedup path runs
+
+    def stat(r: pd.DataFrame) -> dict:
+        return {"mi": mutual_info_score(r["pos_tag"], r["expert"]),
+                "nmi": normalized_mutual_info_score(r["pos_tag"], r["expert"]),
+                "ami": adjusted_mutual_info_score(r["pos_tag"], r["expert"])}
+
+    (ref,) = _reference([rows], "document", 40, 2, stat)
+    assert len(got) == 1 and got.at[0, "units"] == units
+    for m in ref:
+        np.testing.assert_allclose([got.at[0, f"{m}_lo"], got.at[0, f"{m}_hi"]], ref[m], **TOL)
+    if units == 1:
+        for m in ref:
+            assert got.at[0, f"{m}_lo"] == got.at[0, f"{m}_hi"]
+
+
+def test_batched_scores_equal_one_table_at_a_time() -> None:
+    """information.scores_batch (bootstrap's replicates at once) equals information.scores table by table (1e-12),
+    edge cases included (empty, one cell, one row, one column, non-integer counts), and AMI equals sklearn's."""
+    from moe_lens import information
+    rng = np.random.default_rng(0)
+    batches = [rng.poisson(lam, size=(reps, v, e)).astype(np.float64)
+               for lam, reps, v, e in [(0.3, 20, 6, 4), (3, 30, 12, 8), (40, 10, 5, 3), (400, 5, 9, 8), (2, 8, 1, 5),
+                                       (2, 8, 5, 1)]]  # fmt: skip
+    batches.append(np.array([[[5.0, 0], [0, 0]], [[0, 0], [0, 0]], [[1, 0], [0, 0]], [[0, 3], [0, 4]], [[3, 4], [0, 0]]]))
+    batches.append(rng.random((4, 3, 3)) * 5)
+    for tables in batches:
+        got = information.scores_batch(tables)
+        for b, table in enumerate(tables):
+            want = information.scores(table)
+            for f in want._fields:
+                np.testing.assert_allclose(got[f][b], getattr(want, f), rtol=1e-12, atol=1e-12, err_msg=f)
+    tables = batches[1][:8].astype(np.int64)
+    got = information.scores_batch(tables)
+    for b, table in enumerate(tables):
+        v, e = np.nonzero(table)
+        labels_v, labels_e = np.repeat(v, table[v, e]), np.repeat(e, table[v, e])
+        assert abs(got["ami"][b] - adjusted_mutual_info_score(labels_v, labels_e)) < 1e-9
+
+
 def test_bad_arguments_are_one_line_errors(con) -> None:
     with pytest.raises(MoeLensError, match="by='word'; allowed: document, sentence"):
         A.bootstrap(A.collapse, con, RUN, by="word")

@@ -7,7 +7,8 @@ document is about one thing), so the resampling unit is a document or a sentence
 replacement within each output group (Efron & Tibshirani 1993, the percentile interval).
 
 Fast by construction: the analysis's SQL runs ONCE and returns per-unit counts (units.py); replicate b is then
-the statistic of W[b] @ S_g, W[b] the multiplicities of the units drawn (all n replicates in one product).
+the statistic of W[b] @ S_g, W[b] the multiplicities of the units drawn (all n replicates in one product; each
+distinct W[b] computed once).
 Draws: `rng = np.random.default_rng(seed)`; for each group in key order, `rng.integers(0, U_g, (n, U_g))`.
 
 A bootstrappable analysis is registered in RESAMPLERS: its per-unit SQL (`units`), a numpy `statistic` of summed
@@ -77,10 +78,14 @@ def intervals(t: UnitTables, r: Resampler, *, n: int, seed: int, level: float = 
     rows = []
     for g, key in enumerate(t.keys.to_dict("records")):
         u = t.tables[g].shape[0]
-        stats = r.statistic(summed(t, g, draw_weights(rng, u, n)), t.labels[g], key, **options)
+        w = draw_weights(rng, u, n)
+        # identical draws give identical replicates: the statistic of each distinct multiset once (few units, e.g.
+        # 5 documents, repeat many; one unit repeats all n)
+        distinct, inverse = np.unique(w, axis=0, return_inverse=True)
+        stats = r.statistic(summed(t, g, distinct), t.labels[g], key, **options)
         row = {**key, "units": u}
         for m in r.metrics:
-            v = np.asarray(stats[m], dtype=np.float64)
+            v = np.asarray(stats[m], dtype=np.float64)[inverse.reshape(-1)]
             lo, hi = np.nanquantile(v, q) if np.isfinite(v).any() else (np.nan, np.nan)
             row[f"{m}_lo"], row[f"{m}_hi"] = float(lo), float(hi)
         rows.append(row)
@@ -137,18 +142,18 @@ def specialization_units(con: duckdb.DuckDBPyConnection, runs: Runs = None, *, b
 
 
 def specialization_statistic(sums: np.ndarray, labels: list, key: dict) -> dict[str, np.ndarray]:
-    """mi, nmi, ami of each replicate's (values, experts) table (information.scores: sklearn's definitions);
-    NaN nmi and ami where one expert has every token, as specialization() reports them."""
+    """mi, nmi, ami of each replicate's (values, experts) table (information.scores_batch, every replicate at once:
+    sklearn's definitions); NaN nmi and ami where one expert has every token, as specialization() reports them."""
     out = {m: np.full(sums.shape[0], np.nan) for m in ("mi", "nmi", "ami")}
     if sums.shape[2] <= 1:  # one expert (dense): I = 0, nothing normalised to say
         out["mi"][:] = 0.0
         return out
-    for b in range(sums.shape[0]):
-        table = sums[b, ..., 0]  # (v, e)
-        s = information.scores(table)
-        out["mi"][b] = s.mi
-        if (table.sum(0) > 0).sum() > 1:
-            out["nmi"][b], out["ami"][b] = s.nmi, s.ami
+    tables = sums[..., 0]  # (n, v, e)
+    s = information.scores_batch(tables)
+    spread = (tables.sum(1) > 0).sum(1) > 1  # (n,) more than one expert used
+    out["mi"] = s["mi"]
+    out["nmi"] = np.where(spread, s["nmi"], np.nan)
+    out["ami"] = np.where(spread, s["ami"], np.nan)
     return out
 
 
