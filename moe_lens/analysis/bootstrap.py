@@ -40,6 +40,9 @@ class Resampler(NamedTuple):
     point: Callable[..., pd.DataFrame] | None = None  # the analysis's table from the same unit counts (no 2nd query)
 
 
+DEDUP_UNITS = 10  # intervals(): groups of at most this many units compute each distinct draw once
+
+
 def draw_weights(rng: np.random.Generator, units: int, n: int) -> np.ndarray:
     """(n, units) multiplicities of `units` units drawn with replacement, n times."""
     idx = rng.integers(0, units, size=(n, units))  # (n, U)
@@ -79,9 +82,10 @@ def intervals(t: UnitTables, r: Resampler, *, n: int, seed: int, level: float = 
     for g, key in enumerate(t.keys.to_dict("records")):
         u = t.tables[g].shape[0]
         w = draw_weights(rng, u, n)
-        # identical draws give identical replicates: the statistic of each distinct multiset once (few units, e.g.
-        # 5 documents, repeat many; one unit repeats all n)
-        distinct, inverse = np.unique(w, axis=0, return_inverse=True)
+        # identical draws give identical replicates: with few units (5 documents: ~80 distinct multisets in 200
+        # draws; 1 unit: 1) the statistic of each distinct draw once; with more, repeats are rare and the search not
+        # worth its cost
+        distinct, inverse = np.unique(w, axis=0, return_inverse=True) if u <= DEDUP_UNITS else (w, np.arange(n))
         stats = r.statistic(summed(t, g, distinct), t.labels[g], key, **options)
         row = {**key, "units": u}
         for m in r.metrics:
