@@ -80,7 +80,54 @@ def setup(device_name: str) -> tuple[Shard, torch.device | None]:
     return Shard(rank, world), device
 
 
+_STATS_GROUP = None  # a second gloo/NCCL group for the in-step statistics, apart from DDP's gradient buckets
+
+
+def _stats_group():  # noqa: ANN202 - a ProcessGroup
+    """The group of the step's own collectives (token counts, aux-loss sums): created once, by every rank (the
+    first training step), so their order never interleaves with DDP's bucketed gradient all-reduces."""
+    global _STATS_GROUP
+    if _STATS_GROUP is None:
+        _STATS_GROUP = dist.new_group(backend=dist.get_backend())
+    return _STATS_GROUP
+
+
+def sum_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over the ranks, differentiable: the backward sums the ranks' gradients of the result (it is
+    the same function on every rank), so after DDP's average each rank's inputs get the single-process
+    gradient of a loss computed from the global sums."""
+    import torch.distributed.nn.functional as dist_nn  # only under torchrun
+
+    return dist_nn.all_reduce(t, group=_stats_group())
+
+
+def attach(model: torch.nn.Module, shard: Shard) -> None:
+    """Make every MoE layer of `model` compute its aux losses from the global batch (`reduce_stats`)."""
+    if not shard.enabled:
+        return
+    _stats_group()
+    for m in model.modules():
+        if hasattr(m, "reduce_stats"):
+            m.reduce_stats = sum_with_grad
+
+
+def loss_scale(count: int, shard: Shard, device: torch.device) -> torch.Tensor | None:
+    """() world * count / global count: the factor that turns this rank's mean task loss into its share of
+    the global mean. DDP averages gradients over the ranks, so the scaled losses give the gradient of the
+    mean over ALL the step's tokens (examples for SQuAD), as one process over the union batch would, also
+    when the ranks hold different token counts (CoNLL, SQuAD). None in a single process. One all-reduce of a
+    scalar on the device (no host sync)."""
+    if not shard.enabled:
+        return None
+    n = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    total = n.clone()
+    dist.all_reduce(total, group=_stats_group())
+    return (shard.world * n / total).float().reshape(())
+
+
 def teardown() -> None:
+    global _STATS_GROUP
+    _STATS_GROUP = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -154,4 +201,4 @@ class NotRankZero:
 
 
 __all__ = ["Shard", "SINGLE", "TIMEOUT_S", "NotRankZero", "launched", "setup", "teardown", "all_reduce_sum", "broadcast",
-           "gather", "any_rank", "barrier"]  # fmt: skip
+           "gather", "any_rank", "barrier", "attach", "sum_with_grad", "loss_scale"]  # fmt: skip

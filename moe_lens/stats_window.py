@@ -11,7 +11,9 @@ aux term. `log()` reads them once every LOG_EVERY steps and writes `metrics.parq
 - layer and expert set: `load` and `importance`, each layer's shares (summing to 1 over its experts).
 
 Under torchrun (moe_lens/distributed.py) `log()` first sums the window over the ranks, so the logged
-load, importance and dropped counts cover every rank's tokens, as one process over the same batches would.
+load, importance and dropped counts cover every rank's tokens, and the loss and aux terms are the global
+batch's (token-weighted loss, aux losses of the summed importance/load), as one process over the same
+batches would log them.
 
 Layers never merge: a second MoE layer's loads are its own rows (the window before this one added every
 trace into one vector labelled layer 0). `state_dict()`/`load_state_dict()` carry a window across a resume.
@@ -63,9 +65,11 @@ class StatsWindow:
         self.n = 0
         self.layers: dict[int, _LayerSums] = {}
 
-    def update(self, fwd: Any) -> None:
-        """Add one step's `Forward` (loss, aux, traces); device-side only."""
-        self.loss += fwd.loss.detach()
+    def update(self, fwd: Any, scale: Tensor | None = None) -> None:
+        """Add one step's `Forward` (loss, aux, traces); device-side only. `scale`: under torchrun the rank's
+        loss weight world * count / global count (`distributed.loss_scale`), so the ranks' scaled losses
+        sum to world x the step's global token-weighted mean loss."""
+        self.loss += fwd.loss.detach() if scale is None else fwd.loss.detach() * scale
         self.aux += fwd.aux.detach()
         for tr in fwd.traces:
             if tr.layer not in self.layers:
@@ -77,8 +81,10 @@ class StatsWindow:
         """{(name, layer, expert): value} of the window, the metrics rows `log` writes. One host sync.
 
         Under torchrun the window's sums are first summed over the ranks (one all-reduce, at log time only):
-        load, importance and dropped then count every rank's tokens; loss and aux terms are the mean of the
-        ranks' step means (what DDP's averaged gradient optimises)."""
+        load, importance and dropped then count every rank's tokens. Each rank's loss was weighted by its
+        token share (`update`'s scale) and its aux terms are already the global batch's (every rank holds the
+        same value, MoELayer.reduce_stats), so dividing the rank sums by world x steps gives the mean over
+        the window's steps of the global batch's loss and aux terms, as one process logs them."""
         sums = {"loss": self.loss, "aux": self.aux}
         for layer, s in self.layers.items():
             sums |= {f"{layer}/{k}": v.float().reshape(v.shape) for k, v in s.tensors().items()}

@@ -28,8 +28,8 @@ from moe_lens import data as mdata
 from moe_lens.atomic import write_json_atomic
 from moe_lens.clock import now
 from moe_lens.config import RunConfig
-from moe_lens.distributed import (SINGLE, NotRankZero, Shard, all_reduce_sum, any_rank, barrier, broadcast, gather,
-                                  teardown)  # fmt: skip
+from moe_lens.distributed import (SINGLE, NotRankZero, Shard, all_reduce_sum, any_rank, attach, barrier, broadcast,
+                                  gather, loss_scale, teardown)  # fmt: skip
 from moe_lens.distributed import setup as dist_setup
 from moe_lens.errors import MoeLensError
 from moe_lens.health import read_json
@@ -206,6 +206,7 @@ def _train(cfg: RunConfig, resume: bool, progress: bool, shard: Shard, device: t
     if shard.enabled:  # find_unused: an expert no token of this rank's batch chose has no gradient here
         step_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                          find_unused_parameters=True)  # fmt: skip
+        attach(model, shard)  # aux losses from the global batch's sums (one differentiable all-reduce per layer)
         seed_everything(cfg.seed + shard.rank)  # the weights are rank 0's (DDP broadcast them); noise differs
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg, device)
@@ -354,7 +355,8 @@ class _Loop:
                 fwd = self.task.forward(self.step_model, batch, self.fstate)
             self.fstate = fwd.state
             label = self.step  # the forward's step: the number of updates its weights had
-            loss = fwd.loss + fwd.aux
+            scale = loss_scale(self.task.loss_count(batch), self.shard, self.device)  # None in one process
+            loss = (fwd.loss if scale is None else fwd.loss * scale) + fwd.aux
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
@@ -364,7 +366,7 @@ class _Loop:
             self.sched.step()
             self.step += 1
             step = self.step
-            self.window.update(fwd)
+            self.window.update(fwd, scale)
             if self.recorder is not None and label % cfg.record_every == 0:
                 self.recorder.add(fwd.traces, dataset=split.dataset, split="train", epoch=epoch, step=label)
             ntok += batch["ntokens"]

@@ -185,6 +185,82 @@ def test_wikitext_a_killed_rank_stops_the_other_and_the_resumed_run_matches_one_
     check_against_one_process(runs, "k", 1, tmp_path)
 
 
+EVERY_STEP = """
+import sys
+from moe_lens import train
+from moe_lens.cli import main
+train.LOG_EVERY = 1  # a train metrics row per step
+sys.exit(main(sys.argv[1:]))
+"""
+# deterministic routing (no router noise, no dropout, no capacity), the importance, switch and z losses weighted
+# (so their gradients take part; the smooth load loss needs the noisy router, whose noise differs per rank; its
+# value, CV^2 of the kept loads, is still logged and compared)
+# 1 validation batch (the eval equality is the test above)
+EXACT = ["--mode", "importance", "--w-switch", "0.01", "--w-z", "0.001", "--dropout", "0",
+         "--d-embed", "16", "--d-model", "16", "--expert-hidden", "16", "--num-experts", "4", "--warmup-steps", "2",
+         "--no-pos-tags", "--no-progress", "--max-eval-batches", "1"]  # fmt: skip
+
+
+def test_global_aux_of_one_rank_equals_the_layer_aux() -> None:
+    """The aux losses from the packed batch sums (what the ranks all-reduce) equal the layer's own, values and
+    gradients, when the 'all-reduce' is the identity (one rank)."""
+    from moe_lens.moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    for router, extra in (("noisy_topk", {}), ("topk_mask", {}), ("switch", {"capacity_factor": 1.25})):
+        layer = MoELayer(8, num_experts=4, top_k=1 if router == "switch" else 2, router=router, expert_hidden=8,
+                         w_importance=0.1, w_load=0.1, w_switch=0.01, w_z=0.001, dispatch="loop", **extra)  # fmt: skip
+        x = torch.randn(37, 8)
+        grads = []
+        for reduce in (None, lambda t: t):
+            layer.reduce_stats = reduce
+            torch.manual_seed(1)  # the same router noise
+            out = layer(x)
+            layer.zero_grad()
+            out.aux_loss.backward()
+            grads.append((out.stats.aux, [p.grad.clone() for p in layer.router.parameters() if p.grad is not None]))
+        (a, ga), (b, gb) = grads
+        for k in a:
+            assert float(b[k].detach()) == pytest.approx(float(a[k].detach()), rel=1e-5, abs=1e-7), (router, k)
+        for u, v in zip(ga, gb, strict=True):
+            torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-7)
+
+
+def test_two_ranks_log_the_global_batch_loss_and_aux_and_reach_the_one_process_weights(
+        real_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CoNLL, whose ranks hold different token counts: every step's logged train loss (token-weighted over both
+    ranks), aux loss and aux terms (from the summed importance/load) equal a 1-process run over the same global
+    batches (this pytest process), and so do the weights after the steps (the scaled-loss gradients)."""
+    from moe_lens import train as train_mod
+
+    runs, child = tmp_path / "runs", tmp_path / "every_step.py"
+    child.write_text(EVERY_STEP)
+    args = ["train", "--dataset", "conll2003", *EXACT, "--batch-size", "32", "--epochs", "1", "--max-steps", "4",
+            "--data-dir", str(real_data_dir), "--runs-dir", str(runs)]  # fmt: skip
+    done = torchrun([*args, "--run-name", "ddp"], script=[str(child)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setattr(train_mod, "LOG_EVERY", 1)
+    monkeypatch.setenv("MOE_LENS_CPU_EXT", "0")  # the ranks' expert kernel
+    assert main([*args, "--run-name", "one"]) == 0
+    con = connect(runs)
+    q = """SELECT step, name, coalesce(layer, -1) AS layer, coalesce(expert, -1) AS expert, value FROM metrics
+           WHERE run = ? AND split = 'train' AND name NOT IN ('tokens_per_s', 'lr') ORDER BY ALL"""
+    ddp, one = (con.execute(q, [r]).df() for r in ("ddp", "one"))
+    assert len(ddp) == len(one) > 0 and ddp["step"].nunique() == 4
+    assert {"loss", "aux_loss", "aux_importance", "aux_load", "aux_switch", "aux_z"} <= set(ddp["name"])
+    assert (ddp[["step", "name", "layer", "expert"]].to_numpy() == one[["step", "name", "layer", "expert"]].to_numpy()).all()
+    np.testing.assert_allclose(ddp["value"], one["value"], rtol=1e-6, atol=1e-6)
+    a, b = (torch.load(runs / r / "checkpoints" / "epoch-0.pt", weights_only=False)["model"] for r in ("ddp", "one"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+    # the ranks' token counts differ in these steps (else a mean of the ranks' means would be exact too)
+    shares = [list(get_task("conll2003", saved_config(runs / "one"), Shard(r, 2)).batches(
+        load_data(saved_config(runs / "one"))["train"], train=True, seed=saved_config(runs / "one").seed * 1000))[:4]
+        for r in (0, 1)]  # fmt: skip
+    assert any(x["ntokens"] != y["ntokens"] for x, y in zip(*shares, strict=True))
+
+
 @pytest.mark.parametrize("sandbox", [False, True])
 def test_views_read_single_process_and_torchrun_layouts_together(tmp_path: Path, sandbox: bool) -> None:
     """A committed single-process run beside the same run moved into torchrun's ddp_rank=R/ layout."""

@@ -33,6 +33,7 @@ is `grouped`, which was at least as fast as the loop in every measured configura
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -114,6 +115,9 @@ class MoELayer(nn.Module):
                                      lora_alpha=lora_alpha, tt_rank=tt_rank)  # fmt: skip
         self.weights = {"importance": w_importance, "load": w_load, "switch": w_switch, "z": w_z}
         self.dispatch = dispatch
+        # Data-parallel training (moe_lens/distributed.py sets it): a differentiable sum over the ranks of the
+        # (4e + 2,) vector of the aux losses' batch sums, so the aux losses are those of the global batch.
+        self.reduce_stats: Callable[[Tensor], Tensor] | None = None
 
     @classmethod
     def config_fields(cls) -> tuple[str, ...]:
@@ -182,6 +186,9 @@ class MoELayer(nn.Module):
         lse = losses.logsumexp_at_top1(r.logits, r.router_probs, top1)  # (n,)
         entropy = losses.entropy_from_lse(r.router_probs.detach(), r.logits.detach(), lse.detach())  # (n,)
         load_for_loss = r.load_prob.sum(dim=0) if r.load_prob is not None else load
+        if self.training and self.reduce_stats is not None:
+            aux = self._global_aux(r, importance, load_for_loss, top1, lse)
+            return RoutingStats(load, importance, num_dropped, entropy, aux)
         aux = {
             "importance": losses.cv_squared(importance),
             "load": losses.cv_squared(load_for_loss),
@@ -189,6 +196,23 @@ class MoELayer(nn.Module):
             "z": losses.z_loss_from_lse(lse),
         }
         return RoutingStats(load, importance, num_dropped, entropy, aux)
+
+    def _global_aux(self, r: Routing, importance: Tensor, load_for_loss: Tensor, top1: Tensor,
+                    lse: Tensor) -> dict[str, Tensor]:
+        """The four aux losses of the GLOBAL batch under data parallelism: each is a function of batch sums
+        (importance (e,), load (e,), top-1 counts (e,), router-probability sums (e,), sum of lse^2, token
+        count), which `reduce_stats` sums over the ranks in one differentiable all-reduce. Its backward sums
+        the ranks' gradients; DDP then averages over the ranks, so the gradient is the single-process one."""
+        e = self.num_experts
+        probs = r.router_probs.float()  # (n, e)
+        counts = probs.new_zeros(e).index_add_(0, top1, probs.new_ones(top1.shape))  # (e,) no gradient
+        sums = torch.cat([importance.float(), load_for_loss.float(), counts, probs.sum(dim=0),
+                          lse.float().pow(2).sum().reshape(1), probs.new_full((1,), probs.shape[0])])  # (4e + 2,)
+        sums = self.reduce_stats(sums)
+        imp, load, f, p = sums[: 4 * e].reshape(4, e).unbind(0)
+        n = sums[4 * e + 1].clamp_min(1.0)
+        return {"importance": losses.cv_squared(imp), "load": losses.cv_squared(load),
+                "switch": e * ((f / n) * (p / n)).sum(), "z": sums[4 * e] / n}
 
     def _weighted_aux(self, stats: RoutingStats) -> Tensor:
         """() the sum of the aux losses weighted by w_importance, w_load, w_switch, w_z (zero weights skipped)."""

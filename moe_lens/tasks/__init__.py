@@ -7,6 +7,8 @@ Each task implements the `Task` interface used by the one training loop (`moe_le
                                           short epochs where the last one stopped, by epoch)
     forward(model, batch, state)       -> Forward(loss, aux_loss, traces, state)   (on the device), from the
                                           model's ModelOutput(logits, aux_loss, traces, state)
+    loss_count(batch)                  -> the tokens (examples for SQuAD) the batch's mean loss averages over
+                                          (under torchrun the weight of the rank's loss, moe_lens/distributed.py)
     eval_update(acc, batch, fwd)       -> accumulate device tensors, no host sync
     eval_totals(acc, split)            -> {name: device tensor}, sums over this rank's batches
     eval_metrics(totals, split)        -> {"loss": ..., "ppl" | "accuracy", "f1" | "em", "f1", ...}

@@ -51,6 +51,10 @@ class LMTask:
             yield {"ids": ids[:, i : i + t], "target": ids[:, i + 1 : i + 1 + t], "token_idx": idx[:, i : i + t],
                    "ntokens": b * t}  # fmt: skip
 
+    def loss_count(self, batch: dict) -> int:
+        """How many tokens the batch's mean task loss averages over (the data-parallel loss weight)."""
+        return batch["ntokens"]
+
     def init_state(self):
         return None
 

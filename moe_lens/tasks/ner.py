@@ -62,6 +62,10 @@ class NERTask:
                 batch["case"] = torch.from_numpy(gather_padded(cases, s, ln, 0))  # (b, t)
             yield batch
 
+    def loss_count(self, batch: dict) -> int:
+        """How many tokens the batch's mean task loss averages over (the data-parallel loss weight)."""
+        return batch["ntokens"]
+
     def init_state(self):
         return None
 

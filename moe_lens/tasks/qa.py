@@ -57,6 +57,10 @@ class QATask:
                 "ntokens": int(cl.sum() + ql.sum()),
             }
 
+    def loss_count(self, batch: dict) -> int:
+        """How many examples the batch's mean task loss averages over (the data-parallel loss weight)."""
+        return int(batch["c_len"].shape[0])
+
     def init_state(self):
         return None
 
