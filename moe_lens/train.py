@@ -210,7 +210,8 @@ def _train(cfg: RunConfig, resume: bool, progress: bool, shard: Shard, device: t
         seed_everything(cfg.seed + shard.rank)  # the weights are rank 0's (DDP broadcast them); noise differs
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg, device)
-    steps_per_epoch = sum(1 for _ in task.batches(train_split, train=True, seed=cfg.seed))
+    sampler = task.sampler(train_split, train=True, seed=cfg.seed * 1000)  # epoch e shuffled by seed*1000 + e
+    steps_per_epoch = len(sampler)
     steps_per_epoch = min(steps_per_epoch, cfg.epoch_steps or steps_per_epoch)
     total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
@@ -246,7 +247,7 @@ def _train(cfg: RunConfig, resume: bool, progress: bool, shard: Shard, device: t
                         hidden_bf16=cfg.hidden_bf16, ddp_rank=shard.rank if shard.enabled else None) \
         if cfg.record else None  # fmt: skip
     loop = _Loop(cfg, task, model, opt, sched, params, device, recorder, metrics, state, run_dir, train_split.vocab)
-    loop.step, loop.shard, loop.step_model = start.step, shard, step_model
+    loop.step, loop.shard, loop.step_model, loop.sampler = start.step, shard, step_model, sampler
     bar = tqdm(total=total, initial=start.step, desc=run_dir.name, disable=not progress or not lead, unit="step",
                smoothing=0)  # fmt: skip
     try:
@@ -335,6 +336,7 @@ class _Loop:
         self.after_step = step_hooks(model)  # e.g. the sigmoid_bias router's bias update
         self.shard: Shard = SINGLE
         self.step_model = model  # the DDP wrapper under torchrun
+        self.sampler = None  # the task's training sampler (`set_epoch` every epoch)
         self._stop_agreed = False  # torchrun: every rank saw a stop signal on some rank (at a log step)
 
     def run_epoch(self, split, epoch: int, steps_per_epoch: int, *, skip: int | None = None) -> None:
@@ -344,8 +346,9 @@ class _Loop:
         if skip is None:
             self.fstate = self.task.init_state()
         t0, ntok = time.perf_counter(), 0
-        batches = enumerate(self.task.batches(split, train=True, seed=cfg.seed * 1000 + epoch, epoch=epoch))
-        for i, batch in itertools.islice(batches, skip or 0, steps_per_epoch):
+        self.sampler.set_epoch(epoch, start=skip or 0)  # the same order on every rank, and after a resume
+        batches = enumerate(self.task.batches(split, train=True, sampler=self.sampler), start=skip or 0)
+        for i, batch in itertools.islice(batches, max(steps_per_epoch - (skip or 0), 0)):
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
                 break
             if self._stopping():

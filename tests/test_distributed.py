@@ -29,7 +29,8 @@ from moe_lens.record import Recorder
 from moe_lens.resume import saved_config
 from moe_lens.store import connect
 from moe_lens.tasks import get_task
-from moe_lens.tasks.batching import shard_batches
+from moe_lens.tasks.batching import DistributedBucketSampler, shard_batches
+from moe_lens.tasks.lm import WindowSampler
 from moe_lens.train import evaluate, load_data
 from run_tables import duplicates
 
@@ -77,6 +78,51 @@ def test_shards_split_each_batch_without_repeats() -> None:
     assert [Shard(r, 3).rows(8) for r in range(3)] == [slice(0, 3), slice(3, 6), slice(6, 8)]
     with pytest.raises(MoeLensError, match="--batch-size 2: .* 3 ranks"):
         get_task("wikitext2", RunConfig(dataset="wikitext2", batch_size=2), Shard(0, 3))
+
+
+def test_bucket_sampler_partitions_each_epoch_the_same_on_every_rank_and_resumes() -> None:
+    """DistributedBucketSampler against the single-process batches (bucket_batches, the reference): the ranks'
+    parts of each global batch concatenate to it (nothing repeated, nothing lost but the documented too-short
+    training batch), set_epoch reorders deterministically and identically on every rank, start=k resumes."""
+    lengths = np.random.default_rng(0).integers(1, 40, size=97)  # the last batch: 1 sequence
+    for world, shuffle in ((2, True), (3, True), (3, False), (4, True)):
+        make = lambda r: DistributedBucketSampler(lengths, 8, Shard(r, world), shuffle=shuffle, seed=7000)  # noqa: E731
+        orders = []
+        for epoch in (0, 1, 1, 2):
+            ranks = [make(r) for r in range(world)]
+            for s in ranks:
+                s.set_epoch(epoch)
+            glob = ranks[0].global_batches()
+            assert all(len(g) == len(h) and all((a == b).all() for a, b in zip(g, h, strict=True))
+                       for g, h in ((glob, s.global_batches()) for s in ranks[1:]))  # fmt: skip
+            parts = [list(s) for s in ranks]
+            assert [len(p) for p in parts] == [len(s) for s in ranks]
+            kept = [g for g in glob if len(g) >= world or not shuffle]
+            assert len(glob) - len(kept) == (1 if shuffle else 0)  # fewer sequences than ranks
+            it = [iter(p) for p in parts]
+            for g in kept:  # each global batch is the concatenation of the ranks' contiguous parts
+                mine = [next(it[r]) for r in range(world) if len(np.array_split(g, world)[r])]
+                assert (np.concatenate(mine) == g).all()
+            assert all(next(i, None) is None for i in it)
+            seen = np.concatenate([np.concatenate(p) for p in parts])
+            assert len(seen) == len(set(seen.tolist())) == sum(map(len, kept))  # no index twice
+            if not shuffle:
+                assert len(seen) == len(lengths)  # evaluation: every sequence
+            orders.append([g.tolist() for g in glob])
+            for r, s in enumerate(ranks):  # resume after k of the epoch's batches: the same remaining order
+                for k in (0, 3, len(parts[r])):
+                    s.set_epoch(epoch, start=k)
+                    assert [x.tolist() for x in s] == [x.tolist() for x in parts[r][k:]]
+        assert orders[1] == orders[2]  # the same epoch, the same order
+        assert (orders[0] != orders[1] and orders[1] != orders[3]) == shuffle  # another epoch, another order
+        one = DistributedBucketSampler(lengths, 8, shuffle=shuffle, seed=7000)  # a single process: nothing dropped
+        one.set_epoch(1)
+        assert [g.tolist() for g in one] == orders[1] and len(one) == len(orders[1])
+    lm = WindowSampler(10, epoch_steps=4)
+    lm.set_epoch(2)
+    assert list(lm) == [8, 9, 0, 1, 2, 3, 4, 5, 6, 7]
+    lm.set_epoch(2, start=7)
+    assert list(lm) == [5, 6, 7]
 
 
 def check_against_one_process(runs: Path, name: str, epoch: int, tmp: Path) -> None:

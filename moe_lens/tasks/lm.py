@@ -21,6 +21,28 @@ from moe_lens.errors import MoeLensError
 from moe_lens.tasks import Forward
 
 
+class WindowSampler:
+    """The LM's sampler: the order of the W windows (each rank reads its own rows of every window, so the ranks
+    hold contiguous shards of the stream and need no index sampling). `set_epoch(e)` before each epoch: with
+    `epoch_steps` (training) epoch e starts at window (e * epoch_steps) mod W and wraps around; `start=k`
+    resumes after the epoch's first k windows."""
+
+    def __init__(self, num_windows: int, epoch_steps: int | None = None) -> None:
+        self.num_windows, self.epoch_steps = num_windows, epoch_steps
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        w = self.num_windows
+        first = (self.epoch * self.epoch_steps) % w if self.epoch_steps and w else 0
+        return (((first + j) % w) for j in range(self.start, w))
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+
 class LMTask:
     name = "lm"
 
@@ -30,24 +52,33 @@ class LMTask:
             raise MoeLensError(f"--batch-size {cfg.batch_size}: the language model shares its rows among "
                                f"{shard.world} ranks, so it needs at least {shard.world}")  # fmt: skip
 
-    def batches(self, split, *, train: bool, seed: int, epoch: int = 0) -> Iterator[dict]:
+    def _windows(self, split) -> list[int]:
+        """First position of each of the W bptt windows of a row (every row, every rank: the same W)."""
+        length = len(split.token_ids) // self.cfg.batch_size  # L, the row length
+        return list(range(0, length - 1, self.cfg.bptt))
+
+    def sampler(self, split, *, train: bool, seed: int = 0) -> WindowSampler:
+        """The order of the split's windows (not shuffled: `seed` is unused); `set_epoch(e)` before each epoch."""
+        return WindowSampler(len(self._windows(split)), getattr(self.cfg, "epoch_steps", None) if train else None)
+
+    def batches(self, split, *, train: bool, seed: int = 0, epoch: int = 0,
+                sampler: WindowSampler | None = None) -> Iterator[dict]:
         """The W windows in order; in training with `epoch_steps`, from window (epoch * epoch_steps) mod W
-        on, wrapping around. `seed` is unused (the windows are not shuffled). Under torchrun a rank reads
-        its contiguous block of the b rows (`Shard.rows`), a contiguous stretch of the token stream."""
-        b, bptt = self.cfg.batch_size, self.cfg.bptt
+        on, wrapping around (`sampler`, default a fresh one at `epoch`). Under torchrun a rank reads its
+        contiguous block of the b rows (`Shard.rows`), a contiguous stretch of the token stream."""
+        b = self.cfg.batch_size
         n = (len(split.token_ids) // b) * b
         mine = self.shard.rows(b)  # the rows of this rank: all of them in a single process
         ids = torch.from_numpy(split.token_ids[:n].reshape(b, -1))[mine]  # (b', L) each row a contiguous stream
         idx = torch.arange(n).reshape(b, -1)[mine]  # (b', L) token_idx of each position
-        b = ids.shape[0]
-        length = ids.shape[1]
-        starts = list(range(0, length - 1, bptt))  # (W,) first position of each window
-        steps = getattr(self.cfg, "epoch_steps", None)
-        if train and steps and starts:
-            first = (epoch * steps) % len(starts)
-            starts = starts[first:] + starts[:first]
-        for i in starts:
-            t = min(bptt, length - 1 - i)
+        b, length = ids.shape
+        starts = self._windows(split)
+        if sampler is None:
+            sampler = self.sampler(split, train=train, seed=seed)
+            sampler.set_epoch(epoch)
+        for w in sampler:
+            i = starts[w]
+            t = min(self.cfg.bptt, length - 1 - i)
             yield {"ids": ids[:, i : i + t], "target": ids[:, i + 1 : i + 1 + t], "token_idx": idx[:, i : i + t],
                    "ntokens": b * t}  # fmt: skip
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from moe_lens.data.case import CASE_CLASSES, case_classes, split_cases  # noqa: F401  (re-exported)
 from moe_lens.distributed import SINGLE, Shard
 from moe_lens.tasks import Forward
-from moe_lens.tasks.batching import bucket_batches, gather_padded, shard_batches
+from moe_lens.tasks.batching import DistributedBucketSampler, gather_padded
 from moe_lens.tasks.metrics import entity_f1
 
 IGNORE = -100
@@ -41,15 +41,25 @@ class NERTask:
             hit = self._cases[id(split)] = (split, split_cases(split))
         return hit[1]
 
-    def batches(self, split, *, train: bool, seed: int, epoch: int = 0) -> Iterator[dict]:
+    def _sequences(self, split) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, lengths) of the split's non-empty sentences, capped at max_len."""
         starts = split.seq_offsets[:-1]
         lengths = np.minimum(np.diff(split.seq_offsets), self.max_len)
         keep = lengths > 0
-        starts, lengths = starts[keep], lengths[keep]
+        return starts[keep], lengths[keep]
+
+    def sampler(self, split, *, train: bool, seed: int = 0) -> DistributedBucketSampler:
+        """This rank's share of the split's length-bucketed batches; `set_epoch(e)` before each epoch."""
+        return DistributedBucketSampler(self._sequences(split)[1], self.cfg.batch_size, self.shard, shuffle=train,
+                                        seed=seed)  # fmt: skip
+
+    def batches(self, split, *, train: bool, seed: int = 0, epoch: int = 0,
+                sampler: DistributedBucketSampler | None = None) -> Iterator[dict]:
+        """The batches `sampler` picks (default: a fresh one, shuffled by `seed`; `epoch` is unused)."""
+        starts, lengths = self._sequences(split)
         pad = split.vocab.pad_id if split.vocab.pad_id is not None else 0
         cases = self.cases(split) if self.cfg.case_features else None
-        global_batches = bucket_batches(lengths, self.cfg.batch_size, shuffle=train, seed=seed)
-        for sel in shard_batches(global_batches, self.shard, train=train):
+        for sel in sampler if sampler is not None else self.sampler(split, train=train, seed=seed):
             s, ln = starts[sel], lengths[sel]
             batch = {
                 "ids": torch.from_numpy(gather_padded(split.token_ids, s, ln, pad)),

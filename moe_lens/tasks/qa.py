@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from moe_lens.data.squad_eval import span_text
 from moe_lens.distributed import SINGLE, Shard
 from moe_lens.tasks import Forward
-from moe_lens.tasks.batching import bucket_batches, gather_padded, shard_batches
+from moe_lens.tasks.batching import DistributedBucketSampler, gather_padded
 from moe_lens.tasks.metrics import squad_scores
 
 MAX_ANSWER = 15
@@ -30,18 +30,29 @@ class QATask:
         self.cfg, self.shard = cfg, shard
         self.max_len = cfg.max_len or 256
 
-    def batches(self, split, *, train: bool, seed: int, epoch: int = 0) -> Iterator[dict]:
+    def _examples(self, split, train: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(examples, c_len, q_len): the usable examples' indices and every example's capped lengths."""
         x = split.extras
         c_len = np.minimum(x["c_end"] - x["c_start"], self.max_len)
         q_len = np.minimum(x["q_end"] - x["q_start"], self.max_len)
         ok = (c_len > 0) & (q_len > 0)
         if train:
             ok &= x["ans_end"] < c_len  # the answer must lie inside the capped context
-        examples = np.flatnonzero(ok)
+        return np.flatnonzero(ok), c_len, q_len
+
+    def sampler(self, split, *, train: bool, seed: int = 0) -> DistributedBucketSampler:
+        """This rank's share of the split's batches, bucketed by context length; `set_epoch(e)` before each epoch."""
+        examples, c_len, _ = self._examples(split, train)
+        return DistributedBucketSampler(c_len[examples], self.cfg.batch_size, self.shard, shuffle=train, seed=seed)
+
+    def batches(self, split, *, train: bool, seed: int = 0, epoch: int = 0,
+                sampler: DistributedBucketSampler | None = None) -> Iterator[dict]:
+        """The batches `sampler` picks (default: a fresh one, shuffled by `seed`; `epoch` is unused)."""
+        x = split.extras
+        examples, c_len, q_len = self._examples(split, train)
         pad = split.vocab.pad_id if split.vocab.pad_id is not None else 0
         positions = np.arange(len(split.token_ids))
-        global_batches = bucket_batches(c_len[examples], self.cfg.batch_size, shuffle=train, seed=seed)
-        for sel in shard_batches(global_batches, self.shard, train=train):
+        for sel in sampler if sampler is not None else self.sampler(split, train=train, seed=seed):
             ex = examples[sel]
             cs, cl, qs, ql = x["c_start"][ex], c_len[ex], x["q_start"][ex], q_len[ex]
             yield {
