@@ -7,13 +7,18 @@ variables it returns `SINGLE` and nothing in the loop changes. The model is wrap
 DistributedDataParallel (Li et al. 2020, "PyTorch Distributed"): gradients are averaged over the ranks
 during `backward()`.
 
-What each rank reads (`Shard`): every rank draws the same global batches (same seed and epoch, the
-`set_epoch` of a `DistributedSampler`) and takes its own 1/world of each one: a contiguous block of the
+What each rank reads (`Shard`, through the tasks' samplers with `set_epoch`: tasks/batching.py
+`DistributedBucketSampler`, tasks/lm.py `WindowSampler`): every rank draws the same global batches (same seed
+and epoch) and takes its own 1/world of each one: a contiguous block of the
 LM's rows (so each rank reads a contiguous stretch of the token stream) or of a length bucket's sequences
 (so its padding stays as small as the single-process batch's). No index is ever repeated to even the
 ranks out, so no token is recorded twice; a training batch too small to give every rank a sequence is
 skipped by all of them (DDP needs every rank in every step), an evaluation batch is not (it has no
-collective). See docs/distributed.md.
+collective).
+
+Statistics equal one process over the union batch: `loss_scale` weights each rank's mean loss by its share of
+the step's tokens (DDP's average is then the global-mean gradient) and `attach` makes each MoE layer compute
+its aux losses from the all-reduced batch sums (`sum_with_grad`, differentiable). See docs/distributed.md.
 """
 from __future__ import annotations
 

@@ -2,7 +2,12 @@
 
 Each task implements the `Task` interface used by the one training loop (`moe_lens.train`):
 
-    batches(split, train, seed, epoch) -> iterator of CPU tensor dicts; "ntokens" = real tokens
+    sampler(split, train, seed)        -> this rank's batch order, with set_epoch(e, start=k) (the loop calls
+                                          it every epoch; CoNLL/SQuAD: batching.DistributedBucketSampler,
+                                          LM: lm.WindowSampler)
+    batches(split, train, seed, epoch, sampler)
+                                       -> iterator of CPU tensor dicts (the sampler's batches, default a fresh
+                                          sampler); "ntokens" = real tokens
                                           (train: CoNLL/SQuAD shuffle by seed; the LM starts its
                                           short epochs where the last one stopped, by epoch)
     forward(model, batch, state)       -> Forward(loss, aux_loss, traces, state)   (on the device), from the
