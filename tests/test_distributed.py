@@ -272,17 +272,15 @@ def test_global_aux_of_one_rank_equals_the_layer_aux() -> None:
             torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-7)
 
 
-def test_two_ranks_log_the_global_batch_loss_and_aux_and_reach_the_one_process_weights(
-        real_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CoNLL, whose ranks hold different token counts: every step's logged train loss (token-weighted over both
-    ranks), aux loss and aux terms (from the summed importance/load) equal a 1-process run over the same global
-    batches (this pytest process), and so do the weights after the steps (the scaled-loss gradients)."""
+def global_batch_equality(dataset: str, flags: list[str], data_dir: Path, tmp_path: Path,
+                          monkeypatch: pytest.MonkeyPatch) -> Path:
+    """2 ranks vs 1 process, 4 steps of `dataset`: the per-step train metrics to 1e-6, the weights to 1e-5."""
     from moe_lens import train as train_mod
 
     runs, child = tmp_path / "runs", tmp_path / "every_step.py"
     child.write_text(EVERY_STEP)
-    args = ["train", "--dataset", "conll2003", *EXACT, "--batch-size", "32", "--epochs", "1", "--max-steps", "4",
-            "--data-dir", str(real_data_dir), "--runs-dir", str(runs)]  # fmt: skip
+    args = ["train", "--dataset", dataset, *EXACT, *flags, "--epochs", "1", "--max-steps", "4",
+            "--data-dir", str(data_dir), "--runs-dir", str(runs)]  # fmt: skip
     done = torchrun([*args, "--run-name", "ddp"], script=[str(child)])
     assert done.returncode == 0, done.stderr[-3000:]
     monkeypatch.setattr(train_mod, "LOG_EVERY", 1)
@@ -300,6 +298,15 @@ def test_two_ranks_log_the_global_batch_loss_and_aux_and_reach_the_one_process_w
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+    return runs
+
+
+def test_two_ranks_log_the_global_batch_loss_and_aux_and_reach_the_one_process_weights(
+        real_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CoNLL, whose ranks hold different token counts: every step's logged train loss (token-weighted over both
+    ranks), aux loss and aux terms (from the summed importance/load) equal a 1-process run over the same global
+    batches (this pytest process), and so do the weights after the steps (the scaled-loss gradients)."""
+    runs = global_batch_equality("conll2003", ["--batch-size", "32"], real_data_dir, tmp_path, monkeypatch)
     # the ranks' token counts differ in these steps (else a mean of the ranks' means would be exact too)
     shares = [list(get_task("conll2003", saved_config(runs / "one"), Shard(r, 2)).batches(
         load_data(saved_config(runs / "one"))["train"], train=True, seed=saved_config(runs / "one").seed * 1000))[:4]
