@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from moe_lens import analysis, health, store, summary
+from moe_lens import analysis, health, store, summarize_cli, summary
 from moe_lens.errors import MoeLensError
 from moe_lens.literature_figures import error_bars
 
@@ -120,11 +120,14 @@ def connection(sandbox: bool = False) -> tuple[duckdb.DuckDBPyConnection, thread
 
 
 @st.cache_data(max_entries=512, show_spinner=False)
-def _call(root: str, generation: int, name: str, runs: tuple[str, ...] | None, kw: tuple) -> pd.DataFrame:
+def _call(root: str, generation: int, name: str, runs: tuple[str, ...] | None, kw: tuple,
+          stored: bool = False) -> pd.DataFrame:
     con, lock = _connect(root, generation, False)
     with lock:
         if name == "runs_table":
             return con.table("runs").df()
+        if stored and runs is not None:  # the stored table when current (moe_lens.summary.stored_frame)
+            return summarize_cli.stored_analysis(con, name, list(runs), **{k: v for k, v in kw if k != "trace"})
         if name == "bootstrap":  # analysis.bootstrap(fn, con, runs, ...): the analysis named by `fn`
             kw = dict(kw)
             kw.pop("trace", None)  # the traces' fingerprint: part of the cache key only (bootstrap() below)
@@ -135,11 +138,12 @@ def _call(root: str, generation: int, name: str, runs: tuple[str, ...] | None, k
         return getattr(analysis, name)(con, list(runs) if runs is not None else None, **dict(kw))
 
 
-def get(name: str, runs: list[str] | str | None = None, **kw: Any) -> pd.DataFrame | None:
-    """`moe_lens.analysis.<name>(con, runs, **kw)` cached; a MoeLensError shows as a warning and gives None."""
+def get(name: str, runs: list[str] | str | None = None, *, stored: bool = False, **kw: Any) -> pd.DataFrame | None:
+    """`moe_lens.analysis.<name>(con, runs, **kw)` cached; a MoeLensError shows as a warning and gives None.
+    `stored`: read from (or write) the runs' stored table (summarize_cli.stored_analysis; the Literature page)."""
     runs_t = (runs,) if isinstance(runs, str) else (tuple(runs) if runs is not None else None)
     try:
-        return _call(runs_dir(), _generation(), name, runs_t, tuple(sorted(kw.items())))
+        return _call(runs_dir(), _generation(), name, runs_t, tuple(sorted(kw.items())), stored)
     except MoeLensError as e:
         st.warning(str(e))
         return None
@@ -165,10 +169,11 @@ def trace_fingerprint(runs: list[str] | str | None) -> str:
 
 
 def bootstrap(fn: str, runs: list[str] | str | None, *, by: str = "document", n: int = BOOTSTRAP_N,
-              **kw: Any) -> pd.DataFrame | None:
+              stored: bool = False, **kw: Any) -> pd.DataFrame | None:
     """`analysis.bootstrap(fn, con, runs, by=, n=, **kw)` (fn's table with `<metric>_lo/_hi`, 95%), cached by
-    st.cache_data on the runs directory, the runs, the options and the fingerprint of the runs' traces."""
-    return get("bootstrap", runs, fn=fn, by=by, n=n, trace=trace_fingerprint(runs), **kw)
+    st.cache_data on the runs directory, the runs, the options and the fingerprint of the runs' traces; `stored`
+    as in get()."""
+    return get("bootstrap", runs, stored=stored, fn=fn, by=by, n=n, trace=trace_fingerprint(runs), **kw)
 
 
 def intervals_toggle(n_runs: int, key: str) -> bool:
@@ -202,25 +207,15 @@ def metric_curves(runs: list[str], names: list[str] | None = None) -> pd.DataFra
     return m if m is not None else pd.DataFrame(columns=["run", "split", "name", "step", "epoch", "value"])
 
 
-# The README's story: a router that collapses beside one a balancing loss keeps balanced (opening screens).
-STORY_RUNS = ("wikitext2-naive_topk", "wikitext2-importance")
+STORY_RUNS = summarize_cli.STORY_RUNS  # the README's story: the opening screens' runs
 
 
 def pick_runs(label: str = "Runs", key: str = "runs", limit: int | None = 4,
               prefer: tuple[str, ...] = ()) -> list[str]:
     """A run multiselect; by default `prefer` when all are present, else the first `limit` runs of the first
-    dataset (one task's variants side by side)."""
+    dataset (one task's variants side by side; summarize_cli.default_runs, which `moe-lens summarize` uses too)."""
     table = runs_table()
-    names = table["run"].tolist()
-    datasets = table["dataset"] if "dataset" in table else None
-    if prefer and all(r in names for r in prefer):
-        default = list(prefer)
-    elif datasets is not None and datasets.notna().any():
-        first = datasets.dropna().iloc[0]
-        default = [r for r, d in zip(names, datasets) if d == first][:limit]
-    else:
-        default = names[:limit]
-    chosen = st.multiselect(label, names, default=default, key=key)
+    chosen = st.multiselect(label, table["run"].tolist(), default=summarize_cli.default_runs(table, limit, prefer), key=key)
     if not chosen:
         st.info("Choose at least one run.")
         st.stop()

@@ -14,7 +14,7 @@ Streamlit's AppTest. Analyses run their queries (stored per-token results off, M
 pages read what `moe-lens summarize` stored, as in the app. Each case runs in its own Python process (so its peak RSS, ru_maxrss, is its own): one
 warm-up call, then --repeat timed calls, median reported. The connection is `store.connect` with its defaults
 (DuckDB threads = cores, memory_limit 4 GB, spilling to the cache directory); per-run summaries and the layers
-page's stored results (what `moe-lens summarize` writes, moe_lens/summary.py) are built before timing (their
+and literature pages' stored results (what `moe-lens summarize` writes, moe_lens/summary.py) are built before timing (their
 build time is printed) unless --no-summaries. Pages also print their first render (the warm-up).
 Targets (issue 25): seconds per row at the largest size <= 1.2x that at the smallest; each page <= 5 s at 100M.
 """
@@ -167,14 +167,16 @@ def run_child(root: Path, kind: str, case: str, repeat: int, timeout: float) -> 
 
 
 def build_summaries(root: Path) -> float:
-    """What `moe-lens summarize` writes: the routing summaries and the layers page's stored per-token results."""
+    """What `moe-lens summarize` writes: the routing summaries, the layers page's stored per-token results and the
+    literature page's stored tables."""
     from moe_lens import summary
     from moe_lens.store import connect
-    from moe_lens.summarize_cli import store_layers_results
+    from moe_lens.summarize_cli import store_layers_results, store_literature_results
     t = time.perf_counter()
     con = connect(root)
     for run in summary.build(con, [RUN, RUN_B]):
         store_layers_results(con, run)
+    store_literature_results(con)
     return time.perf_counter() - t
 
 

@@ -26,6 +26,14 @@ parameter values. The stored table is exactly the query's result, rows in its or
 one run at a time, not for running or damaged runs, not on the sandbox, off with `MOE_LENS_SUMMARIES=0` (or
 `MOE_LENS_STORED_RESULTS=0` for the stored results alone: benchmarks/bench_sql.py times the queries so).
 The app's layers page reads these (docs/sql.md, 'Summaries').
+
+Stored calls (`stored_frame`): the same for an analysis computed in Python over several queries (the literature
+analyses, their bootstrap intervals): the DataFrame `compute()` returns for one run or several, stored with its
+dtypes and index (`call-<name>-<key>-<params>.parquet`; several runs share a `several-<hash>` directory), where `key`
+hashes every Parquet file of every run and the moe_lens source (`code_version`: the package's .py and .sql files and
+the numpy/pandas/pyarrow/duckdb versions), so a changed trace or changed analysis code is computed again. Same rules
+(every run finished and undamaged, not on the sandbox, `MOE_LENS_SUMMARIES=0`, `MOE_LENS_STORED_RESULTS=0`).
+The app's Literature page reads these, `moe-lens summarize` writes its defaults (moe_lens/summarize_cli.py).
 """
 from __future__ import annotations
 
@@ -33,12 +41,15 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
 import duckdb
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from moe_lens.atomic import write_table_atomic
 from moe_lens.data.paths import resolve_cache_dir
@@ -129,12 +140,8 @@ def cached_result(con: duckdb.DuckDBPyConnection, runs: list[str], name: str, sq
     """`con.execute(sql, params).df()` for one run, from its stored result when current, else run once and stored;
     None where results are not stored (several runs, a running or damaged run, the sandbox, summaries off): the
     caller runs the query itself. duckdb.Error propagates as from the query."""
-    root = _root(con)
-    if root is None or len(runs) != 1 or os.environ.get("MOE_LENS_STORED_RESULTS", "1") == "0":
-        return None
-    ok = con.execute("SELECT count(*) FROM runs WHERE run = $run AND status <> 'running' AND problems IS NULL",
-                     {"run": runs[0]}).fetchone()[0]
-    if not ok:
+    root = _storable(con, runs)
+    if root is None or len(runs) != 1:
         return None
     run_dir = root / runs[0]
     key = run_fingerprint(run_dir, sql)
@@ -152,6 +159,66 @@ def cached_result(con: duckdb.DuckDBPyConnection, runs: list[str], name: str, sq
             if not old.name.startswith(f"result-{name}-{key}-"):
                 old.unlink(missing_ok=True)
     return con.execute(f"SELECT * EXCLUDE ({ROW}) FROM read_parquet($p) ORDER BY {ROW}", {"p": str(path)}).df()
+
+
+def _storable(con: duckdb.DuckDBPyConnection, runs: list[str] | None) -> Path | None:
+    """The runs directory when results of `runs` may be stored: every run finished and undamaged, stored results on."""
+    root = _root(con)
+    if root is None or not runs or os.environ.get("MOE_LENS_STORED_RESULTS", "1") == "0":
+        return None
+    ok = con.execute("SELECT count(DISTINCT run) FROM runs WHERE list_contains($runs, run) AND status <> 'running' "
+                     "AND problems IS NULL", {"runs": list(runs)}).fetchone()[0]
+    return root if ok == len(set(runs)) else None
+
+
+@cache
+def code_version() -> str:
+    """Hash of the moe_lens package's .py and .sql files and of the libraries that compute the analyses' numbers."""
+    import numpy
+    h = hashlib.sha256(f"{numpy.__version__} {pd.__version__} {pa.__version__} {duckdb.__version__}".encode())
+    package = Path(__file__).parent
+    for f in sorted([*package.rglob("*.py"), *package.rglob("*.sql")]):
+        h.update(f"{f.relative_to(package)}\0".encode() + f.read_bytes())
+    return h.hexdigest()[:24]
+
+
+def _calls_key(dirs: list[Path], name: str) -> str:
+    """Hash of the code and of every Parquet file of the runs in `dirs`."""
+    text = code_version() + "".join(run_fingerprint(d, name) for d in dirs)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def stored_frame(con: duckdb.DuckDBPyConnection, runs: list[str] | None, name: str, params: dict,
+                 compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """`compute()`, an analysis's table of `runs` called with `params`, from its stored copy when current, else
+    computed and stored (dtypes and index kept: the same frame). Computed and not stored where results are not
+    stored (a running or damaged run, the sandbox, summaries off); exceptions of `compute` propagate."""
+    root = _storable(con, runs)
+    if root is None:
+        return compute()
+    dirs = [root / r for r in runs]
+    key = _calls_key(dirs, name)
+    tag = hashlib.sha256(json.dumps([list(runs), params], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if len(dirs) == 1:
+        folder = summary_dir(dirs[0])
+    else:
+        where = "\0".join(sorted(str(d.resolve()) for d in set(dirs)))
+        folder = resolve_cache_dir("summaries") / f"several-{hashlib.sha256(where.encode()).hexdigest()[:16]}"
+    path = folder / f"call-{name}-{key}-{tag}.parquet"
+    if path.exists():
+        return pq.read_table(path).to_pandas()
+    df = compute()
+    if _calls_key(dirs, name) != key:  # a part file came or went meanwhile: do not store
+        return df
+    try:
+        table = pa.Table.from_pandas(df)
+    except (pa.ArrowException, TypeError, ValueError):  # a column Arrow cannot hold exactly: not stored
+        return df
+    write_table_atomic(table, path)
+    for old in path.parent.glob(f"call-{name}-*.parquet"):
+        if not old.name.startswith(f"call-{name}-{key}-"):
+            old.unlink(missing_ok=True)
+    return df
 
 
 def _root(con: duckdb.DuckDBPyConnection) -> Path | None:

@@ -189,3 +189,58 @@ def test_stored_per_token_results_equal_the_scan_and_follow_the_trace(runs: Path
     assert summary.cached_result(connect(runs, summaries=False), ["a"], "x", "SELECT 1", {}) is None
     monkeypatch.setenv("MOE_LENS_STORED_RESULTS", "0")
     assert summary.cached_result(connect(runs), ["a"], "x", "SELECT 1", {}) is None
+
+
+def direct(con, name: str, names: list[str], kw: dict) -> pd.DataFrame:
+    kw = dict(kw)
+    return A.bootstrap(kw.pop("fn"), con, names, **kw) if name == "bootstrap" else getattr(A, name)(con, names, **kw)
+
+
+def test_stored_literature_tables_equal_the_analysis_and_follow_the_trace(runs: Path) -> None:
+    """The Literature page's tables (analyses and bootstrap intervals, summary.stored_frame): the table read back is
+    exactly (values, dtypes, index) the one computed and stored, and equals the analysis called directly (floats up
+    to the last bit DuckDB's parallel float sums vary by from call to call); a rewritten routing part file of one
+    run gives new keys: the stale tables go, the new ones equal the direct call again."""
+    from moe_lens.summarize_cli import literature_calls, stored_analysis
+    calls = literature_calls(["a", "b"], 0, n=20) + literature_calls(["a"], 1, by="sentence", n=20)[:1]
+    con = connect(runs)
+
+    def check() -> list[str]:
+        for name, names, kw in calls:
+            first = stored_analysis(con, name, names, **kw)  # computed and stored (or read back)
+            pd.testing.assert_frame_equal(stored_analysis(con, name, names, **kw), first, check_exact=True)
+            assert_same(first, direct(con, name, names, kw))  # the analysis itself (it never reads stored tables)
+        return sorted(p.name for p in summary.resolve_cache_dir("summaries").rglob("call-*.parquet"))
+
+    stored = check()
+    assert len(stored) == len(calls)
+    part = runs / "a/routing/dataset=wikitext2/split=valid/epoch=2/part-00000.parquet"
+    os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 10**9))  # rewritten, a second later
+    again = check()
+    assert len(again) == len(calls) and not set(again) & set(stored)
+    write_synthetic_run(runs, "live", num_tokens=100, status="running")
+    con, kw = connect(runs), dict(split="valid", layer=0)
+    assert_same(stored_analysis(con, "fluctuation", ["a", "live"], **kw), direct(con, "fluctuation", ["a", "live"], kw))
+    assert len(list(summary.resolve_cache_dir("summaries").rglob("call-*.parquet"))) == len(calls)  # not stored
+
+
+def test_summarize_writes_what_the_literature_page_reads(tmp_path: Path) -> None:
+    """After `moe-lens summarize`, the Literature page's default render (AppTest) reads only stored tables: it
+    writes none, and its consecutive-token table equals the direct bootstrap."""
+    from streamlit.testing.v1 import AppTest
+    d = tmp_path / "lit"
+    for i, run in enumerate(["x", "y"]):
+        write_synthetic_run(d, run, num_tokens=400, layers=2, num_experts=4, top_k=2, epochs=3, seed=i)
+    assert main(["summarize", "--runs-dir", str(d)]) == 0
+    before = sorted(summary.resolve_cache_dir("summaries").rglob("*.parquet"))
+    assert sum(p.name.startswith("call-") for p in before) == 7  # the page's 7 stored calls, split valid
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
+    at.session_state["runs_dir"] = str(d)
+    at.run()
+    at.switch_page("pages/literature.py").run()
+    assert not at.exception and not at.error and not at.warning
+    assert sorted(summary.resolve_cache_dir("summaries").rglob("*.parquet")) == before
+    want = A.bootstrap("consecutive", connect(d), ["x", "y"], by="document", n=200, split="valid",
+                       layer=0, within="document")
+    table = at.dataframe[0].value  # the page's first table: consecutive tokens
+    assert_same(table.reset_index(drop=True), want)
