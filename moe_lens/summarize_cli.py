@@ -16,9 +16,10 @@ from moe_lens.errors import MoeLensError
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("summarize", help="write the per-run routing summaries the analyses read",
-                              description="Build (or refresh) each run's routing summary and the layers page's "
-                                          "stored results in the cache directory (docs/sql.md, 'Summaries'); the "
-                                          "analyses also build them on first use.")
+                              description="Build (or refresh) each run's routing summary, the layers page's "
+                                          "stored results and (without run names) the literature page's stored "
+                                          "tables in the cache directory (docs/traces.md, 'Per-run summaries'); "
+                                          "the analyses and the app also build them on first use.")
     p.add_argument("runs", nargs="*", help="run names (default: every run)")
     p.add_argument("--runs-dir", default=None, help="runs directory (default: as `moe-lens sql`)")
     p.set_defaults(func=_summarize_command)
