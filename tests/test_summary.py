@@ -219,7 +219,7 @@ def test_stored_literature_tables_equal_the_analysis_and_follow_the_trace(runs: 
     again = check()
     assert len(again) == len(calls) and not set(again) & set(stored)
     write_synthetic_run(runs, "live", num_tokens=100, status="running")
-    con, kw = connect(runs), dict(split="valid", layer=0)
+    con, kw = connect(runs), {"split": "valid", "layer": 0}
     assert_same(stored_analysis(con, "fluctuation", ["a", "live"], **kw), direct(con, "fluctuation", ["a", "live"], kw))
     assert len(list(summary.resolve_cache_dir("summaries").rglob("call-*.parquet"))) == len(calls)  # not stored
 
