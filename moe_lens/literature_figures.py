@@ -92,17 +92,22 @@ def fluctuation_bars(con: duckdb.DuckDBPyConnection, runs: list[str] | None, *,
     return fig, df
 
 
+def coactivation_figure(df: pd.DataFrame, title: str) -> go.Figure:
+    """Heatmap of P(j | i) from a `coactivation` frame (one layer): the figure kind and the app's pages."""
+    z = df.pivot_table(index="expert_i", columns="expert_j", values="p_j_given_i", fill_value=0.0)
+    fig = go.Figure(go.Heatmap(z=z.values, x=[f"e{c}" for c in z.columns], y=[f"e{r}" for r in z.index],
+                               colorscale="Viridis", zmin=0, zmax=1, colorbar=dict(title="P(j | i)")))
+    fig.update_layout(title=title, xaxis_title="expert j", yaxis_title="expert i", **_LAYOUT)
+    return fig
+
+
 def coactivation_heatmap(con: duckdb.DuckDBPyConnection, run: str, *, split: str = "valid",
                          layer: int = 0) -> tuple[go.Figure, pd.DataFrame]:
     df = A.coactivation(con, run, split=split, layer=layer)
     if df.empty:
         raise MoeLensError(f"figure coactivation: run {run!r} routes each token to one expert (no pairs)")
-    z = df.pivot_table(index="expert_i", columns="expert_j", values="p_j_given_i", fill_value=0.0)
-    fig = go.Figure(go.Heatmap(z=z.values, x=[f"e{c}" for c in z.columns], y=[f"e{r}" for r in z.index],
-                               colorscale="Viridis", zmin=0, zmax=1, colorbar=dict(title="P(j | i)")))
-    fig.update_layout(title=f"{run}: co-activation P(j in the top-k | i in the top-k), layer {layer} ({split})",
-                      xaxis_title="expert j", yaxis_title="expert i", **_LAYOUT)
-    return fig, df
+    title = f"{run}: co-activation P(j in the top-k | i in the top-k), layer {layer} ({split})"
+    return coactivation_figure(df, title), df
 
 
 def build(con: duckdb.DuckDBPyConnection, kind: str, runs: list[str] | None, *,

@@ -9,6 +9,7 @@ import plotly.express as px
 import streamlit as st
 
 import lens_ui as ui
+from moe_lens.literature_figures import coactivation_figure
 
 st.title("Layers")
 table = ui.runs_table()
@@ -84,7 +85,4 @@ co = co[co["dataset"] == dataset] if co is not None else None
 if co is None or co.empty:
     st.info("No expert pairs: this layer routes each token to one expert (top-1).")
 else:
-    z = co.pivot_table(index="expert_i", columns="expert_j", values="p_j_given_i", fill_value=0.0)
-    ui.show(px.imshow(z, origin="lower", color_continuous_scale="Viridis", zmin=0, zmax=1,
-                      labels=dict(x="expert j", y="expert i", color="P(j | i)"),
-                      title=f"P(j in the top-k | i in the top-k), layer {co_layer}"), "layers-coactivation")
+    ui.show(coactivation_figure(co, f"P(j in the top-k | i in the top-k), layer {co_layer}"), "layers-coactivation")

@@ -14,6 +14,7 @@ import plotly.express as px
 import streamlit as st
 
 import lens_ui as ui
+from moe_lens.literature_figures import coactivation_figure
 
 st.title("Literature")
 runs = ui.pick_runs(key="runs_literature", limit=None, prefer=ui.STORY_RUNS)
@@ -75,10 +76,8 @@ co = ui.get("coactivation", co_run, split=split, layer=layer)
 if co is None or co.empty:
     st.info("No expert pairs: this run routes each token to one expert (top-1).")
 else:
-    z = co.pivot_table(index="expert_i", columns="expert_j", values="p_j_given_i", fill_value=0.0)
-    ui.show(px.imshow(z, origin="lower", color_continuous_scale="Viridis", zmin=0, zmax=1,
-                      labels=dict(x="expert j", y="expert i", color="P(j | i)"),
-                      title=f"P(j in the top-k | i in the top-k), {co_run}, layer {layer}"), "literature-coactivation")
+    ui.show(coactivation_figure(co, f"P(j in the top-k | i in the top-k), {co_run}, layer {layer}"),
+            "literature-coactivation")
 
 st.subheader("Headline numbers with 95% intervals")
 col = ui.bootstrap("collapse", runs, by=by, n=n, split=split, layer=layer, fn_options=(("by", "epoch"),), stored=True)
