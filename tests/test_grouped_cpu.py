@@ -17,7 +17,7 @@ import torch
 
 from moe_lens.moe import cpu_runtime
 from moe_lens.moe.banks import LowRankExperts, MLPExperts
-from moe_lens.moe.cpu_runtime import ReusedMemory, cpu_extension, group_threads, run_groups
+from moe_lens.moe.cpu_runtime import ReusedMemory, cpu_extension, group_threads, kernel_threads, run_groups
 from moe_lens.moe.grouped import Groups, _CPUGroupedLinear, grouped_linear
 from moe_lens.moe.grouped_mlp import ByToken, _CPUGroupedMLP, _CPUGroupedMLPExt
 from moe_lens.moe.layer import MoELayer
@@ -325,6 +325,26 @@ def test_groups_run_on_threads_for_large_experts_only() -> None:
     assert group_threads(512, 1024, (1024, 1100, 0)) == 1  # groups big enough for all BLAS threads
 
 
+def test_compiled_kernel_runs_whole_groups_on_its_threads_below_1024_rows() -> None:
+    threads = torch.get_num_threads()
+    assert kernel_threads((5, 7, 9)) == threads  # small or large experts alike: no GIL in the compiled kernel
+    assert kernel_threads((256,) * 64) == threads
+    assert kernel_threads((0, 12, 0)) == 1  # one non-empty group: nothing to split
+    assert kernel_threads((1024, 1100, 0)) == 1  # groups big enough for every BLAS thread
+
+
+def test_compiled_kernel_parallel_for_uses_every_thread() -> None:
+    """at::parallel_for in the extension is a header template: compiled without OpenMP it ran serially (and, in a
+    serial 'parallel region', kept each op on one thread). The build passes -fopenmp, so it uses every thread."""
+    _require_compiled()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu_extension().parallel_for_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_run_groups_covers_every_non_empty_group_once_and_raises_worker_errors() -> None:
     seen: list[int] = []
     lock = threading.Lock()
@@ -361,7 +381,7 @@ def test_kernel_build_is_announced_in_one_line_with_its_duration(tmp_path, monke
     from torch.utils import cpp_extension
 
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
-    monkeypatch.setattr(cpp_extension, "load", lambda name, sources, extra_cflags: "module")
+    monkeypatch.setattr(cpp_extension, "load", lambda name, sources, extra_cflags, extra_ldflags: "module")
     assert cpu_runtime._build_cpu_extension() == "module"
     lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "compiling the CPU expert kernel" in lines[0] and "about a minute" in lines[0]

@@ -2,11 +2,14 @@
 (losses.smooth_load_prob, topk) and gradients (gradcheck in float64, and autograd of the plain formulas)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moe_lens.moe.losses import smooth_load_prob
+from moe_lens.moe import noisy_gate
 from moe_lens.moe.noisy_gate import noisy_topk_gate
 
 NOISE_EPS = 1e-2
@@ -57,3 +60,57 @@ def test_gradient_when_only_the_load_sum_is_used() -> None:
         load = fn(logits2, z, 2, NOISE_EPS)[0].sum(dim=0)
         grads.append(torch.autograd.grad(load.var() / load.mean() ** 2, logits2)[0])
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def _pytorch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate's PyTorch-ops forward (CUDA, or a CPU without the compiled kernel) instead of the compiled one."""
+    monkeypatch.setattr(noisy_gate, "_cpu_gate_kernel", lambda *args: None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_compiled_selection_equals_the_pytorch_ops(k: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """csrc/noisy_gate.cpp (H, the top-(k+1) and u in one pass per row) gives the PyTorch ops' values and gradients
+    bit for bit on random logits, a NaN row included (NaN counts as the largest, as in topk); with ties the values
+    and P are the same and only which tied expert is picked may differ (topk leaves it unspecified)."""
+    if noisy_gate._cpu_gate_kernel(torch.zeros(1, 4), torch.zeros(1, 2)) is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the compiled CPU kernel did not build")
+        pytest.skip("no compiled CPU kernel here")
+    g = torch.Generator().manual_seed(k)
+    n, e = 512, 16
+    logits2 = torch.randn(n, 2 * e, generator=g, dtype=dtype)
+    z = torch.randn(n, e, generator=g, dtype=dtype)
+    logits2[7, 3] = float("nan")
+    weights = torch.randn(n, e, generator=g, dtype=dtype), torch.randn(n, k, generator=g, dtype=dtype)
+
+    def run() -> list[torch.Tensor]:
+        x = logits2.clone().requires_grad_(True)
+        prob, top, idx = noisy_topk_gate(x, z, k, NOISE_EPS)
+        ((prob * weights[0]).nansum() + (top * weights[1]).nansum()).backward()
+        return [prob, top, idx, x.grad]
+
+    compiled = run()
+    _pytorch_ops(monkeypatch)
+    for got, want in zip(compiled, run()):
+        assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+
+    tied = torch.randint(0, 3, (n, 2 * e), generator=g).to(dtype)  # many equal logits, no noise
+    zero = torch.zeros(n, e, dtype=dtype)
+    p1, t1, i1 = noisy_topk_gate(tied, zero, k, NOISE_EPS)  # PyTorch ops
+    monkeypatch.undo()
+    p0, t0, i0 = noisy_topk_gate(tied, zero, k, NOISE_EPS)  # compiled
+    assert torch.equal(p0, p1) and torch.equal(t0, t1)
+    assert torch.equal(tied[:, :e].gather(1, i0), tied[:, :e].gather(1, i1))  # tied experts, equal logits
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_pytorch_ops_path_equals_the_plain_formulas(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PyTorch-ops forward (used on CUDA) keeps the plain formulas' values and passes gradcheck."""
+    _pytorch_ops(monkeypatch)
+    logits2, z = _inputs(64, 8, seed=k)
+    got, want = noisy_topk_gate(logits2, z, k, NOISE_EPS), _plain(logits2, z, k)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    assert torch.equal(got[2], want[2])
+    assert torch.autograd.gradcheck(lambda t: noisy_topk_gate(t, z, k, NOISE_EPS)[:2], (logits2,))

@@ -26,6 +26,7 @@ from torch import Tensor
 # warning says why and the pure-PyTorch kernel (`_CPUGroupedMLP`, the same results) runs instead.
 CPU_EXT_ENV = "MOE_LENS_CPU_EXT"
 CPU_EXT_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "grouped_mlp.cpp")
+CPU_EXT_SOURCES = [CPU_EXT_SOURCE, os.path.join(os.path.dirname(CPU_EXT_SOURCE), "noisy_gate.cpp")]  # one module
 _ext: dict[str, object] = {}
 _ext_lock = threading.Lock()
 
@@ -54,6 +55,9 @@ def _build_cpu_extension() -> object:
     cap = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2, AVX512, ...: one build per capability
     name = f"moe_lens_cpu_{cap.lower()}"
     flags = ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma"] if cap.startswith("AVX") else [])
+    # ATen's at::parallel_for is a header template: it runs in parallel only when the extension itself is compiled
+    # with OpenMP (torch's own OpenMP runtime is the one already loaded); without it every parallel_for ran serially.
+    omp = ["-fopenmp"] if torch._C.has_openmp and sys.platform.startswith("linux") else []
     build_dir = cpp_extension._get_build_directory(name, False)  # where torch's loader keeps it
     if not glob.glob(os.path.join(build_dir, f"{name}*.so")):
         print(f"moe-lens: compiling the CPU expert kernel into {build_dir} (once per machine, about a minute)",
@@ -66,12 +70,13 @@ def _build_cpu_extension() -> object:
     except ImportError:
         pass
     try:
-        return cpp_extension.load(name, [CPU_EXT_SOURCE], extra_cflags=flags)
+        return cpp_extension.load(name, CPU_EXT_SOURCES, extra_cflags=flags + omp, extra_ldflags=omp)
     finally:
         os.environ["PATH"] = path
 
 
-# Expert groups on worker threads (CPU). For large experts in groups of a few hundred rows,
+# Expert groups on worker threads (CPU), for the pure-PyTorch kernel; the compiled kernel runs groups side by side
+# on its own OpenMP threads instead (`kernel_threads`). For large experts in groups of a few hundred rows,
 # running whole groups side by side on one BLAS thread each beats running each group's matmuls on
 # all BLAS threads: 6-10% shorter steps for d = 512, h = 1024 at e = 32 and 64 on the 2-core CI
 # machine. For small experts (d = 256, h = 128) it is 8-20% slower, the Python part of each op
@@ -96,6 +101,21 @@ def group_threads(d: int, h: int, counts: tuple[int, ...]) -> int:
         return GROUP_THREADS
     groups = sum(c > 0 for c in counts)
     if d * h < THREADED_MIN_WEIGHT or groups < 2 or sum(counts) >= THREADED_MAX_ROWS * groups:
+        return 1
+    return torch.get_num_threads()
+
+
+def kernel_threads(counts: tuple[int, ...]) -> int:
+    """How many threads the compiled kernel (csrc/grouped_mlp.cpp) runs the expert groups of one CPU step on, whole
+    groups per thread with each group's matmuls on its thread (ATen's OpenMP pool, no GIL): this thread's intra-op
+    thread count when the non-empty groups average fewer than THREADED_MAX_ROWS rows, else 1 (each group's matmuls
+    then use every thread). Unlike `run_groups`' worker threads (PyTorch kernel), there is no Python part per op, so
+    small experts gain too: e = 64, d = 256, h = 128, k = 2 on 2 threads, the 64 groups' forward and backward
+    matmuls 45.8 -> 41 ms (docs/moe.md). `GROUP_THREADS` forces the count."""
+    if GROUP_THREADS is not None:
+        return GROUP_THREADS
+    groups = sum(c > 0 for c in counts)
+    if groups < 2 or sum(counts) >= THREADED_MAX_ROWS * groups:
         return 1
     return torch.get_num_threads()
 

@@ -12,7 +12,8 @@ multiply and an `index_add` back, or a gather when every token has one assignmen
 Every hand-written backward pass is checked by gradcheck (tests/test_grouped_cpu.py).
 
 Their (A, d) and (A, h) buffers, weight gradients and saved activations come from
-`cpu_runtime.ReusedMemory`; the groups run on worker threads for large experts
+`cpu_runtime.ReusedMemory`. The compiled kernel runs the groups side by side on its own threads when they average
+fewer than 1024 rows (`cpu_runtime.kernel_threads`); the PyTorch kernel on worker threads for large experts
 (`cpu_runtime.run_groups`). Each group's operands travel as one NamedTuple (`MLPGroup`,
 `MLPGroupGrad`) whose fields are filled by name (`per_group`), so reordering one side cannot move an
 operand into another's place.
@@ -21,13 +22,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from moe_lens.moe.cpu_runtime import cpu_extension, empty_buffer, empty_grad, group_threads, run_groups
+from moe_lens.moe.cpu_runtime import (cpu_extension, empty_buffer, empty_grad, group_threads, kernel_threads,
+                                      run_groups)
 from moe_lens.moe.grouped import split_rows
 
 
@@ -175,7 +176,8 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
                    dW1 = xs^T dpre   db1 = colsum dpre (fused with the mask)   dxs = dpre W1^T
         dx[t] = sum of dxs_r over the rows r of token t.
     Per group: three ops forward, six backward (eleven in `_CPUGroupedMLP`), none from Python.
-    Buffers come from `memory` as there; worker threads for large experts as there (`run_groups`).
+    Buffers come from `memory` as there. The groups run side by side on the kernel's threads, each group's matmuls
+    on one thread, when they average fewer than 1024 rows (`cpu_runtime.kernel_threads`).
     """
 
     @staticmethod
@@ -185,9 +187,8 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
         xs = torch.index_select(x, 0, token, out=empty_buffer(memory, (a, d), x.dtype, "xs"))  # (A, d) expert order
         hidden = empty_buffer(memory, (a, h), x.dtype, "hidden")  # (A, h)
         z = empty_buffer(memory, (a, d), x.dtype, "z")  # (A, d) ungated expert outputs
-        threads = group_threads(d, h, counts)
-        run_groups(partial(_ext_groups, ext.forward_groups, (xs, hidden, z, w1, b1, w2, b2)), _spans(counts), counts,
-                   threads)  # fmt: skip
+        threads = kernel_threads(counts)
+        _ext_groups(ext.forward_groups, (xs, hidden, z, w1, b1, w2, b2), counts, threads)
         y = x.new_empty(x.shape)
         ext.combine_rows(z, gate, rows, ptr, y)
         ctx.save_for_backward(xs, w1, w2, gate, token, hidden, z, rows, ptr)
@@ -208,8 +209,7 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
         db1 = empty_grad(w1[:, 0], counts, memory, "b1") if need_b1 else None
         dw2 = empty_grad(w2, counts, memory, "w2") if need_w2 else None
         db2 = empty_grad(w2[:, 0], counts, memory, "b2") if need_b2 else None
-        run_groups(partial(_ext_groups, ext.backward_groups, (xs, dz, hidden, dxs, w1, w2, dw1, db1, dw2, db2)),
-                   _spans(counts), counts, ctx.threads)  # fmt: skip
+        _ext_groups(ext.backward_groups, (xs, dz, hidden, dxs, w1, w2, dw1, db1, dw2, db2), counts, ctx.threads)
         dx = None
         if need_x:
             dx = dy.new_empty(dy.shape)
@@ -217,17 +217,15 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
         return dx, dw1, db1, dw2, db2, dgate, None, None, None, None, None
 
 
-def _spans(counts: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """(group, first row, end row) of each group, for `run_groups` to split among threads."""
+def _ext_groups(kernel: Callable, tensors: tuple, counts: tuple[int, ...], threads: int) -> None:
+    """kernel(*tensors, ids, starts, ends, threads) over the non-empty groups (g, its first row, its end row); the
+    compiled kernel runs them on `threads` threads of whole groups (`cpu_runtime.kernel_threads`)."""
     ends = itertools.accumulate(counts)
-    return [(g, end - c, end) for g, (c, end) in enumerate(zip(counts, ends))]
-
-
-def _ext_groups(kernel: Callable, tensors: tuple, spans: list[tuple[int, int, int]]) -> None:
+    spans = [(g, end - c, end) for g, (c, end) in enumerate(zip(counts, ends)) if c]
     if not spans:  # every group empty (no tokens)
         return
-    ids, starts, ends = zip(*spans)
-    kernel(*tensors, list(ids), list(starts), list(ends))
+    ids, starts, stops = zip(*spans)
+    kernel(*tensors, list(ids), list(starts), list(stops), threads)
 
 
 def _to_tokens(rows: Tensor, token: Tensor, where: Tensor | None, shape: torch.Size) -> Tensor:

@@ -13,8 +13,9 @@ the same maths as `losses.smooth_load_prob` and `routers.top_k`, gradients inclu
 reaches x W_g and x W_noise through P, through the two thresholds (the k-th and (k+1)-th largest H,
 which depend on both) and through the kept noisy logits. The threshold comes from one top-(k+1):
 entry i takes the (k+1)-th largest when it is among the top k, else the k-th, i.e. the k-th largest
-of H with i left out. Forward makes 7 passes over (n, e), backward 9; the plain formulas under
-autograd make about 40 (benchmarks/bench_moe_layer.py, docs/moe.md). tests/test_noisy_gate.py checks
+of H with i left out. The forward makes softplus, then H, the top-(k+1) and u, then Phi; on the CPU the
+middle step is one pass per token row of the compiled kernel (csrc/noisy_gate.cpp: the same ops, in place of a
+topk and four passes over (n, e)). The backward makes 9 passes; the plain formulas under autograd make about 40 (benchmarks/bench_moe_layer.py, docs/moe.md). tests/test_noisy_gate.py checks
 values against `losses.smooth_load_prob` and the backward against autograd of the plain formulas by
 gradcheck in float64.
 """
@@ -37,11 +38,16 @@ class _NoisyTopKGate(torch.autograd.Function):
         n, e = z.shape
         clean, raw = logits2[:, :e], logits2[:, e:]  # (n, e) views
         std = F.softplus(raw).add_(noise_eps)  # (n, e)
-        top, idx = torch.addcmul(clean, z, std).topk(k + 1, dim=-1)  # (n, k+1) of H, largest first
-        kth, next_ = top[:, k - 1 : k], top[:, k : k + 1]  # (n, 1) the k-th and (k+1)-th largest of H
-        # u = (clean - threshold) / std: the k-th largest everywhere, the (k+1)-th at the top k (the
-        # entries with H > the (k+1)-th: with ties at the (k+1)-th both thresholds are equal).
-        u = torch.sub(clean, kth).scatter_add_(1, idx[:, :k], (kth - next_).expand(n, k)).div_(std)
+        ext = _cpu_gate_kernel(logits2, z)
+        if ext is not None:  # H, the top-(k+1) and u below in one pass per row (csrc/noisy_gate.cpp)
+            u, top, idx = torch.empty_like(z), z.new_empty(n, k + 1), torch.empty(n, k + 1, dtype=torch.long)
+            ext.noisy_gate_select(logits2.contiguous(), z.contiguous(), std, k, u, top, idx)
+        else:
+            top, idx = torch.addcmul(clean, z, std).topk(k + 1, dim=-1)  # (n, k+1) of H, largest first
+            kth, next_ = top[:, k - 1 : k], top[:, k : k + 1]  # (n, 1) the k-th and (k+1)-th largest of H
+            # u = (clean - threshold) / std: the k-th largest everywhere, the (k+1)-th at the top k (the
+            # entries with H > the (k+1)-th: with ties at the (k+1)-th both thresholds are equal).
+            u = torch.sub(clean, kth).scatter_add_(1, idx[:, :k], (kth - next_).expand(n, k)).div_(std)
         load_prob = torch.special.ndtr(u)  # (n, e)
         ctx.save_for_backward(raw, z, std, u, idx)
         ctx.mark_non_differentiable(idx)
@@ -73,6 +79,18 @@ class _NoisyTopKGate(torch.autograd.Function):
         g_clean.scatter_add_(1, idx, g_sparse)
         g_raw.scatter_add_(1, idx, g_sparse * z.gather(1, idx) * torch.sigmoid(raw.gather(1, idx)))
         return g, None, None, None
+
+
+def _cpu_gate_kernel(logits2: Tensor, z: Tensor) -> object | None:
+    """The compiled CPU kernel (moe/cpu_runtime.cpu_extension) when it can run this forward: CPU float32 or float64
+    operands of one dtype; else None (the PyTorch ops run)."""
+    if logits2.device.type != "cpu" or z.device.type != "cpu" or logits2.dtype != z.dtype or z.dtype not in (
+            torch.float32, torch.float64):  # fmt: skip
+        return None
+    from moe_lens.moe.cpu_runtime import cpu_extension
+
+    ext = cpu_extension()
+    return ext if ext is not None and hasattr(ext, "noisy_gate_select") else None
 
 
 def noisy_topk_gate(logits2: Tensor, z: Tensor, k: int, noise_eps: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,4 +1,4 @@
-// The CPU expert kernel of moe_lens.moe.experts (`_CPUGroupedMLPExt`): the per-group work of a
+// The CPU expert kernel of moe_lens.moe.grouped_mlp (`_CPUGroupedMLPExt`): the per-group work of a
 // gated two-layer ReLU MLP bank and the whole-array passes around it, fused where torch would
 // make several passes. Every function runs with the GIL released; the row arrays are contiguous
 // row-major CPU tensors of one floating type (float32 or float64), the indices int64 (checked).
@@ -122,20 +122,55 @@ void gather_scale_dot(const Tensor& dy, const Tensor& token, const Tensor& gate,
   });
 }
 
+// The listed groups i = 0 .. size-1 (rows [starts[i], ends[i])) split into `threads` lists of about equal rows:
+// each group, largest first, goes to the list with the fewest rows so far.
+std::vector<std::vector<size_t>> balance(const std::vector<int64_t>& starts, const std::vector<int64_t>& ends,
+                                         int64_t threads) {
+  std::vector<size_t> order(starts.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return ends[a] - starts[a] > ends[b] - starts[b]; });
+  std::vector<std::vector<size_t>> lists(threads);
+  std::vector<int64_t> rows(threads, 0);
+  for (size_t i : order) {
+    const size_t j = std::min_element(rows.begin(), rows.end()) - rows.begin();
+    lists[j].push_back(i);
+    rows[j] += ends[i] - starts[i];
+  }
+  return lists;
+}
+
+// body(i) for every listed group: in this thread (threads <= 1), or on `threads` threads of ATen's pool, each
+// running whole groups of its list (`balance`) with its matmuls on that one thread (BLAS and ATen run
+// single-threaded inside a parallel region). Every group writes only its own rows and gradient slices.
+template <typename F>
+void run_lists(const std::vector<int64_t>& starts, const std::vector<int64_t>& ends, int64_t threads, const F& body) {
+  if (threads <= 1 || starts.size() < 2) {
+    for (size_t i = 0; i < starts.size(); ++i) body(i);
+    return;
+  }
+  const auto lists = balance(starts, ends, threads);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad;  // grad mode is per thread
+    for (int64_t l = begin; l < end; ++l)
+      for (size_t i : lists[l]) body(i);
+  });
+}
+
 // Forward of the groups listed (ids, starts, ends): hidden = relu(xs W1 + b1), z = hidden W2 + b2,
-// written straight into their rows.
+// written straight into their rows; on `threads` threads of whole groups (run_lists).
 void forward_groups(const Tensor& xs, const Tensor& hidden, const Tensor& z, const Tensor& w1, const Tensor& b1,
                     const Tensor& w2, const Tensor& b2, const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
-                    const std::vector<int64_t>& ends) {
+                    const std::vector<int64_t>& ends, int64_t threads) {
   at::NoGradGuard no_grad;
-  for (size_t i = 0; i < ids.size(); ++i) {
+  run_lists(starts, ends, threads, [&](size_t i) {
     const int64_t g = ids[i], s = starts[i], m = ends[i] - starts[i];
     Tensor hg = hidden.narrow(0, s, m);
     Tensor zg = z.narrow(0, s, m);
     at::addmm_out(hg, b1[g], xs.narrow(0, s, m), w1[g]);
     hg.relu_();
     at::addmm_out(zg, b2[g], hg, w2[g]);
-  }
+  });
 }
 
 // u *= [h > 0] in place, and db1 = column sums of the result when db1 is defined. u, h: (m, q).
@@ -161,14 +196,14 @@ void relu_back_colsum(scalar_t* up, const scalar_t* hp, scalar_t* db, int64_t m,
 //   dpre = (dz W2^T) * [hidden > 0]   dW2 = hidden^T dz   db2 = colsum dz
 //   dW1 = xs^T dpre   db1 = colsum dpre   dxs = dpre W1^T
 // Undefined outputs are skipped. dxs may be dz itself: a group's dxs rows are written last, after
-// its dz rows have been read for the last time.
+// its dz rows have been read for the last time. On `threads` threads of whole groups (run_lists).
 using Opt = std::optional<Tensor>;
 void backward_groups(const Tensor& xs, const Tensor& dz, const Tensor& hidden, const Opt& dxs, const Tensor& w1,
                      const Tensor& w2, const Opt& dw1, const Opt& db1, const Opt& dw2, const Opt& db2,
                      const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
-                     const std::vector<int64_t>& ends) {
+                     const std::vector<int64_t>& ends, int64_t threads) {
   at::NoGradGuard no_grad;
-  for (size_t i = 0; i < ids.size(); ++i) {
+  run_lists(starts, ends, threads, [&](size_t i) {
     const int64_t g = ids[i], s = starts[i], m = ends[i] - starts[i];
     Tensor dzg = dz.narrow(0, s, m);
     Tensor hg = hidden.narrow(0, s, m);
@@ -193,10 +228,26 @@ void backward_groups(const Tensor& xs, const Tensor& dz, const Tensor& hidden, c
       Tensor out = dxs->narrow(0, s, m);
       at::mm_out(out, u, w1[g].t());
     }
-  }
+  });
+}
+
+// How many distinct threads one at::parallel_for over 64 items (grain 1) ran on: at::get_num_threads() when the
+// module was compiled with OpenMP, 1 when not (at::parallel_for is a header template: without OpenMP at compile
+// time it runs serially). tests/test_grouped_cpu.py checks it.
+int64_t parallel_for_threads() {
+  std::vector<int> used(64, -1);
+  at::parallel_for(0, 64, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) used[i] = at::get_thread_num();
+  });
+  std::sort(used.begin(), used.end());
+  return std::unique(used.begin(), used.end()) - used.begin();
 }
 
 }  // namespace
+
+// csrc/noisy_gate.cpp: the noisy top-k gate's selection step, built into the same module.
+void noisy_gate_select(const at::Tensor& logits2, const at::Tensor& z, const at::Tensor& std_, int64_t k,
+                       const at::Tensor& u, const at::Tensor& top, const at::Tensor& idx);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using rg = pybind11::call_guard<pybind11::gil_scoped_release>;
@@ -204,4 +255,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_scale_dot", &gather_scale_dot, rg());
   m.def("forward_groups", &forward_groups, rg());
   m.def("backward_groups", &backward_groups, rg());
+  m.def("noisy_gate_select", &noisy_gate_select, rg());
+  m.def("parallel_for_threads", &parallel_for_threads, rg());
 }
