@@ -182,6 +182,41 @@ def test_coactivation_matches_numpy(runs: Path) -> None:
     assert set(one["layer"]) == {2}
 
 
+def test_coactivation_of_expert_ids_past_127_and_255(tmp_path: Path) -> None:
+    """coactivation.sql aggregates each occurrence's experts as two 128-bit masks (ids 0-255) and a list (256 and
+    up): ids on both sides of 128 and 256, a NULL expert and a repeated expert count as the plain sets do."""
+    run = write_synthetic_run(tmp_path, "w", layers=2, num_tokens=300, top_k=3, num_experts=4, epochs=1,
+                              splits=("valid",), seed=4)
+    ids = np.array([0, 127, 128, 255, 256, 700], dtype=np.int16)
+
+    def widen(d: pd.DataFrame) -> pd.DataFrame:
+        d = d.copy()
+        wide = ids[(d["expert"].to_numpy() + d["token_idx"].to_numpy()) % len(ids)]
+        d["expert"] = pd.array(wide, dtype="Int16")
+        d.loc[d["token_idx"] % 17 == 0, "expert"] = pd.NA  # an unrouted slot
+        same = (d["token_idx"] % 19 == 0) & (d["rank"] == 1)  # the expert of rank 0 again
+        d.loc[same, "expert"] = d["expert"].shift(1)[same]
+        return d
+
+    for part in (run / "routing").rglob("*.parquet"):
+        _rewrite(part, widen)
+    got = A.coactivation(connect(tmp_path), "w").set_index(["layer", "expert_i", "expert_j"])
+    r = _table(tmp_path, "w", "routing")
+    want_ij, want_i = {}, {}
+    for (layer, _, _), g in r.groupby(["layer", "step", "token_idx"]):
+        experts = sorted(set(g["expert"].dropna().astype(int)))
+        for i in experts:
+            want_i[layer, i] = want_i.get((layer, i), 0) + 1
+            for j in experts:
+                if j != i:
+                    want_ij[layer, i, j] = want_ij.get((layer, i, j), 0) + 1
+    assert sorted(got.index) == sorted(want_ij) and set(got.index.get_level_values("expert_i")) >= {127, 128, 256, 700}
+    for (layer, i, j), n in want_ij.items():
+        row = got.loc[(layer, i, j)]
+        assert row["n_ij"] == n and row["n_i"] == want_i[layer, i]
+        assert row["p_j_given_i"] == pytest.approx(n / want_i[layer, i], rel=1e-12)
+
+
 def test_unknown_attribute_and_empty_split_are_one_line_errors(runs: Path) -> None:
     con = connect(runs)
     with pytest.raises(MoeLensError, match="allowed"):
