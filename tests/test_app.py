@@ -318,13 +318,52 @@ def test_ablation_and_probe_sections_on_the_ablated_sample_run() -> None:
     """The toggled sections (off by default): the Load balance page's ablation charts and the Specialization page's
     POS probe on sample_runs/conll2003-load-ablate carry the analyses' numbers."""
     sample, run = ROOT / "sample_runs", "conll2003-load-ablate"
-    at = app(sample, "load_balance", runs_balance=[run], balance_split="valid", balance_ablation=True)
+    at = app(sample, "load_balance", runs_balance=[run], balance_split="valid", balance_ablation=True,
+             balance_ablation_ci=False)  # the intervals: test_load_balance_ablation_intervals
     bars = figure(at, "balance-ablation")
     want = analysis.ablation(con(sample), run)
     np.testing.assert_allclose(np.concatenate([_decode(t["y"]) for t in bars["data"]]), want["mean_delta"], rtol=1e-6)
+    assert all(not t.get("error_y") for t in bars["data"]) and "bootstrap" not in bars["layout"]["title"]["text"]
     figure(at, "balance-ablation-load")
-    figure(at, "balance-ablation-pos")
+    assert "customdata" not in figure(at, "balance-ablation-pos")["data"][0]
+    assert not any("mean_delta_lo" in d.value for d in at.dataframe)
     at = app(sample, "specialization", spec_run=run, spec_probe=True)
     probe = figure(at, "spec-probe")
     want = analysis.pos_probe(con(sample), run)
     np.testing.assert_allclose(_decode(probe["data"][0]["y"]), want["accuracy"], rtol=1e-9)
+
+
+def test_load_balance_ablation_intervals() -> None:
+    """With the intervals checkbox on (its default for one run), the Load balance page's ablation bars carry
+    analysis.bootstrap's 95% interval over documents (n=200, seed 0) as error bars, and the POS x expert heatmap its
+    per-cell interval (hover) beside the table of the cells whose interval excludes 0."""
+    sample, run = ROOT / "sample_runs", "conll2003-load-ablate"
+    at = app(sample, "load_balance", runs_balance=[run], balance_split="valid", balance_ablation=True)
+    assert at.checkbox(key="balance_ablation_ci").value
+    c = con(sample)
+    want = analysis.bootstrap(analysis.ablation, c, run, split="valid", n=200, seed=0)
+    bars = figure(at, "balance-ablation")
+    assert len(bars["data"]) == 1 and "95% bootstrap intervals" in bars["layout"]["title"]["text"]
+    t = bars["data"][0]
+    assert list(_decode(t["x"])) == [str(e) for e in want["expert"]]
+    np.testing.assert_allclose(_decode(t["y"]), want["mean_delta"], rtol=1e-9)
+    np.testing.assert_allclose(_decode(t["error_y"]["array"]), want["mean_delta_hi"] - want["mean_delta"], rtol=1e-9)
+    np.testing.assert_allclose(_decode(t["error_y"]["arrayminus"]), want["mean_delta"] - want["mean_delta_lo"],
+                               rtol=1e-9)  # fmt: skip
+    pos = analysis.bootstrap(analysis.ablation_by, c, run, split="valid", attribute="pos_tag", n=200, seed=0)
+    heat = figure(at, "balance-ablation-pos")["data"][0]
+    cells = pos.set_index(["value", "expert"])
+    got = _decode(heat["customdata"])  # (values, experts, [lo, hi])
+    assert got.shape == (len(_decode(heat["y"])), len(_decode(heat["x"])), 2)
+    for i, value in enumerate(_decode(heat["y"])):
+        for j, expert in enumerate(_decode(heat["x"])):
+            if (value, expert) in cells.index:
+                cell = cells.loc[(value, expert)]
+                np.testing.assert_allclose(got[i, j], cell[["mean_delta_lo", "mean_delta_hi"]].to_numpy(np.float64))
+            else:  # left out by min_tokens: no value, no interval
+                assert np.isnan(got[i, j]).all()
+    sure = next(d.value for d in at.dataframe if "mean_delta_lo" in d.value)
+    excludes = pos[(pos["mean_delta_lo"] > 0) | (pos["mean_delta_hi"] < 0)]
+    assert 0 < len(sure) == len(excludes) < len(pos)
+    assert set(zip(sure["value"], sure["expert"])) == set(zip(excludes["value"], excludes["expert"]))
+    assert np.all(np.diff(sure["mean_delta"].abs().to_numpy()) <= 0)  # the largest effects first
