@@ -1,13 +1,15 @@
 """Balance, collapse, confidence and capacity against independent numpy/pandas on synthetic traces.
 
 The reference reads the Parquet part files with pyarrow (no DuckDB) and recomputes each formula its own
-way (pairwise Gini, per-token margins, a loop for the collapse step); agreement is required to 1e-9.
+way (pairwise Gini, per-token margins, a loop for the collapse step: literature_ref.collapse); agreement is
+required to 1e-9.
 """
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
+import literature_ref as ref
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
@@ -76,24 +78,6 @@ def test_load_balance_matches_numpy(shape: dict, all_ranks: bool) -> None:
         np.testing.assert_allclose(per.groupby(["epoch", "layer"])["share"].sum(), 1.0, **TOL)
 
 
-def ref_collapse(r: pd.DataFrame, e: int, threshold: float) -> pd.DataFrame:
-    rows = []
-    for step, every in r.groupby("step"):
-        g = every[every["rank"] == 0]
-        p = np.bincount(g["expert"], minlength=e) / len(g)
-        h = -sum(x * np.log(x) for x in p if x > 0)
-        share_all = np.bincount(every["expert"], minlength=e) / len(every)  # all k assignments
-        rows.append(dict(step=step, entropy=h, norm=h / np.log(e) if e > 1 else np.nan, eff=np.exp(h),
-                         dead=int((share_all < 1 / (10 * e)).sum()), never_top1=int((p == 0).sum())))
-    df = pd.DataFrame(rows).sort_values("step")
-    collapse = None
-    for i in range(len(df) if e > 1 else 0):  # first step after which eff stays below the threshold
-        if (df["eff"].iloc[i:] < threshold).all():
-            collapse = df["step"].iloc[i]
-            break
-    return df.assign(collapse_step=collapse)
-
-
 @SETTINGS
 @given(shape=shapes(), threshold=st.sampled_from([1.5, 2.0, 3.0]))
 def test_collapse_matches_numpy(shape: dict, threshold: float) -> None:
@@ -101,7 +85,7 @@ def test_collapse_matches_numpy(shape: dict, threshold: float) -> None:
         root, con = make(tmp, **shape)
         r = load(root, "routing")
         got = A.collapse(con, "r", threshold=threshold, layer=0).sort_values("step")
-        want = ref_collapse(r[(r["split"] == "train") & (r["layer"] == 0)], shape["num_experts"], threshold)
+        want = ref.collapse(r[(r["split"] == "train") & (r["layer"] == 0)], shape["num_experts"], threshold)
         assert got["step"].tolist() == want["step"].tolist()
         np.testing.assert_allclose(got["entropy"], want["entropy"], **TOL)
         np.testing.assert_allclose(got["norm_entropy"].to_numpy(float), want["norm"].to_numpy(float), **TOL)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import literature_ref as ref
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -26,12 +26,7 @@ TOL = {"rtol": 1e-9, "atol": 1e-9}
 
 
 def read(run: str, table: str, split: str = "valid") -> pd.DataFrame:
-    df = ds.dataset(SAMPLE / run / table, format="parquet", partitioning="hive").to_table().to_pandas()
-    for c in ("dataset", "split"):
-        df[c] = df[c].astype(str)
-    if "epoch" in df:
-        df["epoch"] = df["epoch"].astype(int)
-    return df[df["split"] == split]
+    return ref.read(SAMPLE / run, table, split)
 
 
 @pytest.fixture(scope="module")
@@ -39,113 +34,40 @@ def con():
     return connect(SAMPLE)
 
 
-def _top(rout: pd.DataFrame) -> pd.DataFrame:
-    """One row per (epoch, step, layer, token_idx): e0, e1 (NaN without rank 1) and the expert set."""
-    r = rout[rout["rank"] < 2]
-    e = r.pivot_table(index=["epoch", "step", "layer", "token_idx"], columns="rank", values="expert", aggfunc="first")
-    e = e.rename(columns={0: "e0", 1: "e1"}).reset_index()
-    if "e1" not in e:
-        e["e1"] = np.nan
-    sets = rout.groupby(["epoch", "layer", "token_idx"])["expert"].agg(frozenset).rename("s").reset_index()
-    return e.merge(sets, on=["epoch", "layer", "token_idx"])
-
-
 @pytest.mark.parametrize("run", RUNS)
 @pytest.mark.parametrize("within", ["document", "sentence"])
 def test_consecutive_equals_pandas(con, run: str, within: str) -> None:
     got = A.consecutive(con, run, within=within).set_index("layer")
-    tok, top = read(run, "tokens"), _top(read(run, "routing"))
-    top = top[top["epoch"] == top["epoch"].max()].merge(tok[["token_idx", "doc_id", "sent_id"]], on="token_idx")
-    for layer, d in top.groupby("layer"):
-        d = d.set_index("token_idx")
-        nxt = d.reindex(d.index + 1)
-        nxt.index = d.index
-        ok = nxt["e0"].notna() & (nxt["step"] == d["step"]) & (nxt["doc_id"] == d["doc_id"])
-        if within == "sentence":
-            ok &= nxt["sent_id"] == d["sent_id"]
-        left, right = d[ok], nxt[ok]
-        p = len(left)
-        in2 = (left["e0"] == right["e0"]) | (left["e0"] == right["e1"])
-        pl = left["e0"].value_counts() / p
-        pr = right["e0"].value_counts() / p
-        q = pd.concat([right["e0"], right["e1"].dropna()]).value_counts() / p
-        row = got.loc[layer]
-        assert row["pairs"] == p
-        np.testing.assert_allclose(row["same_top1"], (left["e0"] == right["e0"]).mean(), **TOL)
-        np.testing.assert_allclose(row["top1_in_next_top2"], in2.mean(), **TOL)
-        np.testing.assert_allclose(row["same_top1_chance"], (pl * pr).fillna(0).sum(), **TOL)
-        np.testing.assert_allclose(row["top1_in_next_top2_chance"], (pl * q).fillna(0).sum(), **TOL)
+    ref.close(got, ref.consecutive(read(run, "tokens"), read(run, "routing"), within), ref.CONSECUTIVE)
 
 
 @pytest.mark.parametrize("run", RUNS)
 def test_saturation_equals_pandas(con, run: str) -> None:
     got = A.saturation(con, run).set_index(["epoch", "layer"])
-    top = _top(read(run, "routing"))
-    final = top["epoch"].max()
-    f = top[top["epoch"] == final][["layer", "token_idx", "e0", "s"]]
-    assert len(got) == top.loc[top["epoch"] < final, ["epoch", "layer"]].drop_duplicates().shape[0]
-    for (epoch, layer), d in top[top["epoch"] < final].groupby(["epoch", "layer"]):
-        m = d.merge(f, on=["layer", "token_idx"], suffixes=("", "_f"))
-        t = len(m)
-        inter = sum(len(a & b) for a, b in zip(m["s"], m["s_f"]))
-        kf = m["s_f"].map(len).sum()
-        c = pd.Series([e for s in m["s"] for e in s]).value_counts()
-        dd = pd.Series([e for s in m["s_f"] for e in s]).value_counts()
-        row = got.loc[(epoch, layer)]
-        assert row["tokens"] == t and row["final_epoch"] == final
-        np.testing.assert_allclose(row["top1_match"], (m["e0"] == m["e0_f"]).mean(), **TOL)
-        np.testing.assert_allclose(row["topk_overlap"], inter / kf, **TOL)
-        chance = (m["e0"].value_counts() * m["e0_f"].value_counts()).fillna(0).sum() / t**2
-        np.testing.assert_allclose(row["top1_match_chance"], chance, **TOL)
-        np.testing.assert_allclose(row["topk_overlap_chance"], (c * dd).fillna(0).sum() / (t * kf), **TOL)
+    ref.close(got, ref.saturation(read(run, "routing")), ref.SATURATION)
 
 
 @pytest.mark.parametrize("run", RUNS)
 def test_vocabulary_equals_pandas(con, run: str) -> None:
     got = A.vocabulary(con, run, min_count=10).set_index("layer")
     table = A.vocabulary(con, run, min_count=10, summary=False)
-    tok, rout = read(run, "tokens"), read(run, "routing")
-    r = rout[(rout["rank"] == 0) & (rout["epoch"] == rout["epoch"].max())].merge(tok, on="token_idx")
-    r = r[r["in_vocab"]]
-    for layer, d in r.groupby("layer"):
-        n = d.groupby(["token", "expert"]).size().unstack(fill_value=0)
-        total = n.sum(axis=1)
-        n, total = n[total >= 10], total[total >= 10]
-        share = n.max(axis=1) / total
-        row = got.loc[layer]
-        assert row["types"] == len(share)
-        np.testing.assert_allclose(row["mean_share"], share.mean(), **TOL)
-        np.testing.assert_allclose(row["token_share"], n.max(axis=1).sum() / total.sum(), **TOL)
-        np.testing.assert_allclose(row["median_share"], share.median(), **TOL)
-        assert row["mean_share_chance"] < row["mean_share"] or row["mean_share"] > 0.99
+    want, counts = ref.vocabulary(read(run, "tokens"), read(run, "routing"), min_count=10)
+    ref.close(got, want, ref.VOCABULARY)
+    for layer, n in counts.items():
+        assert got.loc[layer, "mean_share_chance"] < got.loc[layer, "mean_share"] or got.loc[layer, "mean_share"] > 0.99
         t = table[table["layer"] == layer].set_index("token")
-        np.testing.assert_allclose(t.loc[share.index, "share"].to_numpy(), share.to_numpy(), **TOL)
+        share = (n.max(axis=1) / n.sum(axis=1)).to_numpy()
+        np.testing.assert_allclose(t.loc[n.index, "share"].to_numpy(), share, **TOL)
         assert (t.loc[n.index, "expert"].to_numpy() == n.idxmax(axis=1).to_numpy()).all()
 
 
 @pytest.mark.parametrize("run", ["conll2003-hybrid", "wikitext2-load-3layer"])
 def test_fluctuation_equals_pandas(con, run: str) -> None:
     got = A.fluctuation(con, run).set_index("layer")
-    dist = A.fluctuation(con, run, summary=False)
-    rout = read(run, "routing")
-    r = rout[rout["rank"] == 0].sort_values(["layer", "token_idx", "epoch"])
-    steps = rout.groupby("epoch")["step"].max()
-    progress = steps / steps.max()
-    for layer, d in r.groupby("layer"):
-        changed = d.groupby("token_idx")["expert"].diff().fillna(0).ne(0)
-        last = d.assign(c=changed).loc[lambda x: x["c"]].groupby("token_idx")["epoch"].max()
-        last = last.reindex(d["token_idx"].unique(), fill_value=-1)
-        row = got.loc[layer]
-        assert row["tokens"] == len(last)
-        np.testing.assert_allclose(row["never_changed"], (last == -1).mean(), **TOL)
-        p = d[d["epoch"] == d["epoch"].max()]["expert"].value_counts(normalize=True)
-        for f in (20, 50, 80):
-            late = last.map(lambda e, f=f: e >= 0 and progress[e] > f / 100)
-            np.testing.assert_allclose(row[f"changing_after_{f}"], late.mean(), **TOL)
-            m = int((progress.iloc[1:] > f / 100).sum())
-            np.testing.assert_allclose(row[f"chance_after_{f}"], 1 - (p**2).sum() ** m, **TOL)
-        dl = dist[dist["layer"] == layer].set_index("last_change")["tokens"]
-        assert dl.to_dict() == last.value_counts().to_dict()
+    dist = A.fluctuation(con, run, summary=False).set_index(["layer", "last_change"])["tokens"]
+    want, want_dist = ref.fluctuation(read(run, "routing"))
+    ref.close(got, want, ref.FLUCTUATION)
+    assert dist.sort_index().to_dict() == want_dist.sort_index().to_dict()
 
 
 # --- hand-built traces ----------------------------------------------------------------------------------------

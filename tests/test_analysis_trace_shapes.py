@@ -13,10 +13,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import literature_ref as ref
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -54,13 +54,7 @@ def con(root: Path):
 
 
 def raw(root: Path, run: str, table: str) -> pd.DataFrame:
-    df = ds.dataset(root / run / table, format="parquet", partitioning="hive").to_table().to_pandas()
-    for c in ("dataset", "split"):
-        if c in df:
-            df[c] = df[c].astype(str)
-    if "epoch" in df:
-        df["epoch"] = df["epoch"].astype(int)
-    return df[df["split"] == "valid"].reset_index(drop=True)
+    return ref.read(root / run, table, "valid")
 
 
 def test_the_ddp_copy_has_each_token_on_one_rank(root: Path) -> None:
@@ -81,90 +75,34 @@ def _same(con, fn, *args, **kw) -> pd.DataFrame:
     return ddp
 
 
-def _top(rout: pd.DataFrame) -> pd.DataFrame:
-    """One row per (epoch, step, layer, token_idx): e0, e1 and the token's expert set s."""
-    e = rout[rout["rank"] < 2].pivot_table(index=["epoch", "step", "layer", "token_idx"], columns="rank",
-                                           values="expert", aggfunc="first")  # fmt: skip
-    e = e.rename(columns={0: "e0", 1: "e1"}).reset_index()
-    sets = rout.groupby(["epoch", "layer", "token_idx"])["expert"].agg(frozenset).rename("s").reset_index()
-    return e.merge(sets, on=["epoch", "layer", "token_idx"])
-
-
 @pytest.mark.parametrize("run", SHAPES)
 def test_consecutive(con, root: Path, run: str) -> None:
     got = _same(con, A.consecutive).set_index("layer") if run == "ddp" else A.consecutive(con, run).set_index("layer")
-    tok, top = raw(root, run, "tokens"), _top(raw(root, run, "routing"))
-    top = top[top["epoch"] == top["epoch"].max()].merge(tok[["token_idx", "doc_id"]], on="token_idx")
     assert sorted(got.index) == list(range(LAYERS))
-    for layer, d in top.groupby("layer"):
-        d = d.set_index("token_idx")
-        nxt = d.reindex(d.index + 1)
-        nxt.index = d.index
-        ok = nxt["e0"].notna() & (nxt["step"] == d["step"]) & (nxt["doc_id"] == d["doc_id"])
-        left, right = d[ok], nxt[ok]
-        p = len(left)
-        pl, pr = left["e0"].value_counts() / p, right["e0"].value_counts() / p
-        q = pd.concat([right["e0"], right["e1"].dropna()]).value_counts() / p
-        row = got.loc[layer]
-        assert row["pairs"] == p  # each pair once, also across the two ranks' shards
-        np.testing.assert_allclose(row["same_top1"], (left["e0"] == right["e0"]).mean(), **TOL)
-        in2 = (left["e0"] == right["e0"]) | (left["e0"] == right["e1"])
-        np.testing.assert_allclose(row["top1_in_next_top2"], in2.mean(), **TOL)
-        np.testing.assert_allclose(row["same_top1_chance"], (pl * pr).fillna(0).sum(), **TOL)
-        np.testing.assert_allclose(row["top1_in_next_top2_chance"], (pl * q).fillna(0).sum(), **TOL)
+    # pairs equal: each pair once, also across the two ranks' shards
+    ref.close(got, ref.consecutive(raw(root, run, "tokens"), raw(root, run, "routing")), ref.CONSECUTIVE)
 
 
 @pytest.mark.parametrize("run", SHAPES)
 def test_saturation(con, root: Path, run: str) -> None:
     got = (_same(con, A.saturation) if run == "ddp" else A.saturation(con, run)).set_index(["epoch", "layer"])
-    top = _top(raw(root, run, "routing"))
-    final = top["epoch"].max()
-    f = top[top["epoch"] == final][["layer", "token_idx", "e0", "s"]]
-    assert len(got) == (final) * LAYERS
-    for (epoch, layer), d in top[top["epoch"] < final].groupby(["epoch", "layer"]):
-        m = d.merge(f, on=["layer", "token_idx"], suffixes=("", "_f"))
-        row = got.loc[(epoch, layer)]
-        assert row["tokens"] == len(m) == m["token_idx"].nunique()
-        np.testing.assert_allclose(row["top1_match"], (m["e0"] == m["e0_f"]).mean(), **TOL)
-        inter = sum(len(a & b) for a, b in zip(m["s"], m["s_f"]))
-        np.testing.assert_allclose(row["topk_overlap"], inter / m["s_f"].map(len).sum(), **TOL)
+    assert len(got) == 2 * LAYERS  # epochs 0 and 1 against the final epoch 2
+    assert (got["tokens"] == 1500).all()  # each token once, whichever rank routed it
+    ref.close(got, ref.saturation(raw(root, run, "routing")), ref.SATURATION)
 
 
 @pytest.mark.parametrize("run", SHAPES)
 def test_vocabulary(con, root: Path, run: str) -> None:
     got = (_same(con, A.vocabulary, min_count=10) if run == "ddp" else A.vocabulary(con, run, min_count=10))
-    got = got.set_index("layer")
-    rout, tok = raw(root, run, "routing"), raw(root, run, "tokens")
-    r = rout[(rout["rank"] == 0) & (rout["epoch"] == rout["epoch"].max())].merge(tok, on="token_idx")
-    if "in_vocab" in r:  # synthetic tokens carry no in_vocab and no <unk> id: every token is in the vocabulary
-        r = r[r["in_vocab"]]
-    for layer, d in r.groupby("layer"):
-        n = d.groupby(["token", "expert"]).size().unstack(fill_value=0)
-        total = n.sum(axis=1)
-        n, total = n[total >= 10], total[total >= 10]
-        share = n.max(axis=1) / total
-        row = got.loc[layer]
-        assert row["types"] == len(share)
-        np.testing.assert_allclose(row["mean_share"], share.mean(), **TOL)
-        np.testing.assert_allclose(row["token_share"], n.max(axis=1).sum() / total.sum(), **TOL)
+    want, _ = ref.vocabulary(raw(root, run, "tokens"), raw(root, run, "routing"), min_count=10)
+    ref.close(got.set_index("layer"), want, ref.VOCABULARY)
 
 
 @pytest.mark.parametrize("run", SHAPES)
 def test_fluctuation(con, root: Path, run: str) -> None:
     got = (_same(con, A.fluctuation) if run == "ddp" else A.fluctuation(con, run)).set_index("layer")
-    rout = raw(root, run, "routing")
-    r = rout[rout["rank"] == 0].sort_values(["layer", "token_idx", "epoch"])
-    progress = rout.groupby("epoch")["step"].max() / rout["step"].max()
-    for layer, d in r.groupby("layer"):
-        changed = d.groupby("token_idx")["expert"].diff().fillna(0).ne(0)
-        last = d.assign(c=changed).loc[lambda x: x["c"]].groupby("token_idx")["epoch"].max()
-        last = last.reindex(d["token_idx"].unique(), fill_value=-1)
-        row = got.loc[layer]
-        assert row["tokens"] == len(last) == 1500  # every token once
-        np.testing.assert_allclose(row["never_changed"], (last == -1).mean(), **TOL)
-        for f in (20, 50, 80):
-            late = last.map(lambda e, f=f: e >= 0 and progress[e] > f / 100)
-            np.testing.assert_allclose(row[f"changing_after_{f}"], late.mean(), **TOL)
+    assert (got["tokens"] == 1500).all()  # every token once
+    ref.close(got, ref.fluctuation(raw(root, run, "routing"))[0], ref.FLUCTUATION)
 
 
 @pytest.mark.parametrize("run", SHAPES)
