@@ -149,8 +149,8 @@ def get(name: str, runs: list[str] | str | None = None, *, stored: bool = False,
         return None
 
 
-BOOTSTRAP_N = 200  # replicates of the intervals the pages draw (analysis.bootstrap; the Literature page picks its own)
-FEW_RUNS = 8       # the pages' interval checkboxes default on up to this many runs (more: seconds per run)
+BOOTSTRAP_N = summarize_cli.PAGE_BOOTSTRAP_N  # replicates of the pages' intervals (the Literature page picks its own)
+FEW_RUNS = summarize_cli.FEW_RUNS  # the pages' interval checkboxes default on up to this many runs (seconds per run)
 TRACE_TABLES = ("routing", "tokens", "ablation")  # what a bootstrap reads: its fingerprint covers these
 
 

@@ -167,16 +167,17 @@ def run_child(root: Path, kind: str, case: str, repeat: int, timeout: float) -> 
 
 
 def build_summaries(root: Path) -> float:
-    """What `moe-lens summarize` writes: the routing summaries, the layers page's stored per-token results and the
-    literature page's stored tables."""
+    """What `moe-lens summarize` writes: the routing summaries, the layers page's stored per-token results, the
+    literature page's stored tables and the collapse and specialization pages' default intervals."""
     from moe_lens import summary
     from moe_lens.store import connect
-    from moe_lens.summarize_cli import store_layers_results, store_literature_results
+    from moe_lens.summarize_cli import store_interval_results, store_layers_results, store_literature_results
     t = time.perf_counter()
     con = connect(root)
     for run in summary.build(con, [RUN, RUN_B]):
         store_layers_results(con, run)
     store_literature_results(con)
+    store_interval_results(con)
     return time.perf_counter() - t
 
 

@@ -1,6 +1,6 @@
 """`moe-lens summarize`: write each run's routing summary (moe_lens/summary.py), the stored per-token results the
-app's layers page reads by default and the stored tables of the Literature page's default view (its analyses and
-bootstrap intervals, `stored_analysis`), ahead of time (after training, or for existing runs), so that no page pays
+app's layers page reads by default, the stored tables of the Literature page's default view (its analyses and
+bootstrap intervals, `stored_analysis`) and the Collapse and Specialization pages' default intervals, ahead of time (after training, or for existing runs), so that no page pays
 a scan of the trace on its first open. All are also written on first use; all are keyed by the runs' files."""
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ def store_layers_results(con: duckdb.DuckDBPyConnection, run: str) -> int:
 # The README's story: a router that collapses beside one a balancing loss keeps balanced (the app's opening screens).
 STORY_RUNS = ("wikitext2-naive_topk", "wikitext2-importance")
 LITERATURE = {"split": "valid", "by": "document", "n": 200, "within": "document", "min_count": 20}  # page defaults
+PAGE_BOOTSTRAP_N = 200  # replicates of the Collapse/Specialization/Load balance pages' intervals (app/lens_ui.py)
+FEW_RUNS = 8  # those pages' interval checkboxes default on up to this many runs
 
 
 def default_runs(table: pd.DataFrame, limit: int | None = 4, prefer: tuple[str, ...] = ()) -> list[str]:
@@ -91,6 +93,39 @@ def literature_calls(runs: list[str], layer: int, split: str = "valid", by: str 
             ("fluctuation", runs, {"split": split, "layer": layer}),
             ("bootstrap", runs, {"fn": "collapse", "fn_options": (("by", "epoch"),), **boot}),
             ("bootstrap", runs, {"fn": "specialization", "summary": True, **boot})]
+
+
+def interval_calls(story: list[str], every: list[str], layer: int = 0) -> list[tuple[str, list[str], dict]]:
+    """(name, runs, options) of the stored bootstrap calls the Collapse page (its default runs `story`, split train,
+    by step, threshold 2) and the Specialization page (every run, pos_tag, split valid) make in their default view,
+    for the pages whose interval checkbox is on by default (at most FEW_RUNS runs); `layer`: the app's layer
+    picker's default, 0."""
+    boot = {"by": "document", "n": PAGE_BOOTSTRAP_N, "layer": layer}
+    calls = []
+    if story and len(story) <= FEW_RUNS:
+        calls.append(("bootstrap", story, {"fn": "collapse", "fn_options": (("by", "step"),), "split": "train",
+                                           "threshold": 2.0, **boot}))
+    if every and len(every) <= FEW_RUNS:
+        calls.append(("bootstrap", every, {"fn": "specialization", "attribute": "pos_tag", "summary": True,
+                                           "shuffled": False, "split": "valid", "include_oov": False, **boot}))
+    return calls
+
+
+def store_interval_results(con: duckdb.DuckDBPyConnection) -> int:
+    """The Collapse and Specialization pages' default intervals (`interval_calls`), run once so their tables are
+    stored (summary.stored_frame; the pages read them with `stored=True`). Returns how many calls ran."""
+    table = con.table("runs").df()
+    story, every = default_runs(table, None, STORY_RUNS), table["run"].tolist()
+    if not every or summary.counts_source(con, every) is None:  # a running or damaged run: nothing is stored
+        return 0
+    done = 0
+    for name, names, kw in interval_calls(story, every):
+        try:
+            stored_analysis(con, name, names, **kw)
+            done += 1
+        except MoeLensError:  # nothing recorded for that split/layer: the page shows the same message
+            pass
+    return done
 
 
 def store_literature_results(con: duckdb.DuckDBPyConnection) -> int:
@@ -131,4 +166,5 @@ def _summarize_command(args: argparse.Namespace) -> int:
         print(f"{run}: {done[run]} (+ {store_layers_results(con, run)} stored layers-page results)")
     if not args.runs:  # the page's default view spans runs: written when every run is summarised
         print(f"literature page: {store_literature_results(con)} stored results")
+        print(f"collapse and specialization pages' intervals: {store_interval_results(con)} stored results")
     return 0

@@ -4,6 +4,8 @@ summaries off), a new part file invalidates the summary, and runs still running,
 from __future__ import annotations
 
 import ast
+import base64
+import json
 import os
 import shutil
 from pathlib import Path
@@ -233,7 +235,8 @@ def test_summarize_writes_what_the_literature_page_reads(tmp_path: Path) -> None
         write_synthetic_run(d, run, num_tokens=400, layers=2, num_experts=4, top_k=2, epochs=3, seed=i)
     assert main(["summarize", "--runs-dir", str(d)]) == 0
     before = sorted(summary.resolve_cache_dir("summaries").rglob("*.parquet"))
-    assert sum(p.name.startswith("call-") for p in before) == 7  # the page's 7 stored calls, split valid
+    assert sum(p.name.startswith("call-") for p in before) == 7 + 2  # the page's 7 stored calls (split valid), and
+    # the Collapse and Specialization pages' default intervals (test below)
     at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
     at.session_state["runs_dir"] = str(d)
     at.run()
@@ -244,3 +247,37 @@ def test_summarize_writes_what_the_literature_page_reads(tmp_path: Path) -> None
                        layer=0, within="document")
     table = at.dataframe[0].value  # the page's first table: consecutive tokens
     assert_same(table.reset_index(drop=True), want)
+
+
+def test_summarize_writes_the_collapse_and_specialization_pages_default_intervals(tmp_path: Path) -> None:
+    """After `moe-lens summarize`, the Collapse and Specialization pages' default renders (intervals on: at most
+    FEW_RUNS runs) read their bootstrap intervals from stored tables: they write none, and the collapse interval
+    drawn equals analysis.bootstrap called directly."""
+    from streamlit.testing.v1 import AppTest
+
+    from moe_lens.summarize_cli import interval_calls
+    d = tmp_path / "pages"
+    for i, run in enumerate(["x", "y"]):
+        write_synthetic_run(d, run, num_tokens=300, layers=1, num_experts=4, top_k=2, epochs=2, seed=i)
+    assert main(["summarize", "--runs-dir", str(d)]) == 0
+    stored = sorted(summary.resolve_cache_dir("summaries").rglob("call-bootstrap.*.parquet"))
+    assert {p.name.split("-")[1] for p in stored} >= {"bootstrap.collapse", "bootstrap.specialization"}
+    assert len(interval_calls(["x", "y"], ["x", "y"])) == 2 and interval_calls(["x"] * 9, ["x"] * 9) == []
+    before = sorted(summary.resolve_cache_dir("summaries").rglob("*.parquet"))
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
+    at.session_state["runs_dir"] = str(d)
+    at.run()
+    for page in ("collapse", "specialization"):
+        at.switch_page(f"pages/{page}.py").run()
+        assert not at.exception and not at.error
+    assert sorted(summary.resolve_cache_dir("summaries").rglob("*.parquet")) == before  # read, nothing written
+    want = A.bootstrap("collapse", connect(d), ["x", "y"], by="document", n=200, fn_options=(("by", "step"),),
+                       split="train", layer=0, threshold=2.0)
+    at.switch_page("pages/collapse.py").run()
+    chart = next(c for c in at.get("plotly_chart") if c.key == "collapse-effective_experts")
+    for t in json.loads(chart.proto.spec)["data"]:  # plotly's typed arrays: {"dtype", "bdata"}
+        err = t["error_y"]["array"]
+        got = np.frombuffer(base64.b64decode(err["bdata"]), dtype=np.dtype(err["dtype"])) if "bdata" in err else err
+        exp = want[want["run"] == t["name"]].sort_values("step")
+        np.testing.assert_allclose(got, (exp["effective_experts_hi"] - exp["effective_experts"]).to_numpy(), rtol=1e-9,
+                                   atol=1e-12)  # DuckDB's parallel float sums vary in the last bits

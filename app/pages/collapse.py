@@ -1,6 +1,7 @@
 """Collapse: effective experts exp(H), dead experts and experts never chosen first over training, the collapse step marked, gating
 variants compared (`analysis.collapse`; top-1 usage by default); exp(H) with its 95% bootstrap interval over documents
-(`analysis.bootstrap`, cached per run and trace fingerprint; a checkbox, on by default for a few runs)."""
+(`analysis.bootstrap`, stored per run set and trace (summary.stored_frame; `moe-lens summarize` writes the default
+view's); a checkbox, on by default for a few runs)."""
 from __future__ import annotations
 
 import plotly.express as px
@@ -17,7 +18,9 @@ by = "step" if split == "train" else "epoch"
 ci = ui.intervals_toggle(len(runs), "collapse_ci")
 args = dict(split=split, layer=ui.layer(), threshold=float(threshold))
 # with intervals: collapse's own table from the bootstrap (one call), plus effective_experts_lo/_hi
-df = ui.bootstrap("collapse", runs, fn_options=(("by", by),), **args) if ci else ui.get("collapse", runs, by=by, **args)
+# (stored per run set: `moe-lens summarize` writes the default view's, summarize_cli.interval_calls)
+df = (ui.bootstrap("collapse", runs, fn_options=(("by", by),), stored=True, **args) if ci
+      else ui.get("collapse", runs, by=by, **args))
 if df is None:
     st.stop()
 modes = ui.runs_table().set_index("run")["mode"]

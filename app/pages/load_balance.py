@@ -49,12 +49,12 @@ st.caption("From `moe-lens ablate RUN` (needs the run's checkpoint): per-token d
 if st.toggle("Show the ablation of the chosen runs", value=False, key="balance_ablation"):
     ci = ui.intervals_toggle(len(runs), "balance_ablation_ci")
     # with intervals: the analyses' own tables from analysis.bootstrap (one call each), plus mean_delta_lo/_hi
-    abl = ui.bootstrap("ablation", runs, split=split) if ci else ui.get("ablation", runs, split=split)
+    abl = ui.bootstrap("ablation", runs, split=split, stored=True) if ci else ui.get("ablation", runs, split=split)
     if abl is not None:
         imp = ui.get("ablation_importance", runs, split=split, summary=False)
         rho = ui.get("ablation_importance", runs, split=split)
         pos_kw = {"split": split, "attribute": "pos_tag"}
-        pos = ui.bootstrap("ablation_by", runs, **pos_kw) if ci else ui.get("ablation_by", runs, **pos_kw)
+        pos = ui.bootstrap("ablation_by", runs, stored=True, **pos_kw) if ci else ui.get("ablation_by", runs, **pos_kw)
         title, bars_kw = "Mean delta loss per ablated expert", {}
         if "mean_delta_lo" in abl:  # the 95% interval over documents as error bars
             abl = abl.assign(ci_plus=abl["mean_delta_hi"] - abl["mean_delta"],

@@ -55,7 +55,8 @@ if full is not None:
     keys = ["run", "dataset", "layer"]
     nmi = full.drop_duplicates(keys)[[*keys, *measures, "mi"]]
     if ci:  # MI, NMI, AMI intervals resampling documents (cached per run and trace fingerprint)
-        boot = ui.bootstrap("specialization", names, attribute=attribute, summary=True, shuffled=False, **kw)
+        boot = ui.bootstrap("specialization", names, attribute=attribute, summary=True, shuffled=False, stored=True,
+                            **kw)  # stored per run set: `moe-lens summarize` writes the default view's
         if boot is not None:
             nmi = nmi.merge(boot[[*keys, *(f"{m}_{s}" for m in ("mi", "nmi", "ami") for s in ("lo", "hi"))]],
                             on=keys, how="left")  # fmt: skip
