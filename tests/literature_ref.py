@@ -1,4 +1,5 @@
-"""Pandas references for the literature analyses (consecutive, saturation, vocabulary, fluctuation) and collapse,
+"""Pandas references for the literature analyses (consecutive, saturation, vocabulary, fluctuation, the POS probe's
+held-out split and scikit-learn fit) and collapse,
 computed from the raw Parquet rows (pyarrow, no DuckDB), shared by tests/test_analysis_literature.py,
 tests/test_analysis_trace_shapes.py, tests/test_analysis_sparse_train.py and tests/test_analysis.py.
 
@@ -161,3 +162,22 @@ def collapse(r: pd.DataFrame, e: int, threshold: float) -> pd.DataFrame:
             collapse_step = df["step"].iloc[i]
             break
     return df.assign(collapse_step=collapse_step)
+
+
+def pos_probe(r: pd.DataFrame, t: pd.DataFrame, held_share: float = 0.3, seed: int = 0):
+    """The POS probe written out: features = per (layer, expert) [routed?, gate] of each POS-tagged token of `t`
+    (sorted by token_idx) from routing rows `r`; the held-out sentences a seeded permutation of the (doc_id,
+    sent_id) units; scikit-learn's LogisticRegression fitted on the rest. Returns (gate table, held-out mask,
+    the tags y, the held-out predictions)."""
+    from sklearn.linear_model import LogisticRegression
+
+    gate = r.pivot_table(index="token_idx", columns=["layer", "expert"], values="gate", aggfunc="sum")
+    gate = gate.reindex(t["token_idx"]).sort_index(axis=1)
+    x = np.hstack([gate.notna().to_numpy(float), gate.fillna(0.0).to_numpy()])
+    units = sorted(set(zip(t["doc_id"], t["sent_id"])))
+    perm = np.random.default_rng(seed).permutation(len(units))
+    held = {units[i] for i in perm[: round(held_share * len(units))]}
+    test = np.array([u in held for u in zip(t["doc_id"], t["sent_id"])])
+    y = t["pos_tag"].to_numpy(object)
+    pred = LogisticRegression(max_iter=1000).fit(x[~test], y[~test]).predict(x[test])
+    return gate, test, y, pred

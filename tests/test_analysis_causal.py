@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import literature_ref as ref
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from scipy.stats import spearmanr
-from sklearn.linear_model import LogisticRegression
 
 from moe_lens import analysis as A
 from moe_lens.analysis.bootstrap import draw_weights
@@ -48,15 +48,7 @@ def test_probe_equals_sklearn_on_a_pandas_feature_table(runs: Path) -> None:
     got = A.pos_probe(connect(runs), "pos", by="sentence", n=50).set_index("method")
     r, t = valid_last(runs / "pos")
     t = t.sort_values("token_idx").iloc[:20_000]
-    gate = r.pivot_table(index="token_idx", columns=["layer", "expert"], values="gate", aggfunc="sum")
-    gate = gate.reindex(t["token_idx"]).sort_index(axis=1)
-    x = np.hstack([gate.notna().to_numpy(float), gate.fillna(0.0).to_numpy()])
-    units = sorted(set(zip(t["doc_id"], t["sent_id"])))
-    perm = np.random.default_rng(0).permutation(len(units))
-    held = {units[i] for i in perm[: round(0.3 * len(units))]}
-    test = np.array([u in held for u in zip(t["doc_id"], t["sent_id"])])
-    y = t["pos_tag"].to_numpy(object)
-    pred = LogisticRegression(max_iter=1000).fit(x[~test], y[~test]).predict(x[test])
+    _, test, y, pred = ref.pos_probe(r, t)
     assert got.loc["probe", "accuracy"] == pytest.approx((pred == y[test]).mean(), abs=1e-9)
     train = t[~test]
     majority = train["pos_tag"].value_counts().sort_index().idxmax()

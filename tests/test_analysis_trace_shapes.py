@@ -19,7 +19,6 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from sklearn.linear_model import LogisticRegression
 
 from moe_lens import analysis as A
 from moe_lens.store import connect
@@ -131,16 +130,8 @@ def test_pos_probe(con, root: Path, run: str) -> None:
     rout, t = raw(root, run, "routing"), raw(root, run, "tokens")
     r = rout[rout["epoch"] == rout["epoch"].max()]
     t = t[t["pos_tag"].notna()].sort_values("token_idx")
-    gate = r.pivot_table(index="token_idx", columns=["layer", "expert"], values="gate", aggfunc="sum")
-    gate = gate.reindex(t["token_idx"]).sort_index(axis=1)
+    gate, test, y, pred = ref.pos_probe(r, t)
     assert gate.shape[1] == LAYERS * EXPERTS  # every layer's experts are features
-    x = np.hstack([gate.notna().to_numpy(float), gate.fillna(0.0).to_numpy()])
-    units = sorted(set(zip(t["doc_id"], t["sent_id"])))
-    perm = np.random.default_rng(0).permutation(len(units))
-    held = {units[i] for i in perm[: round(0.3 * len(units))]}
-    test = np.array([u in held for u in zip(t["doc_id"], t["sent_id"])])
-    y = t["pos_tag"].to_numpy(object)
-    pred = LogisticRegression(max_iter=1000).fit(x[~test], y[~test]).predict(x[test])
     assert got.loc["probe", "accuracy"] == pytest.approx((pred == y[test]).mean(), abs=1e-9)
     assert got.loc["probe", "test_tokens"] == test.sum() and got.loc["probe", "train_tokens"] == (~test).sum()
     assert got.loc["probe", "features"] == 2 * LAYERS * EXPERTS

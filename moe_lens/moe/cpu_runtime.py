@@ -94,15 +94,11 @@ _pool_lock = threading.Lock()
 
 
 def group_threads(d: int, h: int, counts: tuple[int, ...]) -> int:
-    """How many threads run the expert groups of one CPU step: this thread's intra-op thread count
-    for experts of at least THREADED_MIN_WEIGHT weights per matrix whose non-empty groups average
-    fewer than THREADED_MAX_ROWS rows, else 1 (and 1 for fewer than two non-empty groups)."""
-    if GROUP_THREADS is not None:
-        return GROUP_THREADS
-    groups = sum(c > 0 for c in counts)
-    if d * h < THREADED_MIN_WEIGHT or groups < 2 or sum(counts) >= THREADED_MAX_ROWS * groups:
+    """How many threads run the expert groups of one CPU step on the PyTorch kernel: `kernel_threads`' count for
+    experts of at least THREADED_MIN_WEIGHT weights per matrix, else 1 (`GROUP_THREADS` forces it)."""
+    if GROUP_THREADS is None and d * h < THREADED_MIN_WEIGHT:
         return 1
-    return torch.get_num_threads()
+    return kernel_threads(counts)
 
 
 def kernel_threads(counts: tuple[int, ...]) -> int:
