@@ -54,7 +54,10 @@ def _build_cpu_extension() -> object:
 
     cap = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2, AVX512, ...: one build per capability
     name = f"moe_lens_cpu_{cap.lower()}"
-    flags = ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma"] if cap.startswith("AVX") else [])
+    # On x86 with AVX2 (or AVX-512) the kernel is built for AVX2, and ATen's vector maths (at::vec, csrc/noisy_gate.cpp)
+    # for the same: its AVX2 Vectorized types and Sleef functions, which libtorch_cpu carries.
+    avx2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    flags = ["-O3", "-fopenmp-simd"] + (avx2 if cap.startswith("AVX") else [])
     # ATen's at::parallel_for is a header template: it runs in parallel only when the extension itself is compiled
     # with OpenMP (torch's own OpenMP runtime is the one already loaded); without it every parallel_for ran serially.
     omp = ["-fopenmp"] if torch._C.has_openmp and sys.platform.startswith("linux") else []

@@ -13,11 +13,12 @@ the same maths as `losses.smooth_load_prob` and `routers.top_k`, gradients inclu
 reaches x W_g and x W_noise through P, through the two thresholds (the k-th and (k+1)-th largest H,
 which depend on both) and through the kept noisy logits. The threshold comes from one top-(k+1):
 entry i takes the (k+1)-th largest when it is among the top k, else the k-th, i.e. the k-th largest
-of H with i left out. The forward makes softplus, then H, the top-(k+1) and u, then Phi; on the CPU the
-middle step is one pass per token row of the compiled kernel (csrc/noisy_gate.cpp: the same ops, in place of a
-topk and four passes over (n, e)). The backward makes 9 passes; the plain formulas under autograd make about 40 (benchmarks/bench_moe_layer.py, docs/moe.md). tests/test_noisy_gate.py checks
-values against `losses.smooth_load_prob` and the backward against autograd of the plain formulas by
-gradcheck in float64.
+of H with i left out. Phi is `normal_cdf` (erfc, accurate in the lower tail). The forward makes softplus, then H,
+the top-(k+1) and u, then Phi; the backward 9 passes over (n, e); the plain formulas under autograd make about 40
+(benchmarks/bench_moe_layer.py, docs/moe.md). On the CPU with the compiled kernel (csrc/noisy_gate.cpp) the forward
+and the backward are each one pass per token row on ATen's vector maths. tests/test_noisy_gate.py checks values
+against `losses.smooth_load_prob`, the backward against autograd of the plain formulas and by gradcheck in float64,
+and the compiled passes against the PyTorch ops.
 """
 from __future__ import annotations
 
@@ -30,35 +31,54 @@ from torch import Tensor
 LOG_INV_SQRT_2PI = -0.5 * math.log(2 * math.pi)  # log of the standard normal density's constant
 
 
+def normal_cdf(u: Tensor) -> Tensor:
+    """Phi(u) = erfc(-u / sqrt 2) / 2, accurate in the lower tail: torch.special.ndtr computes (1 + erf(u / sqrt 2)) / 2
+    on the CPU, whose float32 relative error reaches 100% where Phi < 1e-7 (u < -5.2) and 0.3% at u = -4; erfc's stays
+    under 3e-6 (tests/test_noisy_gate.py). csrc/noisy_gate.cpp computes the same."""
+    return torch.special.erfc(u * -math.sqrt(0.5)).mul_(0.5)
+
+
 class _NoisyTopKGate(torch.autograd.Function):
     """(logits2 (n, 2e), z (n, e)) -> (P (n, e), top values (n, k), top indices (n, k))."""
 
     @staticmethod
     def forward(ctx, logits2: Tensor, z: Tensor, k: int, noise_eps: float) -> tuple[Tensor, Tensor, Tensor]:
         n, e = z.shape
+        ext = _cpu_gate_kernel(logits2, z)
+        ctx.ext = ext
+        if ext is not None:  # the whole forward in one pass per row (csrc/noisy_gate.cpp)
+            logits2, z = logits2.contiguous(), z.contiguous()
+            std, u, load_prob = torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
+            top, idx = z.new_empty(n, k), torch.empty(n, k + 1, dtype=torch.long)
+            ext.noisy_gate_forward(logits2, z, noise_eps, k, std, u, load_prob, top, idx)
+            ctx.save_for_backward(logits2, z, std, u, idx)
+            ctx.mark_non_differentiable(idx)
+            return load_prob, top, idx[:, :k]
         clean, raw = logits2[:, :e], logits2[:, e:]  # (n, e) views
         std = F.softplus(raw).add_(noise_eps)  # (n, e)
-        ext = _cpu_gate_kernel(logits2, z)
-        if ext is not None:  # H, the top-(k+1) and u below in one pass per row (csrc/noisy_gate.cpp)
-            u, top, idx = torch.empty_like(z), z.new_empty(n, k + 1), torch.empty(n, k + 1, dtype=torch.long)
-            ext.noisy_gate_select(logits2.contiguous(), z.contiguous(), std, k, u, top, idx)
-        else:
-            top, idx = torch.addcmul(clean, z, std).topk(k + 1, dim=-1)  # (n, k+1) of H, largest first
-            kth, next_ = top[:, k - 1 : k], top[:, k : k + 1]  # (n, 1) the k-th and (k+1)-th largest of H
-            # u = (clean - threshold) / std: the k-th largest everywhere, the (k+1)-th at the top k (the
-            # entries with H > the (k+1)-th: with ties at the (k+1)-th both thresholds are equal).
-            u = torch.sub(clean, kth).scatter_add_(1, idx[:, :k], (kth - next_).expand(n, k)).div_(std)
-        load_prob = torch.special.ndtr(u)  # (n, e)
-        ctx.save_for_backward(raw, z, std, u, idx)
+        top, idx = torch.addcmul(clean, z, std).topk(k + 1, dim=-1)  # (n, k+1) of H, largest first
+        kth, next_ = top[:, k - 1 : k], top[:, k : k + 1]  # (n, 1) the k-th and (k+1)-th largest of H
+        # u = (clean - threshold) / std: the k-th largest everywhere, the (k+1)-th at the top k (the
+        # entries with H > the (k+1)-th: with ties at the (k+1)-th both thresholds are equal).
+        u = torch.sub(clean, kth).scatter_add_(1, idx[:, :k], (kth - next_).expand(n, k)).div_(std)
+        load_prob = normal_cdf(u)  # (n, e)
+        ctx.save_for_backward(logits2, z, std, u, idx)
         ctx.mark_non_differentiable(idx)
         return load_prob, top[:, :k], idx[:, :k]
 
     @staticmethod
     def backward(ctx, g_prob: Tensor | None, g_top: Tensor | None, _g_idx: None) -> tuple[Tensor, None, None, None]:
-        raw, z, std, u, idx = ctx.saved_tensors  # idx (n, k+1)
+        logits2, z, std, u, idx = ctx.saved_tensors  # idx (n, k+1)
         n, e = z.shape
         k = idx.shape[1] - 1
-        g = raw.new_empty(n, 2 * e)  # (n, 2e) gradient of logits2, both halves written below
+        g = logits2.new_empty(n, 2 * e)  # (n, 2e) gradient of logits2, both halves written below
+        if ctx.ext is not None:  # one pass per row (csrc/noisy_gate.cpp)
+            if g_prob is not None and not (g_prob.stride(-1) == 1 and g_prob.stride(0) in (0, e)):
+                g_prob = g_prob.contiguous()  # a broadcast row (the load loss's column sums) stays one row
+            ctx.ext.noisy_gate_backward(logits2, z, std, u, idx, g_prob,
+                                        g_top.contiguous() if g_top is not None else None, g)  # fmt: skip
+            return g, None, None, None
+        raw = logits2[:, e:]
         g_clean, g_raw = g[:, :e], g[:, e:]
         g_sparse = raw.new_zeros(n, k + 1)  # gradient of the top-(k+1) noisy logits H
         if g_top is not None:
@@ -90,10 +110,19 @@ def _cpu_gate_kernel(logits2: Tensor, z: Tensor) -> object | None:
     from moe_lens.moe.cpu_runtime import cpu_extension
 
     ext = cpu_extension()
-    return ext if ext is not None and hasattr(ext, "noisy_gate_select") else None
+    return ext if ext is not None and hasattr(ext, "noisy_gate_forward") else None
 
 
 def noisy_topk_gate(logits2: Tensor, z: Tensor, k: int, noise_eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Smooth load probability P (n, e), the k largest noisy logits (n, k) and their experts (n, k)
     from logits2 = [x W_g, x W_noise] (n, 2e) and the noise draw z (n, e); needs k < e."""
     return _NoisyTopKGate.apply(logits2, z, k, noise_eps)
+
+
+def argmax_rows(probs: Tensor) -> Tensor:
+    """(n,) probs.argmax(dim=-1) (the first of equal maxima, NaN the largest), one pass per row on the compiled CPU
+    kernel where it runs (torch's argmax over a short last dimension took 0.5 ms at n = 8192, e = 64)."""
+    ext = _cpu_gate_kernel(probs, probs)
+    if ext is None or probs.dim() != 2 or probs.shape[1] == 0:
+        return probs.argmax(dim=-1)
+    return ext.row_argmax(probs.detach().contiguous())

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lens.moe.losses import smooth_load_prob
-from moe_lens.moe.noisy_gate import noisy_topk_gate
+from moe_lens.moe.noisy_gate import argmax_rows, noisy_topk_gate
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ class NoisyTopKRouter(Router):
             load_prob = smooth_load_prob(clean, noisy, noise_std, self.top_k)
             top_logits, idx = top_k(noisy, self.top_k)  # (n, k)
         gate = top_logits.softmax(dim=-1)  # softmax after top-k, over the kept noisy logits
-        return Routing(idx, gate, probs, clean, load_prob=load_prob, top1=probs.argmax(dim=-1))
+        return Routing(idx, gate, probs, clean, load_prob=load_prob, top1=argmax_rows(probs))
 
 
 class SwitchRouter(Router):

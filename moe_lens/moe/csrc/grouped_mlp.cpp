@@ -245,9 +245,13 @@ int64_t parallel_for_threads() {
 
 }  // namespace
 
-// csrc/noisy_gate.cpp: the noisy top-k gate's selection step, built into the same module.
-void noisy_gate_select(const at::Tensor& logits2, const at::Tensor& z, const at::Tensor& std_, int64_t k,
-                       const at::Tensor& u, const at::Tensor& top, const at::Tensor& idx);
+// csrc/noisy_gate.cpp: the noisy top-k gate's forward and backward, built into the same module.
+void noisy_gate_forward(const at::Tensor& logits2, const at::Tensor& z, double eps, int64_t k, const at::Tensor& std_,
+                        const at::Tensor& u, const at::Tensor& prob, const at::Tensor& top, const at::Tensor& idx);
+void noisy_gate_backward(const at::Tensor& logits2, const at::Tensor& z, const at::Tensor& std_, const at::Tensor& u,
+                         const at::Tensor& idx, const std::optional<at::Tensor>& g_prob,
+                         const std::optional<at::Tensor>& g_top, const at::Tensor& grad);
+at::Tensor row_argmax(const at::Tensor& x);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using rg = pybind11::call_guard<pybind11::gil_scoped_release>;
@@ -255,6 +259,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_scale_dot", &gather_scale_dot, rg());
   m.def("forward_groups", &forward_groups, rg());
   m.def("backward_groups", &backward_groups, rg());
-  m.def("noisy_gate_select", &noisy_gate_select, rg());
+  m.def("noisy_gate_forward", &noisy_gate_forward, rg());
+  m.def("noisy_gate_backward", &noisy_gate_backward, rg());
+  m.def("row_argmax", &row_argmax, rg());
   m.def("parallel_for_threads", &parallel_for_threads, rg());
 }

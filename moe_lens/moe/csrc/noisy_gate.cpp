@@ -1,86 +1,247 @@
-// The selection step of moe_lens.moe.noisy_gate._NoisyTopKGate's forward on the CPU (Shazeer et al. 2017, eq. 3-5
-// and 8-10): the same maths as its PyTorch ops, in one pass per token row instead of an addcmul, a topk and three
-// more passes over (n, e). The transcendental functions stay PyTorch's vectorised ops (softplus before, Phi after).
-// Per row, with clean = logits2[:, :e], std = softplus(logits2[:, e:]) + eps and the noise draw z:
+// moe_lens.moe.noisy_gate._NoisyTopKGate on the CPU (Shazeer et al. 2017, eq. 3-5 and 8-10): its forward and its
+// backward each as one pass per token row, on ATen's vectorised maths (at::vec: Sleef's exp, log1p and erfc, the
+// functions PyTorch's own CPU kernels for softplus, exp, sigmoid and erfc use), instead of about 5 passes
+// over (n, e) forward and 9 backward. The maths is noisy_gate.py's, op for op; only the rounding of sums may differ.
+//
+// Per row, with clean = logits2[:, :e], raw = logits2[:, e:] and the noise draw z:
+//   std = softplus(raw) + eps         softplus(a) = a for a > 20, else log1p(exp(a)) (PyTorch's threshold)
 //   H   = clean + z * std             the noisy logits
 //   top, idx = the k + 1 largest H, largest first (a NaN counts as the largest, as in torch.topk; equal values
 //              keep the lower expert first)
 //   u   = (clean - thr) / std         thr = top[k] (the (k+1)-th largest) at the k selected experts, top[k-1]
 //                                     elsewhere: the k-th largest of H with the expert itself left out
-// noisy_gate.py then takes P = ndtr(u); the backward stays in PyTorch ops and reads std, u and idx.
+//   P   = erfc(-u / sqrt 2) / 2       Phi(u), accurate in the lower tail (noisy_gate.normal_cdf)
+// Backward, from the upstream gradients g_P (n, e) (or a broadcast row) and g_top (n, k):
+//   G = g_P * phi(u) / std;  d clean = G;  d raw = -G * u * sigmoid(raw)
+//   the thresholds: d top[k] = -(sum of G over the k selected), d top[k-1] = -(the rest) (+ g_top[k-1])
+//   at the k + 1 entries of the top: d clean += d top, d raw += d top * z * sigmoid(raw)   (H = clean + z * std)
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <vector>
 
 namespace {
+
+using at::vec::Vectorized;
 
 template <typename T>
 inline bool above(T a, T b) {
   return a > b || (std::isnan(a) && !std::isnan(b));
 }
 
+// f(offset, count, vector) over [0, e) in vectors, the last one partial (loadu/store with a count)
+template <typename T, typename F>
+inline void each_vec(int64_t e, const F& f) {
+  using V = Vectorized<T>;
+  int64_t c = 0;
+  for (; c + V::size() <= e; c += V::size()) f(c, V::size());
+  if (c < e) f(c, e - c);
+}
+
 template <typename T>
-void select_rows(const T* lp, const T* zp, const T* sp, int64_t e, int64_t k, T* up, T* tp, int64_t* ip,
-                 int64_t begin, int64_t end) {
+inline Vectorized<T> load(const T* p, int64_t count) {
+  return count == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, count);
+}
+
+template <typename T>
+inline void store(const Vectorized<T>& v, T* p, int64_t count) {
+  if (count == Vectorized<T>::size())
+    v.store(p);
+  else
+    v.store(p, count);
+}
+
+template <typename T>
+void forward_rows(const T* lp, const T* zp, T eps, int64_t e, int64_t k, T* sp, T* up, T* pp, T* tp, int64_t* ip,
+                  int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
   const int64_t kk = k + 1;
+  std::vector<T> best(kk);
+  const V threshold(T(20)), veps(eps), half(T(0.5)), minus_inv_sqrt2(T(-M_SQRT1_2));
   for (int64_t r = begin; r < end; ++r) {
     const T* clean = lp + r * 2 * e;
+    const T* raw = clean + e;
     const T* zr = zp + r * e;
-    const T* sr = sp + r * e;
+    T* sr = sp + r * e;
     T* ur = up + r * e;
-    T* top = tp + r * kk;
+    T* pr = pp + r * e;
     int64_t* idx = ip + r * kk;
+    each_vec<T>(e, [&](int64_t c, int64_t count) {  // std = softplus(raw) + eps, as PyTorch's softplus kernel
+      const V a = load(raw + c, count);
+      store(V::blendv(a.exp().log1p(), a, a > threshold) + veps, sr + c, count);
+    });
     int64_t filled = 0;
     for (int64_t c = 0; c < e; ++c) {
       const T v = clean[c] + zr[c] * sr[c];
-      if (filled < kk || above(v, top[filled - 1])) {  // insert v, keeping top[0..filled) largest first
+      if (filled < kk || above(v, best[filled - 1])) {  // insert v, keeping best[0..filled) largest first
         int64_t j = filled < kk ? filled++ : kk - 1;
-        while (j > 0 && above(v, top[j - 1])) {
-          top[j] = top[j - 1];
+        while (j > 0 && above(v, best[j - 1])) {
+          best[j] = best[j - 1];
           idx[j] = idx[j - 1];
           --j;
         }
-        top[j] = v;
+        best[j] = v;
         idx[j] = c;
       }
     }
-    const T kth = top[k - 1], next = top[k];
-    for (int64_t c = 0; c < e; ++c) ur[c] = (clean[c] - kth) / sr[c];
+    const T kth = best[k - 1], next = best[k];
+    for (int64_t j = 0; j < k; ++j) tp[r * k + j] = best[j];
+    const V vkth(kth);
+    each_vec<T>(e, [&](int64_t c, int64_t count) {
+      store((load(clean + c, count) - vkth) / load(sr + c, count), ur + c, count);
+    });
     for (int64_t j = 0; j < k; ++j) {
       const int64_t c = idx[j];
       ur[c] = ((clean[c] - kth) + (kth - next)) / sr[c];  // as noisy_gate.py: (clean - kth) + (kth - next)
     }
+    each_vec<T>(e, [&](int64_t c, int64_t count) {  // P = Phi(u) = erfc(-u / sqrt 2) / 2 (noisy_gate.normal_cdf)
+      store((load(ur + c, count) * minus_inv_sqrt2).erfc() * half, pr + c, count);
+    });
   }
+}
+
+template <typename T>
+inline T sigmoid(T a) {
+  return T(1) / (T(1) + std::exp(-a));
+}
+
+template <typename T>
+void backward_rows(const T* lp, const T* zp, const T* sp, const T* up, const int64_t* ip, const T* gpp,
+                   int64_t gp_stride, const T* gtp, int64_t e, int64_t k, T* gp, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  const int64_t kk = k + 1;
+  std::vector<T> sparse(kk);
+  const V log_c(T(-0.5 * std::log(2 * M_PI))), minus_half(T(-0.5)), one(T(1)), zero(T(0));
+  for (int64_t r = begin; r < end; ++r) {
+    const T* raw = lp + r * 2 * e + e;
+    const T* zr = zp + r * e;
+    const T* sr = sp + r * e;
+    const T* ur = up + r * e;
+    const int64_t* idx = ip + r * kk;
+    T* g_clean = gp + r * 2 * e;
+    T* g_raw = g_clean + e;
+    for (int64_t j = 0; j < kk; ++j) sparse[j] = (gtp && j < k) ? gtp[r * k + j] : T(0);
+    if (gpp) {
+      const T* gr = gpp + r * gp_stride;
+      V acc(T(0));
+      each_vec<T>(e, [&](int64_t c, int64_t count) {
+        const V u = load(ur + c, count);
+        // G = g_P * phi(u) / std, the density's constant folded in: exp(log c - u^2 / 2)
+        const V g = (log_c + minus_half * u * u).exp() * load(gr + c, count) / load(sr + c, count);
+        store(g, g_clean + c, count);
+        // d std / d raw = sigmoid(raw) = 1 / (1 + exp(-raw)); dP/d std * g_P = -G * u
+        const V a = load(raw + c, count);
+        store(zero - g * u * (one / (one + (zero - a).exp())), g_raw + c, count);
+        acc = acc + (count == V::size() ? g : V::set(zero, g, count));
+      });
+      T total = 0;
+      T lanes[V::size()];
+      acc.store(lanes);
+      for (int64_t l = 0; l < V::size(); ++l) total += lanes[l];
+      T g_in = 0;
+      for (int64_t j = 0; j < k; ++j) g_in += g_clean[idx[j]];
+      // the thresholds: the (k+1)-th largest is the threshold of the top k, the k-th of the rest
+      sparse[k] -= g_in;
+      sparse[k - 1] -= total - g_in;
+    } else {
+      std::fill(g_clean, g_clean + 2 * e, T(0));
+    }
+    for (int64_t j = 0; j < kk; ++j) {  // H = clean + z * std at the top k + 1: dH/d clean = 1, dH/d raw = z sigmoid(raw)
+      const int64_t c = idx[j];
+      g_clean[c] += sparse[j];
+      g_raw[c] += sparse[j] * zr[c] * sigmoid(raw[c]);
+    }
+  }
+}
+
+void check_rows(const at::Tensor& t, const at::Tensor& like, int64_t n, int64_t cols, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous() && t.scalar_type() == like.scalar_type() &&
+                  t.size(0) == n && t.size(1) == cols,
+              "noisy_gate: ", name, " must be a contiguous CPU (", n, ", ", cols, ") tensor of ", like.scalar_type());
 }
 
 }  // namespace
 
-// logits2 (n, 2e), z and std (n, e): contiguous CPU float32/float64; writes u (n, e), top and idx (n, k + 1).
-void noisy_gate_select(const at::Tensor& logits2, const at::Tensor& z, const at::Tensor& std_, int64_t k,
-                       const at::Tensor& u, const at::Tensor& top, const at::Tensor& idx) {
+// Forward. logits2 (n, 2e) and z (n, e): contiguous CPU float32/float64; writes std, u and P (n, e), the k largest H
+// (n, k) and the k + 1 largest H's experts (n, k + 1).
+void noisy_gate_forward(const at::Tensor& logits2, const at::Tensor& z, double eps, int64_t k, const at::Tensor& std_,
+                        const at::Tensor& u, const at::Tensor& prob, const at::Tensor& top, const at::Tensor& idx) {
   const int64_t n = z.size(0), e = z.size(1);
-  TORCH_CHECK(logits2.device().is_cpu() && logits2.is_contiguous() && z.is_contiguous() && logits2.dim() == 2 &&
-                  z.dim() == 2 && logits2.size(0) == n && logits2.size(1) == 2 * e &&
-                  z.scalar_type() == logits2.scalar_type(),
-              "noisy_gate_select: expected contiguous CPU logits2 (n, 2e) and z (n, e) of one floating type");
-  TORCH_CHECK(k >= 1 && k < e, "noisy_gate_select: needs 1 <= k < e");
-  for (const auto* t : {&std_, &u, &top})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == z.scalar_type() && t->size(0) == n,
-                "noisy_gate_select: std, u and top must be contiguous, of z's dtype and n rows");
-  TORCH_CHECK(idx.is_contiguous() && idx.scalar_type() == at::kLong && idx.size(1) == k + 1 && top.size(1) == k + 1 &&
-                  std_.size(1) == e && u.size(1) == e,
-              "noisy_gate_select: bad shapes");
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "noisy_gate_select", [&] {
-    const scalar_t* lp = logits2.data_ptr<scalar_t>();
-    const scalar_t* zp = z.data_ptr<scalar_t>();
-    const scalar_t* sp = std_.data_ptr<scalar_t>();
-    scalar_t* up = u.data_ptr<scalar_t>();
-    scalar_t* tp = top.data_ptr<scalar_t>();
-    int64_t* ip = idx.data_ptr<int64_t>();
+  TORCH_CHECK(z.dim() == 2 && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble),
+              "noisy_gate_forward: z must be a float32 or float64 (n, e) tensor");
+  TORCH_CHECK(k >= 1 && k < e, "noisy_gate_forward: needs 1 <= k < e");
+  check_rows(logits2, z, n, 2 * e, "logits2");
+  check_rows(z, z, n, e, "z");
+  for (const auto* t : {&std_, &u, &prob}) check_rows(*t, z, n, e, "std, u and P");
+  check_rows(top, z, n, k, "top");
+  TORCH_CHECK(idx.is_contiguous() && idx.scalar_type() == at::kLong && idx.dim() == 2 && idx.size(0) == n &&
+                  idx.size(1) == k + 1,
+              "noisy_gate_forward: idx must be a contiguous int64 (n, k + 1) tensor");
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "noisy_gate_forward", [&] {
     at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      select_rows<scalar_t>(lp, zp, sp, e, k, up, tp, ip, begin, end);
+      forward_rows<scalar_t>(logits2.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), scalar_t(eps), e, k,
+                             std_.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), prob.data_ptr<scalar_t>(),
+                             top.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), begin, end);
     });
   });
+}
+
+// Backward: the gradient of logits2 (n, 2e) into grad, from the forward's logits2, z, std, u and idx and the upstream
+// g_prob (n, e) with unit column stride (row stride e, or 0 for a broadcast row; undefined: zero) and g_top (n, k)
+// contiguous (undefined: zero).
+void noisy_gate_backward(const at::Tensor& logits2, const at::Tensor& z, const at::Tensor& std_, const at::Tensor& u,
+                         const at::Tensor& idx, const std::optional<at::Tensor>& g_prob,
+                         const std::optional<at::Tensor>& g_top, const at::Tensor& grad) {
+  const int64_t n = z.size(0), e = z.size(1), k = idx.size(1) - 1;
+  TORCH_CHECK(z.dim() == 2 && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble) && k >= 1 && k < e,
+              "noisy_gate_backward: bad z or idx");
+  check_rows(logits2, z, n, 2 * e, "logits2");
+  check_rows(z, z, n, e, "z");
+  check_rows(std_, z, n, e, "std");
+  check_rows(u, z, n, e, "u");
+  check_rows(grad, z, n, 2 * e, "grad");
+  TORCH_CHECK(idx.is_contiguous() && idx.scalar_type() == at::kLong && idx.dim() == 2 && idx.size(0) == n,
+              "noisy_gate_backward: idx must be a contiguous int64 (n, k + 1) tensor");
+  if (g_prob)
+    TORCH_CHECK(g_prob->scalar_type() == z.scalar_type() && g_prob->dim() == 2 && g_prob->size(0) == n &&
+                    g_prob->size(1) == e && g_prob->stride(1) == 1 && (g_prob->stride(0) == e || g_prob->stride(0) == 0),
+                "noisy_gate_backward: g_prob must be (n, e) with unit column stride and row stride e or 0");
+  if (g_top) check_rows(*g_top, z, n, k, "g_top");
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "noisy_gate_backward", [&] {
+    const scalar_t* gpp = g_prob ? g_prob->data_ptr<scalar_t>() : nullptr;
+    const int64_t gp_stride = g_prob ? g_prob->stride(0) : 0;
+    const scalar_t* gtp = g_top ? g_top->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      backward_rows<scalar_t>(logits2.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), std_.data_ptr<scalar_t>(),
+                              u.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), gpp, gp_stride, gtp, e, k,
+                              grad.data_ptr<scalar_t>(), begin, end);
+    });
+  });
+}
+
+// (n,) the index of each row's largest entry of a contiguous (n, e) float32/float64 tensor, as torch.argmax(dim=-1):
+// the first of equal maxima, a NaN counting as the largest (the first NaN).
+at::Tensor row_argmax(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous() && x.size(1) > 0 &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "row_argmax: expected a contiguous CPU float32/float64 (n, e) tensor with e > 0");
+  const int64_t n = x.size(0), e = x.size(1);
+  at::Tensor out = at::empty({n}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_argmax", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = xp + r * e;
+        int64_t best = 0;
+        for (int64_t c = 1; c < e; ++c)
+          if (above(row[c], row[best])) best = c;
+        op[r] = best;
+      }
+    });
+  });
+  return out;
 }
