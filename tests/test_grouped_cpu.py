@@ -318,6 +318,41 @@ def test_reused_hidden_memory_is_never_shared_by_two_pending_backwards(threads: 
         torch.testing.assert_close(a, b)
 
 
+def test_reused_step_buffers_are_never_written_over_while_held(threads: int, kernel: str) -> None:
+    """The noisy router's logits, gate buffers and gradients and the bank's output and input gradient come from
+    ReusedMemory blocks (no fresh pages each step). Each step's routing, output and x.grad, held through the next
+    step, are unchanged by it; dropped, their blocks are used again; two forwards before one backward get separate
+    blocks; every value and gradient equals a layer's with no reused memory at all."""
+    def run(reuse: bool) -> tuple[list[torch.Tensor], set[int]]:
+        torch.manual_seed(0)
+        layer = MoELayer(8, 6, 2, router="noisy_topk", expert_hidden=6, w_importance=0.1, w_load=0.1)
+        if not reuse:
+            layer.router.cpu_memory = layer.experts.cpu_memory = None
+        results, ptrs, held, snapshots = [], [], [], []
+        for n in (40, 40, 40, 25, 60, 40):
+            x = torch.randn(n, 8, requires_grad=True)
+            out = layer(x)
+            (out.y.square().sum() + out.aux_loss).backward()
+            for now, then in zip(held, snapshots):  # the previous step's, still held through this one
+                assert torch.equal(now, then)
+            held = [out.y, out.routing.logits, out.routing.load_prob, out.routing.gate, x.grad]
+            snapshots = [t.detach().clone() for t in held]
+            results += snapshots + [p.grad.clone() for p in layer.parameters()]
+            ptrs += [t.data_ptr() for t in held]
+            layer.zero_grad(set_to_none=True)
+            del out, x
+        a, b = (torch.randn(30, 8, requires_grad=True) for _ in range(2))
+        outs = [layer(a), layer(b)]  # both pending: their buffers are both alive
+        sum(o.y.pow(3).sum() + o.aux_loss for o in outs).backward()
+        results += [a.grad, b.grad] + [p.grad for p in layer.parameters()]
+        return results, ptrs
+
+    reused, ptrs = run(reuse=True)
+    assert ptrs[11] == ptrs[1]  # step 3's logits get step 1's block again (step 2 held its own through step 3)
+    for a, b in zip(reused, run(reuse=False)[0]):
+        assert torch.equal(a, b)
+
+
 def test_groups_run_on_threads_for_large_experts_only() -> None:
     assert group_threads(256, 128, (5, 7, 9)) == 1  # small experts: the GIL makes threads slower
     assert group_threads(512, 1024, (5, 7, 9)) == torch.get_num_threads()

@@ -220,3 +220,29 @@ def empty_grad(w: Tensor, counts: tuple[int, ...], memory: ReusedMemory | None =
         if c == 0:
             grad[g].zero_()
     return grad
+
+
+class _PooledLinear(torch.autograd.Function):
+    """x w^T (no bias) with its output and the gradient of x in `memory`'s blocks: the same matmuls as F.linear."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, memory: ReusedMemory) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        ctx.memory = memory
+        return torch.mm(x, w.t(), out=memory.empty((x.shape[0], w.shape[0]), x.dtype, "linear"))
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        dx = torch.mm(g, w, out=ctx.memory.empty(x.shape, x.dtype, "linear_dx")) if ctx.needs_input_grad[0] else None
+        dw = g.t().mm(x) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def pooled_linear(x: Tensor, w: Tensor, memory: ReusedMemory | None) -> Tensor:
+    """F.linear(x, w) for a 2-D x; on the CPU (float32/float64, no autocast) with the (n, out) output and x's (n, in)
+    gradient in `memory`'s blocks, reused across steps. Fresh blocks of several MB page-fault on every step (about
+    2 us a page on the CI machine, docs/moe.md); the router's logits and their gradient are two of them."""
+    if memory is None or x.device.type != "cpu" or x.dim() != 2 or x.dtype != w.dtype or torch.is_autocast_enabled("cpu"):
+        return torch.nn.functional.linear(x, w)
+    return _PooledLinear.apply(x, w, memory)

@@ -189,7 +189,7 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
         z = empty_buffer(memory, (a, d), x.dtype, "z")  # (A, d) ungated expert outputs
         threads = kernel_threads(counts)
         _ext_groups(ext.forward_groups, (xs, hidden, z, w1, b1, w2, b2), counts, threads)
-        y = x.new_empty(x.shape)
+        y = empty_buffer(memory, x.shape, x.dtype, "y")  # (n, d); reused once nothing else holds it
         ext.combine_rows(z, gate, rows, ptr, y)
         ctx.save_for_backward(xs, w1, w2, gate, token, hidden, z, rows, ptr)
         ctx.counts, ctx.memory, ctx.threads, ctx.ext = counts, memory, threads, ext
@@ -212,7 +212,7 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
         _ext_groups(ext.backward_groups, (xs, dz, hidden, dxs, w1, w2, dw1, db1, dw2, db2), counts, ctx.threads)
         dx = None
         if need_x:
-            dx = dy.new_empty(dy.shape)
+            dx = empty_buffer(memory, dy.shape, dy.dtype, "dx")
             ext.combine_rows(dxs, None, rows, ptr, dx)
         return dx, dw1, db1, dw2, db2, dgate, None, None, None, None, None
 

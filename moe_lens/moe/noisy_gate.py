@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moe_lens.moe.cpu_runtime import ReusedMemory, empty_buffer
+
 LOG_INV_SQRT_2PI = -0.5 * math.log(2 * math.pi)  # log of the standard normal density's constant
 
 
@@ -42,13 +44,14 @@ class _NoisyTopKGate(torch.autograd.Function):
     """(logits2 (n, 2e), z (n, e)) -> (P (n, e), top values (n, k), top indices (n, k))."""
 
     @staticmethod
-    def forward(ctx, logits2: Tensor, z: Tensor, k: int, noise_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx, logits2: Tensor, z: Tensor, k: int, noise_eps: float,
+                memory: ReusedMemory | None) -> tuple[Tensor, Tensor, Tensor]:
         n, e = z.shape
         ext = _cpu_gate_kernel(logits2, z)
-        ctx.ext = ext
+        ctx.ext, ctx.memory = ext, memory
         if ext is not None:  # the whole forward in one pass per row (csrc/noisy_gate.cpp)
             logits2, z = logits2.contiguous(), z.contiguous()
-            std, u, load_prob = torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
+            std, u, load_prob = (empty_buffer(memory, z.shape, z.dtype, slot) for slot in ("std", "u", "prob"))
             top, idx = z.new_empty(n, k), torch.empty(n, k + 1, dtype=torch.long)
             ext.noisy_gate_forward(logits2, z, noise_eps, k, std, u, load_prob, top, idx)
             ctx.save_for_backward(logits2, z, std, u, idx)
@@ -67,17 +70,18 @@ class _NoisyTopKGate(torch.autograd.Function):
         return load_prob, top[:, :k], idx[:, :k]
 
     @staticmethod
-    def backward(ctx, g_prob: Tensor | None, g_top: Tensor | None, _g_idx: None) -> tuple[Tensor, None, None, None]:
+    def backward(ctx, g_prob: Tensor | None, g_top: Tensor | None, _g_idx: None) -> tuple[Tensor, None, None, None, None]:
         logits2, z, std, u, idx = ctx.saved_tensors  # idx (n, k+1)
         n, e = z.shape
         k = idx.shape[1] - 1
-        g = logits2.new_empty(n, 2 * e)  # (n, 2e) gradient of logits2, both halves written below
         if ctx.ext is not None:  # one pass per row (csrc/noisy_gate.cpp)
+            g = empty_buffer(ctx.memory, logits2.shape, logits2.dtype, "grad")  # (n, 2e) gradient of logits2
             if g_prob is not None and not (g_prob.stride(-1) == 1 and g_prob.stride(0) in (0, e)):
                 g_prob = g_prob.contiguous()  # a broadcast row (the load loss's column sums) stays one row
             ctx.ext.noisy_gate_backward(logits2, z, std, u, idx, g_prob,
                                         g_top.contiguous() if g_top is not None else None, g)  # fmt: skip
-            return g, None, None, None
+            return g, None, None, None, None
+        g = logits2.new_empty(n, 2 * e)  # (n, 2e) gradient of logits2, both halves written below
         raw = logits2[:, e:]
         g_clean, g_raw = g[:, :e], g[:, e:]
         g_sparse = raw.new_zeros(n, k + 1)  # gradient of the top-(k+1) noisy logits H
@@ -98,7 +102,7 @@ class _NoisyTopKGate(torch.autograd.Function):
         # H = clean + z * std at the top-(k+1) entries: dH/d clean = 1, dH/d raw = z * sigmoid(raw)
         g_clean.scatter_add_(1, idx, g_sparse)
         g_raw.scatter_add_(1, idx, g_sparse * z.gather(1, idx) * torch.sigmoid(raw.gather(1, idx)))
-        return g, None, None, None
+        return g, None, None, None, None
 
 
 def _cpu_gate_kernel(logits2: Tensor, z: Tensor) -> object | None:
@@ -113,10 +117,12 @@ def _cpu_gate_kernel(logits2: Tensor, z: Tensor) -> object | None:
     return ext if ext is not None and hasattr(ext, "noisy_gate_forward") else None
 
 
-def noisy_topk_gate(logits2: Tensor, z: Tensor, k: int, noise_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def noisy_topk_gate(logits2: Tensor, z: Tensor, k: int, noise_eps: float,
+                    memory: ReusedMemory | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Smooth load probability P (n, e), the k largest noisy logits (n, k) and their experts (n, k)
-    from logits2 = [x W_g, x W_noise] (n, 2e) and the noise draw z (n, e); needs k < e."""
-    return _NoisyTopKGate.apply(logits2, z, k, noise_eps)
+    from logits2 = [x W_g, x W_noise] (n, 2e) and the noise draw z (n, e); needs k < e. `memory`: where the compiled
+    CPU path keeps its (n, e) buffers and the gradient between steps (the router's `cpu_memory`)."""
+    return _NoisyTopKGate.apply(logits2, z, k, noise_eps, memory)
 
 
 def argmax_rows(probs: Tensor) -> Tensor:

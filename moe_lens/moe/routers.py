@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lens.moe.losses import smooth_load_prob
+from moe_lens.moe.cpu_runtime import ReusedMemory, pooled_linear
 from moe_lens.moe.noisy_gate import argmax_rows, noisy_topk_gate
 
 
@@ -134,6 +135,7 @@ class NoisyTopKRouter(Router):
         self.w_noise = nn.Linear(d, num_experts, bias=False)
         nn.init.zeros_(self.w_noise.weight)  # as Shazeer: noise std starts at softplus(0) + eps
         self.noise_eps = noise_eps
+        self.cpu_memory = ReusedMemory()
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None, groups: int | None = None) -> Routing:
         if not self.training:  # eval is deterministic: slot 0 is the argmax of probs
@@ -141,13 +143,14 @@ class NoisyTopKRouter(Router):
             top_logits, idx = top_k(clean, self.top_k)  # (n, k)
             return Routing(idx, top_logits.softmax(dim=-1), clean.softmax(dim=-1), clean)
         e = self.num_experts
-        # one matmul for both: [x W_g, x W_noise] (n, 2e)
-        logits2 = F.linear(x, torch.cat([self.w_gate.weight, self.w_noise.weight])).float()
+        # one matmul for both: [x W_g, x W_noise] (n, 2e); on the CPU its output, gradient and the gate's buffers
+        # are reused across steps (cpu_runtime.ReusedMemory)
+        logits2 = pooled_linear(x, torch.cat([self.w_gate.weight, self.w_noise.weight]), self.cpu_memory).float()
         clean = logits2[:, :e]  # (n, e)
         probs = clean.softmax(dim=-1)  # (n, e) the clean distribution, recorded in training too
         z = torch.randn_like(clean)  # (n, e) the noise draw: H(x) = clean + z * std only selects
         if self.top_k < e:  # P, KeepTopK and the thresholds in one autograd function (moe/noisy_gate.py)
-            load_prob, top_logits, idx = noisy_topk_gate(logits2, z, self.top_k, self.noise_eps)
+            load_prob, top_logits, idx = noisy_topk_gate(logits2, z, self.top_k, self.noise_eps, self.cpu_memory)
         else:  # every expert is always selected
             noise_std = F.softplus(logits2[:, e:]) + self.noise_eps  # (n, e)
             noisy = clean + z * noise_std
