@@ -3,8 +3,8 @@ Shapes as in `moe/layer.py`; A assignment rows sorted by expert into e groups, m
 
 The MLP banks' `combine_cpu` (moe/banks.py) runs it; `dispatch_grouped` uses that on the CPU.
 `_CPUGroupedMLPExt` runs it on a compiled kernel (csrc/grouped_mlp.cpp, built on first use by
-torch's extension loader; `cpu_runtime.cpu_extension`): one gather into expert order, two `addmm`
-and a ReLU per expert group straight into their rows, and one pass summing each token's gated rows
+torch's extension loader; `cpu_runtime.cpu_extension`): per expert group a gather of its rows into
+expert order, two `addmm` and a ReLU straight into their rows, and one pass summing each token's gated rows
 back (`ByToken`, parallel over tokens); the backward fuses the gather of dy with the gate and the
 gate's gradient, and the ReLU mask with a bias gradient. Where no compiler is at hand,
 `_CPUGroupedMLP` does the same in PyTorch ops (three per group forward, eleven backward; a gate
@@ -167,15 +167,15 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
     """The gated MLP bank of `_CPUGroupedMLP` on the compiled kernel (csrc/grouped_mlp.cpp): the
     same matmuls per expert group, with the passes around them fused and the GIL released.
 
-    Forward: one gather of x into expert order (xs), per group h = relu(xs W1 + b1) and
-    z = h W2 + b2 into their rows, then y[t] = sum of gate_r * z_r over the rows r of token t
+    Forward: per group its rows of x gathered into expert order (xs, on the group's thread right before its
+    matmuls, which then read them from cache), h = relu(xs W1 + b1) and z = h W2 + b2 into their rows, then y[t] = sum of gate_r * z_r over the rows r of token t
     (`ByToken`, parallel over tokens: no zero fill, no scatter). z is kept ungated, so the gate's
     gradient is one dot product per row. Backward:
         dz_r = gate_r * dy[token_r]   ds_r = dy[token_r] . z_r            (one fused gather pass)
         per group: dpre = (dz W2^T) * [h > 0]   dW2 = h^T dz   db2 = colsum dz
                    dW1 = xs^T dpre   db1 = colsum dpre (fused with the mask)   dxs = dpre W1^T
         dx[t] = sum of dxs_r over the rows r of token t.
-    Per group: three ops forward, six backward (eleven in `_CPUGroupedMLP`), none from Python.
+    Per group: four ops forward (the gather included), six backward (eleven in `_CPUGroupedMLP`), none from Python.
     Buffers come from `memory` as there. The groups run side by side on the kernel's threads, each group's matmuls
     on one thread, when they average fewer than 1024 rows (`cpu_runtime.kernel_threads`).
     """
@@ -184,11 +184,12 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, gate, token, counts, memory, rows, ptr):  # type: ignore[override]
         ext = cpu_extension()
         a, d, h = token.shape[0], x.shape[1], w1.shape[-1]
-        xs = torch.index_select(x, 0, token, out=empty_buffer(memory, (a, d), x.dtype, "xs"))  # (A, d) expert order
+        x = x.contiguous()
+        xs = empty_buffer(memory, (a, d), x.dtype, "xs")  # (A, d) x[token], written group by group by the kernel
         hidden = empty_buffer(memory, (a, h), x.dtype, "hidden")  # (A, h)
         z = empty_buffer(memory, (a, d), x.dtype, "z")  # (A, d) ungated expert outputs
         threads = kernel_threads(counts)
-        _ext_groups(ext.forward_groups, (xs, hidden, z, w1, b1, w2, b2), counts, threads)
+        _ext_groups(ext.forward_groups, (x, token, xs, hidden, z, w1, b1, w2, b2), counts, threads)
         y = empty_buffer(memory, x.shape, x.dtype, "y")  # (n, d); reused once nothing else holds it
         ext.combine_rows(z, gate, rows, ptr, y)
         ctx.save_for_backward(xs, w1, w2, gate, token, hidden, z, rows, ptr)

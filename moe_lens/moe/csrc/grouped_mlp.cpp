@@ -157,14 +157,31 @@ void run_lists(const std::vector<int64_t>& starts, const std::vector<int64_t>& e
   });
 }
 
-// Forward of the groups listed (ids, starts, ends): hidden = relu(xs W1 + b1), z = hidden W2 + b2,
-// written straight into their rows; on `threads` threads of whole groups (run_lists).
-void forward_groups(const Tensor& xs, const Tensor& hidden, const Tensor& z, const Tensor& w1, const Tensor& b1,
-                    const Tensor& w2, const Tensor& b2, const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
+// Forward of the groups listed (ids, starts, ends): xs = x[token] (the group's rows gathered into expert order,
+// xs is saved for backward), hidden = relu(xs W1 + b1), z = hidden W2 + b2, written straight into their rows; on
+// `threads` threads of whole groups (run_lists). Each group gathers its own rows right before its first addmm, on
+// its thread, so the matmul reads them from that core's cache rather than from one whole-array gather pass.
+void forward_groups(const Tensor& x, const Tensor& token, const Tensor& xs, const Tensor& hidden, const Tensor& z,
+                    const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                    const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
                     const std::vector<int64_t>& ends, int64_t threads) {
+  check_rows(x, "x");
+  check_rows(xs, "xs");
+  check_like(xs, x, "xs");
+  check_index(token, "token");
+  TORCH_CHECK(xs.size(1) == x.size(1) && token.numel() == xs.size(0), "forward_groups: shapes do not match");
+  const int64_t n = x.size(0), d = x.size(1);
+  const int64_t* tp = token.data_ptr<int64_t>();
+  for (int64_t r = 0; r < token.numel(); ++r)
+    TORCH_CHECK_INDEX(tp[r] >= 0 && tp[r] < n, "forward_groups: token ", tp[r], " out of range [0, ", n, ")");
   at::NoGradGuard no_grad;
   run_lists(starts, ends, threads, [&](size_t i) {
     const int64_t g = ids[i], s = starts[i], m = ends[i] - starts[i];
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "forward_groups_gather", [&] {
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      scalar_t* out = xs.data_ptr<scalar_t>() + s * d;
+      for (int64_t r = s; r < s + m; ++r, out += d) std::copy(xp + tp[r] * d, xp + tp[r] * d + d, out);
+    });
     Tensor hg = hidden.narrow(0, s, m);
     Tensor zg = z.narrow(0, s, m);
     at::addmm_out(hg, b1[g], xs.narrow(0, s, m), w1[g]);
