@@ -1,15 +1,21 @@
 """The compiled CPU kernel's dispatch around the expert groups (csrc/grouped_mlp.cpp):
 
+- `token_major_plan`, the counting sort of the slot routers' token-major assignments, against the general path
+  it replaces (`expert.argsort(stable=True)`, the index ops, `bincount`, the inverse permutation by index_copy_);
 - `forward_groups`' gather of each group's rows into expert order, against `torch.index_select` and per-group
-  `torch.addmm` (bitwise: the same copies and the same BLAS calls on the same rows)."""
+  `torch.addmm` (bitwise: the same copies and the same BLAS calls on the same rows);
+- the layer with the plan against the layer on the argsort path, bitwise in value and gradients."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moe_lens.moe import cpu_runtime
+from moe_lens.moe import cpu_runtime, grouped_mlp
+from moe_lens.moe import layer as layer_mod
 from moe_lens.moe.cpu_runtime import cpu_extension
-from tests.test_grouped_cpu import _require_compiled
+from moe_lens.moe.grouped_mlp import token_major_plan
+from moe_lens.moe.layer import MoELayer
+from tests.test_grouped_cpu import _graph_nodes, _require_compiled
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +29,48 @@ def _token_major(n: int, s: int, e: int, empty: tuple[int, ...] = (), seed: int 
     allowed = torch.tensor([i for i in range(e) if i not in empty])
     expert = allowed[torch.randint(0, len(allowed), (n * s,), generator=g)]
     return torch.arange(n).repeat_interleave(s), expert
+
+
+@pytest.mark.parametrize(("n", "s", "e", "empty"), [(200, 2, 8, ()), (97, 1, 5, (0, 3)), (64, 3, 64, (63,)),
+                                                    (1, 2, 4, ()), (300, 2, 1, ())])  # fmt: skip
+def test_plan_equals_stable_argsort_bincount_and_inverse(n: int, s: int, e: int, empty: tuple[int, ...]) -> None:
+    token, expert = _token_major(n, s, e, empty, seed=n)
+    plan = token_major_plan(torch.empty(n, 3), token, expert, e)
+    order = expert.argsort(stable=True)  # the general path of layer.dispatch_grouped
+    a = n * s
+    assert plan.order.shape == plan.token.shape == plan.by_token.rows.shape == (a,)
+    assert torch.equal(plan.order, order)
+    assert torch.equal(plan.token, token[order])
+    assert plan.counts == tuple(torch.bincount(expert, minlength=e).tolist()) and len(plan.counts) == e
+    assert all(plan.counts[i] == 0 for i in empty)
+    assert torch.equal(plan.by_token.rows, torch.empty_like(order).index_copy_(0, order, torch.arange(a)))
+    assert torch.equal(plan.by_token.ptr, torch.arange(0, a + 1, s)) and plan.by_token.per_token == s
+
+
+def test_plan_leaves_other_assignments_to_the_general_path(monkeypatch) -> None:
+    token, expert = _token_major(10, 2, 4)
+    x = torch.empty(10, 3)
+    repeated = token.clone()
+    repeated[1] = 5  # expert_choice-like: not token-major
+    assert token_major_plan(x, repeated, expert, 4) is None
+    assert token_major_plan(x[:7], token[:14], expert[:14], 4) is not None
+    assert token_major_plan(x[:6], token[:14], expert[:14], 4) is None  # 14 assignments are not s per token of 6
+    empty = torch.zeros(0, dtype=torch.long)
+    assert token_major_plan(x[:0], empty, empty, 4) is None  # no tokens
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert token_major_plan(x, token, expert, 4) is None
+    monkeypatch.setenv(cpu_runtime.CPU_EXT_ENV, "0")  # the PyTorch kernel
+    assert token_major_plan(x, token, expert, 4) is None
+    monkeypatch.setattr(grouped_mlp, "cpu_extension", lambda: pytest.fail("the CPU kernel loaded for another device"))
+    assert token_major_plan(x.to("meta"), token.to("meta"), expert.to("meta"), 4) is None  # as on CUDA
+
+
+@pytest.mark.parametrize("bad", [4, -1])
+def test_plan_rejects_an_expert_id_out_of_range(bad: int) -> None:
+    token, expert = _token_major(10, 2, 4)
+    expert[7] = bad
+    with pytest.raises(IndexError, match=rf"expert id {bad} of assignment 7 out of range \[0, 4\)"):
+        token_major_plan(torch.empty(10, 3), token, expert, 4)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -59,3 +107,30 @@ def test_forward_groups_gathers_each_groups_rows_bitwise(threads: int, dtype: to
     bad[5] = n
     with pytest.raises(IndexError, match=rf"token {n} out of range"):
         cpu_extension().forward_groups(x, bad, xs, hidden, z, w1, b1, w2, b2, ids, starts, stops, threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("router", "k"), [("switch", 1), ("noisy_topk", 2), ("topk_mask", 3)])
+def test_layer_with_the_plan_equals_the_argsort_path_bitwise(monkeypatch, threads: int, router: str, k: int) -> None:
+    """A training step (noise drawn from the same seed) gives the same y, aux loss and gradients, bit for bit,
+    with the counting sort and with the general argsort path (the plan turned off)."""
+    monkeypatch.setattr(cpu_runtime, "GROUP_THREADS", threads)
+    calls = []
+
+    def spy(*args):
+        calls.append(token_major_plan(*args))
+        return calls[-1]
+
+    results = []
+    for plan in (spy, lambda *args: None):
+        monkeypatch.setattr(layer_mod, "token_major_plan", plan)
+        torch.manual_seed(0)
+        moe = MoELayer(16, 6, k, router=router, expert_hidden=12, w_importance=0.1, w_load=0.1).train()
+        x = torch.randn(150, 16, requires_grad=True)
+        out = moe(x)
+        ((out.y * torch.randn(150, 16)).sum() + out.aux_loss).backward()
+        assert "_CPUGroupedMLPExtBackward" in _graph_nodes(out.y)
+        results.append([out.y, out.aux_loss, x.grad, *(p.grad for p in moe.parameters() if p.grad is not None)])
+    assert len(calls) == 1 and calls[0] is not None  # the first run took the plan
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -42,6 +42,35 @@ class ByToken(NamedTuple):
     per_token: int | None
 
 
+class TokenMajorPlan(NamedTuple):
+    """The slot routers' token-major assignments (s per token) put in expert order by the compiled kernel's
+    counting sort (csrc/grouped_mlp.cpp `token_major_plan`), O(A): the argsort, the index ops, the group sizes
+    and the inverse permutation of `layer.dispatch_grouped`'s general path in one pass, the same values."""
+
+    order: Tensor  # (A,) expert.argsort(stable=True): the assignment behind each row in expert order
+    token: Tensor  # (A,) token[order]
+    counts: tuple[int, ...]  # (e,) rows per expert, on the host
+    by_token: ByToken  # each token's s rows, in slot order
+
+
+def token_major_plan(x: Tensor, token: Tensor, expert: Tensor, e: int) -> TokenMajorPlan | None:
+    """The counting-sort plan of assignments (token, expert) (A,) over x's n tokens, or None where it does not
+    apply: no compiled kernel (CUDA, CPU autocast, no compiler) or assignments that are not token-major
+    (expert_choice, no tokens); those sort by argsort. An expert id outside [0, e) raises IndexError."""
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or (token.dtype, expert.dtype) != (torch.long,) * 2:
+        return None  # checked first: CUDA never builds the CPU kernel
+    ext = cpu_extension()
+    if ext is None:
+        return None
+    n = x.shape[0]
+    plan = ext.token_major_plan(token.contiguous(), expert.contiguous(), n, e)
+    if not plan:
+        return None
+    order, sorted_token, counts, rows = plan
+    a = order.shape[0]
+    return TokenMajorPlan(order, sorted_token, tuple(counts.tolist()), ByToken(rows, torch.arange(0, a + 1, a // n), a // n))
+
+
 class MLPGroup(NamedTuple):
     """One expert group's operands in `_CPUGroupedMLP.forward`; m its rows."""
 

@@ -23,11 +23,12 @@ Dispatch has two implementations, measured by benchmarks/bench_moe_layer.py (doc
 is `grouped`, which was at least as fast as the loop in every measured configuration:
 - `grouped`: sort the A assignments by expert (device-side offsets, no host sync on CUDA), then
   - CUDA: gather rows, one `grouped_mm` per expert matrix, `index_add` the gate-weighted outputs back;
-  - CPU: the group sizes are read on the host (free there) and each expert group runs as fused BLAS
-    calls straight from x to y, with hand-written backward passes: MLP and shared experts in one
-    autograd function, on the compiled kernel (`grouped_mlp._CPUGroupedMLPExt`, built on first use)
-    or, where it cannot be built, in PyTorch (`grouped_mlp._CPUGroupedMLP`); the other expert types
-    chain `grouped.grouped_linear`;
+  - CPU: the group sizes are read on the host (free there; with the compiled kernel the slot routers'
+    assignments are sorted by one O(A) counting sort, `grouped_mlp.token_major_plan`) and each expert
+    group runs as fused BLAS calls straight from x to y, with hand-written backward passes: MLP and
+    shared experts in one autograd function, on the compiled kernel (`grouped_mlp._CPUGroupedMLPExt`,
+    built on first use) or, where it cannot be built, in PyTorch (`grouped_mlp._CPUGroupedMLP`); the
+    other expert types chain `grouped.grouped_linear`;
 - `loop`: the straightforward per-expert loop (select, run, index_add), the baseline.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 from moe_lens.config import DENSE_SHAPE
 from moe_lens.moe import losses
 from moe_lens.moe.grouped import HAS_GROUPED_MM, make_groups
-from moe_lens.moe.grouped_mlp import ByToken
+from moe_lens.moe.grouped_mlp import ByToken, token_major_plan
 from moe_lens.moe.registry import build_experts, build_router
 from moe_lens.moe.routers import Routing
 
@@ -242,6 +243,9 @@ def assignments(r: Routing) -> tuple[Tensor, Tensor, Tensor]:
 
 def dispatch_grouped(experts: nn.Module, x: Tensor, token: Tensor, expert: Tensor, gate: Tensor, e: int) -> Tensor:
     """Sort assignments by expert, run every expert with grouped matmuls, index_add back. (n, d)."""
+    plan = token_major_plan(x, token, expert, e) if hasattr(experts, "combine_cpu") else None
+    if plan is not None:  # compiled CPU kernel, slot router: one O(A) counting sort instead of the argsort path
+        return experts.combine_cpu(x, plan.token, gate[plan.order].to(x.dtype), plan.counts, plan.by_token)
     order = expert.argsort(stable=True)  # (A,)
     by_token = token
     token, expert, gate = token[order], expert[order], gate[order]

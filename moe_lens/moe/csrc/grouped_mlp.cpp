@@ -248,6 +248,51 @@ void backward_groups(const Tensor& xs, const Tensor& dz, const Tensor& hidden, c
   });
 }
 
+// The dispatch plan of token-major assignments (the slot routers': token[i] = i / s, s = A / n per token) by a
+// stable counting sort on the expert id, O(A + e): order (A,) = expert.argsort(stable=True) (a counting sort is
+// stable, so the same permutation), sorted_token (A,) = token[order], counts (e,) = bincount(expert, minlength=e),
+// rows (A,) the inverse permutation (rows[i] = where assignment i went; assignment i is token i / s's slot i % s).
+// An empty list when the assignments are not token-major (expert_choice): the caller sorts them another way.
+// An expert id outside [0, e) raises IndexError (index_add in the argsort path raised one too).
+std::vector<Tensor> token_major_plan(const Tensor& token, const Tensor& expert, int64_t n, int64_t e) {
+  check_index(token, "token");
+  check_index(expert, "expert");
+  const int64_t a = expert.numel();
+  TORCH_CHECK(token.numel() == a && n >= 0 && e > 0, "token_major_plan: shapes do not match");
+  if (n == 0 || a == 0 || a % n != 0) return {};
+  const int64_t s = a / n;
+  const int64_t* tp = token.data_ptr<int64_t>();
+  const int64_t* ep = expert.data_ptr<int64_t>();
+  for (int64_t t = 0, i = 0; t < n; ++t)
+    for (int64_t j = 0; j < s; ++j, ++i)
+      if (tp[i] != t) return {};
+  Tensor counts = at::zeros({e}, expert.options());
+  int64_t* cp = counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < a; ++i) {
+    TORCH_CHECK_INDEX(ep[i] >= 0 && ep[i] < e, "token_major_plan: expert id ", ep[i], " of assignment ", i,
+                      " out of range [0, ", e, ")");
+    ++cp[ep[i]];
+  }
+  std::vector<int64_t> next(e);  // the next free row of each expert's group
+  for (int64_t g = 0, start = 0; g < e; ++g) {
+    next[g] = start;
+    start += cp[g];
+  }
+  Tensor order = at::empty({a}, expert.options()), sorted_token = at::empty({a}, expert.options());
+  Tensor rows = at::empty({a}, expert.options());
+  int64_t* op = order.data_ptr<int64_t>();
+  int64_t* sp = sorted_token.data_ptr<int64_t>();
+  int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t t = 0, i = 0; t < n; ++t)
+    for (int64_t j = 0; j < s; ++j, ++i) {
+      const int64_t r = next[ep[i]]++;
+      op[r] = i;
+      sp[r] = t;
+      rp[i] = r;
+    }
+  return {order, sorted_token, counts, rows};
+}
+
 // How many distinct threads one at::parallel_for over 64 items (grain 1) ran on: at::get_num_threads() when the
 // module was compiled with OpenMP, 1 when not (at::parallel_for is a header template: without OpenMP at compile
 // time it runs serially). tests/test_grouped_cpu.py checks it.
@@ -276,6 +321,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_scale_dot", &gather_scale_dot, rg());
   m.def("forward_groups", &forward_groups, rg());
   m.def("backward_groups", &backward_groups, rg());
+  m.def("token_major_plan", &token_major_plan, rg());
   m.def("noisy_gate_forward", &noisy_gate_forward, rg());
   m.def("noisy_gate_backward", &noisy_gate_backward, rg());
   m.def("row_argmax", &row_argmax, rg());
