@@ -3,7 +3,8 @@
 - `token_major_plan`, the counting sort of the slot routers' token-major assignments, against the general path
   it replaces (`expert.argsort(stable=True)`, the index ops, `bincount`, the inverse permutation by index_copy_);
 - `forward_groups`' gather of each group's rows into expert order, against `torch.index_select` and per-group
-  `torch.addmm` (bitwise: the same copies and the same BLAS calls on the same rows);
+  `torch.addmm` (bitwise: the same copies and the same BLAS calls on the same rows), and `backward_groups`' gather
+  of the gated upstream gradient against torch indexing;
 - the layer with the plan against the layer on the argsort path, bitwise in value and gradients."""
 from __future__ import annotations
 
@@ -134,3 +135,40 @@ def test_layer_with_the_plan_equals_the_argsort_path_bitwise(monkeypatch, thread
     assert len(calls) == 1 and calls[0] is not None  # the first run took the plan
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_groups_gathers_the_gated_upstream_gradient_per_group(threads: int) -> None:
+    """dz = gate * dy[token] (bit for bit, one rounding either way), ds = dy[token] . z, and dW2 = hidden^T dz as
+    the per-group torch.mm of those rows, with each group's gather fused into its backward."""
+    n, s, e, d, h = 200, 2, 5, 16, 24
+    token, expert = _token_major(n, s, e, empty=(1,), seed=8)
+    token = token[expert.argsort(stable=True)]
+    counts = torch.bincount(expert, minlength=e).tolist()
+    g = torch.Generator().manual_seed(9)
+    a = n * s
+    dy, z, xs, w1, w2 = (torch.randn(*shape, generator=g, dtype=torch.float64)
+                         for shape in ((n, d), (a, d), (a, d), (e, d, h), (e, h, d)))  # fmt: skip
+    gate, hidden = torch.rand(a, generator=g, dtype=torch.float64), torch.randn(a, h, generator=g, dtype=torch.float64).relu()
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    spans = [(i, end - c, end) for i, (c, end) in enumerate(zip(counts, ends)) if c]
+    ids, starts, stops = (list(col) for col in zip(*spans))
+    dz, ds, dw2 = torch.full_like(z, float("nan")), torch.full_like(gate, float("nan")), torch.zeros_like(w2)
+    ext = cpu_extension()
+    ext.backward_groups(dy, token, gate, z, dz, ds, xs, hidden, None, w1, w2, None, None, dw2, None, ids, starts, stops,
+                        threads)  # fmt: skip
+    assert torch.equal(dz, gate.unsqueeze(1) * dy[token])
+    torch.testing.assert_close(ds, (dy[token] * z).sum(1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i, start, stop in spans:
+            assert torch.equal(dw2[i], torch.mm(hidden[start:stop].t(), dz[start:stop]))
+    finally:
+        torch.set_num_threads(before)
+    assert dw2[1].abs().max() == 0  # the empty expert's slice untouched
+    bad = token.clone()
+    bad[3] = -1
+    with pytest.raises(IndexError, match="token -1 out of range"):
+        ext.backward_groups(dy, bad, gate, z, dz, ds, xs, hidden, None, w1, w2, None, None, dw2, None, ids, starts,
+                            stops, threads)  # fmt: skip

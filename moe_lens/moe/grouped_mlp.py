@@ -196,15 +196,17 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
     """The gated MLP bank of `_CPUGroupedMLP` on the compiled kernel (csrc/grouped_mlp.cpp): the
     same matmuls per expert group, with the passes around them fused and the GIL released.
 
-    Forward: per group its rows of x gathered into expert order (xs, on the group's thread right before its
-    matmuls, which then read them from cache), h = relu(xs W1 + b1) and z = h W2 + b2 into their rows, then y[t] = sum of gate_r * z_r over the rows r of token t
-    (`ByToken`, parallel over tokens: no zero fill, no scatter). z is kept ungated, so the gate's
-    gradient is one dot product per row. Backward:
-        dz_r = gate_r * dy[token_r]   ds_r = dy[token_r] . z_r            (one fused gather pass)
-        per group: dpre = (dz W2^T) * [h > 0]   dW2 = h^T dz   db2 = colsum dz
-                   dW1 = xs^T dpre   db1 = colsum dpre (fused with the mask)   dxs = dpre W1^T
-        dx[t] = sum of dxs_r over the rows r of token t.
-    Per group: four ops forward (the gather included), six backward (eleven in `_CPUGroupedMLP`), none from Python.
+    Forward: per group its rows of x gathered into expert order (xs, on the group's thread right before
+    its matmuls, which then read them from cache), h = relu(xs W1 + b1) and z = h W2 + b2 into their
+    rows, then y[t] = sum of gate_r * z_r over the rows r of token t (`ByToken`, parallel over tokens:
+    no zero fill, no scatter). z is kept ungated, so the gate's gradient is one dot product per row.
+    Backward, per group (its gather fused with the gate and the gate's gradient, right before its matmuls):
+        dz_r = gate_r * dy[token_r]   ds_r = dy[token_r] . z_r
+        dpre = (dz W2^T) * [h > 0]   dW2 = h^T dz   db2 = colsum dz
+        dW1 = xs^T dpre   db1 = colsum dpre (fused with the mask)   dxs = dpre W1^T
+    then dx[t] = sum of dxs_r over the rows r of token t.
+    Per group: four ops forward and seven backward, each with its gather (`_CPUGroupedMLP`: three and eleven,
+    and whole-array gathers), none from Python.
     Buffers come from `memory` as there. The groups run side by side on the kernel's threads, each group's matmuls
     on one thread, when they average fewer than 1024 rows (`cpu_runtime.kernel_threads`).
     """
@@ -231,15 +233,15 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
         xs, w1, w2, gate, token, hidden, z, rows, ptr = ctx.saved_tensors
         counts, memory = ctx.counts, ctx.memory
         need_x, need_w1, need_b1, need_w2, need_b2, need_gate = ctx.needs_input_grad[:6]
-        dz = empty_buffer(memory, xs.shape, xs.dtype, "dys")  # (A, d) gate * dy in expert order
+        dz = empty_buffer(memory, xs.shape, xs.dtype, "dys")  # (A, d) gate * dy in expert order, written per group
         dgate = torch.empty_like(gate) if need_gate else None
-        ext.gather_scale_dot(dy.contiguous(), token, gate, z, dz, dgate)
         dxs = dz if need_x else None  # each group's dxs rows overwrite its dz rows once they are used
         dw1 = empty_grad(w1, counts, memory, "w1") if need_w1 else None
         db1 = empty_grad(w1[:, 0], counts, memory, "b1") if need_b1 else None
         dw2 = empty_grad(w2, counts, memory, "w2") if need_w2 else None
         db2 = empty_grad(w2[:, 0], counts, memory, "b2") if need_b2 else None
-        _ext_groups(ext.backward_groups, (xs, dz, hidden, dxs, w1, w2, dw1, db1, dw2, db2), counts, ctx.threads)
+        _ext_groups(ext.backward_groups, (dy.contiguous(), token, gate, z, dz, dgate, xs, hidden, dxs, w1, w2, dw1, db1,
+                                          dw2, db2), counts, ctx.threads)  # fmt: skip
         dx = None
         if need_x:
             dx = empty_buffer(memory, dy.shape, dy.dtype, "dx")

@@ -72,6 +72,8 @@ void combine_rows(const Tensor& z, const std::optional<Tensor>& gate, const Tens
   });
 }
 
+// Rows [begin, end): dz[r] = gate[r] * dy[token[r]] and, when ds is wanted (dsp), ds[r] = dy[token[r]] . z[r]
+// (the gate's gradient: y = sum gate * z, z the ungated expert output).
 template <typename scalar_t>
 void gather_scale_dot_rows(const scalar_t* dyp, const int64_t* tp, const scalar_t* gp, const scalar_t* zp,
                            scalar_t* dzp, scalar_t* dsp, int64_t begin, int64_t end, int64_t d) {
@@ -92,34 +94,6 @@ void gather_scale_dot_rows(const scalar_t* dyp, const int64_t* tp, const scalar_
       for (int64_t c = 0; c < d; ++c) out[c] = s * src[c];
     }
   }
-}
-
-// Backward entry: dz[r] = gate[r] * dy[token[r]] and, when ds is defined, ds[r] = dy[token[r]] . z[r]
-// (the gate's gradient: y = sum gate * z, z the ungated expert output).
-void gather_scale_dot(const Tensor& dy, const Tensor& token, const Tensor& gate, const Tensor& z, const Tensor& dz,
-                      const std::optional<Tensor>& ds) {
-  check_rows(dy, "dy");
-  check_rows(dz, "dz");
-  check_rows(z, "z");
-  check_like(dz, dy, "dz");
-  check_like(z, dy, "z");
-  check_like(gate, dy, "gate");
-  check_index(token, "token");
-  TORCH_CHECK(dz.sizes() == z.sizes() && dy.size(1) == dz.size(1) && token.numel() == dz.size(0),
-              "gather_scale_dot: shapes do not match");
-  if (ds) check_like(*ds, dy, "ds");
-  const int64_t a = dz.size(0), d = dz.size(1);
-  const int64_t* tp = token.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "gather_scale_dot", [&] {
-    const scalar_t* dyp = dy.data_ptr<scalar_t>();
-    const scalar_t* gp = gate.data_ptr<scalar_t>();
-    const scalar_t* zp = z.data_ptr<scalar_t>();
-    scalar_t* dzp = dz.data_ptr<scalar_t>();
-    scalar_t* dsp = ds ? ds->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, a, 16, [&](int64_t begin, int64_t end) {
-      gather_scale_dot_rows<scalar_t>(dyp, tp, gp, zp, dzp, dsp, begin, end, d);
-    });
-  });
 }
 
 // The listed groups i = 0 .. size-1 (rows [starts[i], ends[i])) split into `threads` lists of about equal rows:
@@ -209,19 +183,41 @@ void relu_back_colsum(scalar_t* up, const scalar_t* hp, scalar_t* db, int64_t m,
   }
 }
 
-// Backward of the groups listed, from dz = gate * dy in expert order:
+// Backward of the groups listed. Each group first gathers its rows of the upstream gradient into expert order,
+// on its thread right before its first matmul (which then reads them from cache), with the gate and the gate's
+// gradient fused in: dz[r] = gate[r] * dy[token[r]], ds[r] = dy[token[r]] . z[r] (gather_scale_dot_rows); then
 //   dpre = (dz W2^T) * [hidden > 0]   dW2 = hidden^T dz   db2 = colsum dz
 //   dW1 = xs^T dpre   db1 = colsum dpre   dxs = dpre W1^T
 // Undefined outputs are skipped. dxs may be dz itself: a group's dxs rows are written last, after
 // its dz rows have been read for the last time. On `threads` threads of whole groups (run_lists).
 using Opt = std::optional<Tensor>;
-void backward_groups(const Tensor& xs, const Tensor& dz, const Tensor& hidden, const Opt& dxs, const Tensor& w1,
+void backward_groups(const Tensor& dy, const Tensor& token, const Tensor& gate, const Tensor& z, const Tensor& dz,
+                     const Opt& ds, const Tensor& xs, const Tensor& hidden, const Opt& dxs, const Tensor& w1,
                      const Tensor& w2, const Opt& dw1, const Opt& db1, const Opt& dw2, const Opt& db2,
                      const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
                      const std::vector<int64_t>& ends, int64_t threads) {
+  check_rows(dy, "dy");
+  check_rows(dz, "dz");
+  check_rows(z, "z");
+  check_like(dz, dy, "dz");
+  check_like(z, dy, "z");
+  check_like(gate, dy, "gate");
+  check_index(token, "token");
+  TORCH_CHECK(dz.sizes() == z.sizes() && dy.size(1) == dz.size(1) && token.numel() == dz.size(0) &&
+                  gate.numel() == dz.size(0),
+              "backward_groups: shapes do not match");
+  if (ds) check_like(*ds, dy, "ds");
+  const int64_t n = dy.size(0), d = dy.size(1);
+  const int64_t* tp = token.data_ptr<int64_t>();
+  for (int64_t r = 0; r < token.numel(); ++r)
+    TORCH_CHECK_INDEX(tp[r] >= 0 && tp[r] < n, "backward_groups: token ", tp[r], " out of range [0, ", n, ")");
   at::NoGradGuard no_grad;
   run_lists(starts, ends, threads, [&](size_t i) {
     const int64_t g = ids[i], s = starts[i], m = ends[i] - starts[i];
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "gather_scale_dot", [&] {
+      gather_scale_dot_rows<scalar_t>(dy.data_ptr<scalar_t>(), tp, gate.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                                      dz.data_ptr<scalar_t>(), ds ? ds->data_ptr<scalar_t>() : nullptr, s, s + m, d);
+    });
     Tensor dzg = dz.narrow(0, s, m);
     Tensor hg = hidden.narrow(0, s, m);
     Tensor u = at::mm(dzg, w2[g].t());  // (m, h): gate * dy W2^T
@@ -318,7 +314,6 @@ at::Tensor row_argmax(const at::Tensor& x);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using rg = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("combine_rows", &combine_rows, rg());
-  m.def("gather_scale_dot", &gather_scale_dot, rg());
   m.def("forward_groups", &forward_groups, rg());
   m.def("backward_groups", &backward_groups, rg());
   m.def("token_major_plan", &token_major_plan, rg());
