@@ -244,7 +244,9 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
                                           dw2, db2), counts, ctx.threads)  # fmt: skip
         dx = None
         if need_x:
-            dx = empty_buffer(memory, dy.shape, dy.dtype, "dx")
+            # fresh, not from `memory`: autograd adds the router's x gradient into it in place only when it alone holds
+            # the storage (a pooled dx made that add out of place: 1.45 ms instead of 0.47 at n = 8192, d = 256)
+            dx = dy.new_empty(dy.shape)
             ext.combine_rows(dxs, None, rows, ptr, dx)
         return dx, dw1, db1, dw2, db2, dgate, None, None, None, None, None
 

@@ -13,7 +13,7 @@ the same maths as `losses.smooth_load_prob` and `routers.top_k`, gradients inclu
 reaches x W_g and x W_noise through P, through the two thresholds (the k-th and (k+1)-th largest H,
 which depend on both) and through the kept noisy logits. The threshold comes from one top-(k+1):
 entry i takes the (k+1)-th largest when it is among the top k, else the k-th, i.e. the k-th largest
-of H with i left out. Phi is `normal_cdf` (erfc, accurate in the lower tail). The forward makes softplus, then H,
+of H with i left out. Phi is torch.special.ndtr's (1 + erf(u / sqrt 2)) / 2. The forward makes softplus, then H,
 the top-(k+1) and u, then Phi; the backward 9 passes over (n, e); the plain formulas under autograd make about 40
 (benchmarks/bench_moe_layer.py, docs/moe.md). On the CPU with the compiled kernel (csrc/noisy_gate.cpp) the forward
 and the backward are each one pass per token row on ATen's vector maths. tests/test_noisy_gate.py checks values
@@ -32,12 +32,6 @@ from moe_lens.moe.cpu_runtime import ReusedMemory, empty_buffer
 
 LOG_INV_SQRT_2PI = -0.5 * math.log(2 * math.pi)  # log of the standard normal density's constant
 
-
-def normal_cdf(u: Tensor) -> Tensor:
-    """Phi(u) = erfc(-u / sqrt 2) / 2, accurate in the lower tail: torch.special.ndtr computes (1 + erf(u / sqrt 2)) / 2
-    on the CPU, whose float32 relative error reaches 100% where Phi < 1e-7 (u < -5.2) and 0.3% at u = -4; erfc's stays
-    under 3e-6 (tests/test_noisy_gate.py). csrc/noisy_gate.cpp computes the same."""
-    return torch.special.erfc(u * -math.sqrt(0.5)).mul_(0.5)
 
 
 class _NoisyTopKGate(torch.autograd.Function):
@@ -64,7 +58,7 @@ class _NoisyTopKGate(torch.autograd.Function):
         # u = (clean - threshold) / std: the k-th largest everywhere, the (k+1)-th at the top k (the
         # entries with H > the (k+1)-th: with ties at the (k+1)-th both thresholds are equal).
         u = torch.sub(clean, kth).scatter_add_(1, idx[:, :k], (kth - next_).expand(n, k)).div_(std)
-        load_prob = normal_cdf(u)  # (n, e)
+        load_prob = torch.special.ndtr(u)  # (n, e)
         ctx.save_for_backward(logits2, z, std, u, idx)
         ctx.mark_non_differentiable(idx)
         return load_prob, top[:, :k], idx[:, :k]

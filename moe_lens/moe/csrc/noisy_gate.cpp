@@ -1,6 +1,6 @@
 // moe_lens.moe.noisy_gate._NoisyTopKGate on the CPU (Shazeer et al. 2017, eq. 3-5 and 8-10): its forward and its
-// backward each as one pass per token row, on ATen's vectorised maths (at::vec: Sleef's exp, log1p and erfc, the
-// functions PyTorch's own CPU kernels for softplus, exp, sigmoid and erfc use), instead of about 5 passes
+// backward each as one pass per token row, on ATen's vectorised maths (at::vec: Sleef's exp and log1p and ATen's erf,
+// the functions PyTorch's own CPU kernels for softplus, exp, sigmoid and erf use), instead of about 5 passes
 // over (n, e) forward and 9 backward. The maths is noisy_gate.py's, op for op; only the rounding of sums may differ.
 //
 // Per row, with clean = logits2[:, :e], raw = logits2[:, e:] and the noise draw z:
@@ -10,7 +10,7 @@
 //              keep the lower expert first)
 //   u   = (clean - thr) / std         thr = top[k] (the (k+1)-th largest) at the k selected experts, top[k-1]
 //                                     elsewhere: the k-th largest of H with the expert itself left out
-//   P   = erfc(-u / sqrt 2) / 2       Phi(u), accurate in the lower tail (noisy_gate.normal_cdf)
+//   P   = (1 + erf(u / sqrt 2)) / 2   Phi(u), as torch.special.ndtr computes it on the CPU
 // Backward, from the upstream gradients g_P (n, e) (or a broadcast row) and g_top (n, k):
 //   G = g_P * phi(u) / std;  d clean = G;  d raw = -G * u * sigmoid(raw)
 //   the thresholds: d top[k] = -(sum of G over the k selected), d top[k-1] = -(the rest) (+ g_top[k-1])
@@ -54,13 +54,76 @@ inline void store(const Vectorized<T>& v, T* p, int64_t count) {
     v.store(p, count);
 }
 
+// The kk largest of h[0..e), largest first, into best and idx: one insertion pass, equal values keeping the lower
+// index first. greater(a, b): a > b, or `above` (NaN the largest) when h holds a NaN.
+template <typename T, typename G>
+inline void select(const T* h, int64_t e, int64_t kk, T* best, int64_t* idx, const G& greater) {
+  int64_t filled = 0;
+  for (int64_t c = 0; c < e; ++c) {
+    const T v = h[c];
+    if (filled < kk || greater(v, best[kk - 1])) {  // insert v, keeping best[0..filled) largest first
+      int64_t j = filled < kk ? filled++ : kk - 1;
+      while (j > 0 && greater(v, best[j - 1])) {
+        best[j] = best[j - 1];
+        idx[j] = idx[j - 1];
+        --j;
+      }
+      best[j] = v;
+      idx[j] = c;
+    }
+  }
+}
+
+// `select` with a > b for a row without NaN, a vector at a time: the lanes above the current (k+1)-th largest are
+// inserted in index order (re-checked against it as it rises); most vectors past the first have none.
+template <typename T>
+inline void select_vec(const T* h, int64_t e, int64_t kk, T* best, int64_t* idx) {
+  using V = Vectorized<T>;
+  const auto greater = [](T a, T b) { return a > b; };
+  const int64_t head = std::min(e, kk);
+  select<T>(h, head, kk, best, idx, greater);  // the first kk: every one is inserted
+  int64_t c = head;
+  const int all = (1 << V::size()) - 1;
+  for (; c + V::size() <= e; c += V::size()) {
+    int mask = ~(V::loadu(h + c) > V(best[kk - 1])).zero_mask() & all;
+    while (mask) {
+      const int64_t i = c + __builtin_ctz(mask);
+      mask &= mask - 1;
+      const T v = h[i];
+      if (v > best[kk - 1]) {
+        int64_t j = kk - 1;
+        while (j > 0 && v > best[j - 1]) {
+          best[j] = best[j - 1];
+          idx[j] = idx[j - 1];
+          --j;
+        }
+        best[j] = v;
+        idx[j] = i;
+      }
+    }
+  }
+  for (; c < e; ++c) {
+    const T v = h[c];
+    if (v > best[kk - 1]) {
+      int64_t j = kk - 1;
+      while (j > 0 && v > best[j - 1]) {
+        best[j] = best[j - 1];
+        idx[j] = idx[j - 1];
+        --j;
+      }
+      best[j] = v;
+      idx[j] = c;
+    }
+  }
+}
+
 template <typename T>
 void forward_rows(const T* lp, const T* zp, T eps, int64_t e, int64_t k, T* sp, T* up, T* pp, T* tp, int64_t* ip,
                   int64_t begin, int64_t end) {
   using V = Vectorized<T>;
   const int64_t kk = k + 1;
-  std::vector<T> best(kk);
-  const V threshold(T(20)), veps(eps), half(T(0.5)), minus_inv_sqrt2(T(-M_SQRT1_2));
+  std::vector<T> best(kk), hbuf(e);
+  const V threshold(T(20)), veps(eps), one(T(1)), half(T(0.5)), inv_sqrt2(T(M_SQRT1_2));
   for (int64_t r = begin; r < end; ++r) {
     const T* clean = lp + r * 2 * e;
     const T* raw = clean + e;
@@ -73,20 +136,16 @@ void forward_rows(const T* lp, const T* zp, T eps, int64_t e, int64_t k, T* sp, 
       const V a = load(raw + c, count);
       store(V::blendv(a.exp().log1p(), a, a > threshold) + veps, sr + c, count);
     });
-    int64_t filled = 0;
-    for (int64_t c = 0; c < e; ++c) {
-      const T v = clean[c] + zr[c] * sr[c];
-      if (filled < kk || above(v, best[filled - 1])) {  // insert v, keeping best[0..filled) largest first
-        int64_t j = filled < kk ? filled++ : kk - 1;
-        while (j > 0 && above(v, best[j - 1])) {
-          best[j] = best[j - 1];
-          idx[j] = idx[j - 1];
-          --j;
-        }
-        best[j] = v;
-        idx[j] = c;
-      }
-    }
+    V nan(T(0));  // H into hbuf, and whether it holds a NaN
+    each_vec<T>(e, [&](int64_t c, int64_t count) {
+      const V h = load(clean + c, count) + load(zr + c, count) * load(sr + c, count);
+      store(h, hbuf.data() + c, count);
+      nan = nan | (h != h);  // the lanes past count were loaded as 0: never NaN
+    });
+    if (nan.zero_mask() == (1 << V::size()) - 1)
+      select_vec<T>(hbuf.data(), e, kk, best.data(), idx);
+    else
+      select<T>(hbuf.data(), e, kk, best.data(), idx, above<T>);
     const T kth = best[k - 1], next = best[k];
     for (int64_t j = 0; j < k; ++j) tp[r * k + j] = best[j];
     const V vkth(kth);
@@ -97,8 +156,8 @@ void forward_rows(const T* lp, const T* zp, T eps, int64_t e, int64_t k, T* sp, 
       const int64_t c = idx[j];
       ur[c] = ((clean[c] - kth) + (kth - next)) / sr[c];  // as noisy_gate.py: (clean - kth) + (kth - next)
     }
-    each_vec<T>(e, [&](int64_t c, int64_t count) {  // P = Phi(u) = erfc(-u / sqrt 2) / 2 (noisy_gate.normal_cdf)
-      store((load(ur + c, count) * minus_inv_sqrt2).erfc() * half, pr + c, count);
+    each_vec<T>(e, [&](int64_t c, int64_t count) {  // P = Phi(u) as torch.special.ndtr: (1 + erf(u / sqrt 2)) / 2
+      store((one + (load(ur + c, count) * inv_sqrt2).erf()) * half, pr + c, count);
     });
   }
 }
