@@ -117,35 +117,71 @@ inline void select_vec(const T* h, int64_t e, int64_t kk, T* best, int64_t* idx)
   }
 }
 
+// The kk largest of L rows at once, one row per vector lane (kk <= 8, no NaN): ht holds the rows' H column by column
+// (ht[c * L + l] = H of row l at expert c); for each column an insertion network of compares and blends keeps each
+// lane's kk largest, largest first, equal values keeping the lower expert first (as `select`). Writes the values and
+// the experts (as T) of slot j, lane l at bv[j * L + l], bi[j * L + l].
+template <typename T>
+void select_lanes(const T* ht, int64_t e, int64_t kk, T* bv, T* bi) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V best[8], bidx[8], gt[8];
+  const V all = V(T(0)) == V(T(0));
+  for (int64_t c = 0; c < e; ++c) {
+    const V v = V::loadu(ht + c * L), vc(static_cast<T>(c));
+    for (int64_t j = 0; j < kk; ++j) gt[j] = j >= c ? all : (v > best[j]);  // slots j >= c are still empty
+    for (int64_t j = kk - 1; j >= 1; --j) {  // from the last slot: best[j - 1] is still the old one
+      best[j] = V::blendv(best[j], V::blendv(v, best[j - 1], gt[j - 1]), gt[j]);
+      bidx[j] = V::blendv(bidx[j], V::blendv(vc, bidx[j - 1], gt[j - 1]), gt[j]);
+    }
+    best[0] = V::blendv(best[0], v, gt[0]);
+    bidx[0] = V::blendv(bidx[0], vc, gt[0]);
+  }
+  for (int64_t j = 0; j < kk; ++j) {
+    best[j].store(bv + j * L);
+    bidx[j].store(bi + j * L);
+  }
+}
+
 template <typename T>
 void forward_rows(const T* lp, const T* zp, T eps, int64_t e, int64_t k, T* sp, T* up, T* pp, T* tp, int64_t* ip,
                   int64_t begin, int64_t end) {
   using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
   const int64_t kk = k + 1;
-  std::vector<T> best(kk), hbuf(e);
+  std::vector<T> best(kk), hbuf(L * e), ht(L * e), bv(kk * L), bi(kk * L);
   const V threshold(T(20)), veps(eps), one(T(1)), half(T(0.5)), inv_sqrt2(T(M_SQRT1_2));
-  for (int64_t r = begin; r < end; ++r) {
+  // std = softplus(raw) + eps (as PyTorch's softplus kernel) and H = clean + z * std of row r into h; true if H has NaN
+  const auto prepare = [&](int64_t r, T* h) {
     const T* clean = lp + r * 2 * e;
     const T* raw = clean + e;
     const T* zr = zp + r * e;
     T* sr = sp + r * e;
+    V nan(T(0));
+    each_vec<T>(e, [&](int64_t c, int64_t count) {
+      const V a = load(raw + c, count);
+      const V s = V::blendv(a.exp().log1p(), a, a > threshold) + veps;
+      store(s, sr + c, count);
+      const V hv = load(clean + c, count) + load(zr + c, count) * s;
+      store(hv, h + c, count);
+      nan = nan | (hv != hv);  // the lanes past count were loaded as 0: never NaN
+    });
+    return nan.zero_mask() != (1 << V::size()) - 1;
+  };
+  // the top-(k+1) of row r from its H, in best and idx
+  const auto select_row = [&](int64_t r, const T* h, bool nan) {
+    if (nan)
+      select<T>(h, e, kk, best.data(), ip + r * kk, above<T>);
+    else
+      select_vec<T>(h, e, kk, best.data(), ip + r * kk);
+  };
+  // the k largest, u and P of row r from best and idx
+  const auto finish = [&](int64_t r) {
+    const T* clean = lp + r * 2 * e;
+    const T* sr = sp + r * e;
     T* ur = up + r * e;
     T* pr = pp + r * e;
-    int64_t* idx = ip + r * kk;
-    each_vec<T>(e, [&](int64_t c, int64_t count) {  // std = softplus(raw) + eps, as PyTorch's softplus kernel
-      const V a = load(raw + c, count);
-      store(V::blendv(a.exp().log1p(), a, a > threshold) + veps, sr + c, count);
-    });
-    V nan(T(0));  // H into hbuf, and whether it holds a NaN
-    each_vec<T>(e, [&](int64_t c, int64_t count) {
-      const V h = load(clean + c, count) + load(zr + c, count) * load(sr + c, count);
-      store(h, hbuf.data() + c, count);
-      nan = nan | (h != h);  // the lanes past count were loaded as 0: never NaN
-    });
-    if (nan.zero_mask() == (1 << V::size()) - 1)
-      select_vec<T>(hbuf.data(), e, kk, best.data(), idx);
-    else
-      select<T>(hbuf.data(), e, kk, best.data(), idx, above<T>);
+    const int64_t* idx = ip + r * kk;
     const T kth = best[k - 1], next = best[k];
     for (int64_t j = 0; j < k; ++j) tp[r * k + j] = best[j];
     const V vkth(kth);
@@ -159,6 +195,39 @@ void forward_rows(const T* lp, const T* zp, T eps, int64_t e, int64_t k, T* sp, 
     each_vec<T>(e, [&](int64_t c, int64_t count) {  // P = Phi(u) as torch.special.ndtr: (1 + erf(u / sqrt 2)) / 2
       store((one + (load(ur + c, count) * inv_sqrt2).erf()) * half, pr + c, count);
     });
+  };
+  int64_t r = begin;
+  if (kk <= 8 && L > 1) {  // L rows at a time, one per vector lane (select_lanes)
+    for (; r + L <= end; r += L) {
+      bool nan = false;
+      for (int64_t l = 0; l < L; ++l) nan = prepare(r + l, hbuf.data() + l * e) || nan;
+      if (nan) {  // a NaN in the block: each row on its own
+        for (int64_t l = 0; l < L; ++l) {
+          const T* h = hbuf.data() + l * e;
+          bool row_nan = false;
+          for (int64_t c = 0; c < e; ++c) row_nan = row_nan || std::isnan(h[c]);
+          select_row(r + l, h, row_nan);
+          finish(r + l);
+        }
+        continue;
+      }
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t c = 0; c < e; ++c) ht[c * L + l] = hbuf[l * e + c];
+      select_lanes<T>(ht.data(), e, kk, bv.data(), bi.data());
+      for (int64_t l = 0; l < L; ++l) {
+        int64_t* idx = ip + (r + l) * kk;
+        for (int64_t j = 0; j < kk; ++j) {
+          best[j] = bv[j * L + l];
+          idx[j] = static_cast<int64_t>(bi[j * L + l]);
+        }
+        finish(r + l);
+      }
+    }
+  }
+  for (; r < end; ++r) {
+    const bool nan = prepare(r, hbuf.data());
+    select_row(r, hbuf.data(), nan);
+    finish(r);
   }
 }
 
