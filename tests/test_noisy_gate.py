@@ -155,3 +155,21 @@ def test_pytorch_ops_path_equals_the_plain_formulas(k: int, monkeypatch: pytest.
     torch.testing.assert_close(got[1], want[1])
     assert torch.equal(got[2], want[2])
     assert torch.autograd.gradcheck(lambda t: noisy_topk_gate(t, z, k, NOISE_EPS)[:2], (logits2,))
+
+
+@pytest.mark.parametrize("path", ["compiled", "pytorch"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gate_softmax_equals_the_softmax_of_the_kept_logits(k: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`noisy_topk_gate_softmax` (the router's G folded into the gate's passes): G = softmax of the k largest noisy
+    logits, the same experts and P, and gradcheck in float64 of P and G together, on either path."""
+    if path == "compiled":
+        _need_compiled()
+    else:
+        _pytorch_ops(monkeypatch)
+    logits2, z = _inputs(37, 7, seed=20 + k)
+    prob, gate, idx = noisy_gate.noisy_topk_gate_softmax(logits2, z, k, NOISE_EPS)
+    want_prob, want_top, want_idx = _plain(logits2, z, k)
+    torch.testing.assert_close(prob, want_prob)
+    torch.testing.assert_close(gate, want_top.softmax(dim=-1))
+    assert torch.equal(idx, want_idx)
+    assert torch.autograd.gradcheck(lambda t: noisy_gate.noisy_topk_gate_softmax(t, z, k, NOISE_EPS)[:2], (logits2,))

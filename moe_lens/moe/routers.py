@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from moe_lens.moe.losses import smooth_load_prob
 from moe_lens.moe.cpu_runtime import ReusedMemory, pooled_linear
-from moe_lens.moe.noisy_gate import argmax_rows, noisy_topk_gate
+from moe_lens.moe.noisy_gate import argmax_rows, noisy_topk_gate_softmax
 
 
 @dataclass(frozen=True)
@@ -149,14 +149,14 @@ class NoisyTopKRouter(Router):
         clean = logits2[:, :e]  # (n, e)
         probs = clean.softmax(dim=-1)  # (n, e) the clean distribution, recorded in training too
         z = torch.randn_like(clean)  # (n, e) the noise draw: H(x) = clean + z * std only selects
-        if self.top_k < e:  # P, KeepTopK and the thresholds in one autograd function (moe/noisy_gate.py)
-            load_prob, top_logits, idx = noisy_topk_gate(logits2, z, self.top_k, self.noise_eps, self.cpu_memory)
+        if self.top_k < e:  # P, KeepTopK, the thresholds and G in one autograd function (moe/noisy_gate.py)
+            load_prob, gate, idx = noisy_topk_gate_softmax(logits2, z, self.top_k, self.noise_eps, self.cpu_memory)
         else:  # every expert is always selected
             noise_std = F.softplus(logits2[:, e:]) + self.noise_eps  # (n, e)
             noisy = clean + z * noise_std
             load_prob = smooth_load_prob(clean, noisy, noise_std, self.top_k)
             top_logits, idx = top_k(noisy, self.top_k)  # (n, k)
-        gate = top_logits.softmax(dim=-1)  # softmax after top-k, over the kept noisy logits
+            gate = top_logits.softmax(dim=-1)  # softmax after top-k, over the kept noisy logits
         return Routing(idx, gate, probs, clean, load_prob=load_prob, top1=argmax_rows(probs))
 
 

@@ -305,10 +305,12 @@ int64_t parallel_for_threads() {
 
 // csrc/noisy_gate.cpp: the noisy top-k gate's forward and backward, built into the same module.
 void noisy_gate_forward(const at::Tensor& logits2, const at::Tensor& z, double eps, int64_t k, const at::Tensor& std_,
-                        const at::Tensor& u, const at::Tensor& prob, const at::Tensor& top, const at::Tensor& idx);
+                        const at::Tensor& u, const at::Tensor& prob, const at::Tensor& top, const at::Tensor& idx,
+                        const at::Tensor& gate);
 void noisy_gate_backward(const at::Tensor& logits2, const at::Tensor& z, const at::Tensor& std_, const at::Tensor& u,
                          const at::Tensor& idx, const std::optional<at::Tensor>& g_prob,
-                         const std::optional<at::Tensor>& g_top, const at::Tensor& grad);
+                         const std::optional<at::Tensor>& g_top, const at::Tensor& gate,
+                         const std::optional<at::Tensor>& g_gate, const at::Tensor& grad);
 at::Tensor row_argmax(const at::Tensor& x);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -11,7 +11,9 @@
 //   u   = (clean - thr) / std         thr = top[k] (the (k+1)-th largest) at the k selected experts, top[k-1]
 //                                     elsewhere: the k-th largest of H with the expert itself left out
 //   P   = (1 + erf(u / sqrt 2)) / 2   Phi(u), as torch.special.ndtr computes it on the CPU
-// Backward, from the upstream gradients g_P (n, e) (or a broadcast row) and g_top (n, k):
+//   gate = softmax(the k largest H)
+// Backward, from the upstream gradients g_P (n, e) (or a broadcast row), g_top (n, k) and g_gate (n, k):
+//   d top += gate * (g_gate - sum(g_gate * gate))   (the softmax)
 //   G = g_P * phi(u) / std;  d clean = G;  d raw = -G * u * sigmoid(raw)
 //   the thresholds: d top[k] = -(sum of G over the k selected), d top[k-1] = -(the rest) (+ g_top[k-1])
 //   at the k + 1 entries of the top: d clean += d top, d raw += d top * z * sigmoid(raw)   (H = clean + z * std)
@@ -21,6 +23,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -145,7 +148,7 @@ void select_lanes(const T* ht, int64_t e, int64_t kk, T* bv, T* bi) {
 
 template <typename T>
 void forward_rows(const T* lp, const T* zp, T eps, int64_t e, int64_t k, T* sp, T* up, T* pp, T* tp, int64_t* ip,
-                  int64_t begin, int64_t end) {
+                  T* gp, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   const int64_t kk = k + 1;
@@ -183,7 +186,12 @@ void forward_rows(const T* lp, const T* zp, T eps, int64_t e, int64_t k, T* sp, 
     T* pr = pp + r * e;
     const int64_t* idx = ip + r * kk;
     const T kth = best[k - 1], next = best[k];
-    for (int64_t j = 0; j < k; ++j) tp[r * k + j] = best[j];
+    T total = 0;  // the gate: softmax over the k kept noisy logits (best[0] is their largest)
+    for (int64_t j = 0; j < k; ++j) {
+      tp[r * k + j] = best[j];
+      total += (gp[r * k + j] = std::exp(best[j] - best[0]));
+    }
+    for (int64_t j = 0; j < k; ++j) gp[r * k + j] /= total;
     const V vkth(kth);
     each_vec<T>(e, [&](int64_t c, int64_t count) {
       store((load(clean + c, count) - vkth) / load(sr + c, count), ur + c, count);
@@ -238,7 +246,8 @@ inline T sigmoid(T a) {
 
 template <typename T>
 void backward_rows(const T* lp, const T* zp, const T* sp, const T* up, const int64_t* ip, const T* gpp,
-                   int64_t gp_stride, const T* gtp, int64_t e, int64_t k, T* gp, int64_t begin, int64_t end) {
+                   int64_t gp_stride, const T* gtp, const T* gatep, const T* ggp, int64_t e, int64_t k, T* gp,
+                   int64_t begin, int64_t end) {
   using V = Vectorized<T>;
   const int64_t kk = k + 1;
   std::vector<T> sparse(kk);
@@ -252,6 +261,13 @@ void backward_rows(const T* lp, const T* zp, const T* sp, const T* up, const int
     T* g_clean = gp + r * 2 * e;
     T* g_raw = g_clean + e;
     for (int64_t j = 0; j < kk; ++j) sparse[j] = (gtp && j < k) ? gtp[r * k + j] : T(0);
+    if (ggp) {  // through the gate softmax: d top_j = gate_j (g_j - sum_i g_i gate_i)
+      const T* gr = ggp + r * k;
+      const T* ar = gatep + r * k;
+      T dot = 0;
+      for (int64_t j = 0; j < k; ++j) dot += gr[j] * ar[j];
+      for (int64_t j = 0; j < k; ++j) sparse[j] += ar[j] * (gr[j] - dot);
+    }
     if (gpp) {
       const T* gr = gpp + r * gp_stride;
       V acc(T(0));
@@ -294,9 +310,10 @@ void check_rows(const at::Tensor& t, const at::Tensor& like, int64_t n, int64_t 
 }  // namespace
 
 // Forward. logits2 (n, 2e) and z (n, e): contiguous CPU float32/float64; writes std, u and P (n, e), the k largest H
-// (n, k) and the k + 1 largest H's experts (n, k + 1).
+// (n, k), the k + 1 largest H's experts (n, k + 1) and the gate (n, k), the softmax of the k largest H.
 void noisy_gate_forward(const at::Tensor& logits2, const at::Tensor& z, double eps, int64_t k, const at::Tensor& std_,
-                        const at::Tensor& u, const at::Tensor& prob, const at::Tensor& top, const at::Tensor& idx) {
+                        const at::Tensor& u, const at::Tensor& prob, const at::Tensor& top, const at::Tensor& idx,
+                        const at::Tensor& gate) {
   const int64_t n = z.size(0), e = z.size(1);
   TORCH_CHECK(z.dim() == 2 && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble),
               "noisy_gate_forward: z must be a float32 or float64 (n, e) tensor");
@@ -305,6 +322,7 @@ void noisy_gate_forward(const at::Tensor& logits2, const at::Tensor& z, double e
   check_rows(z, z, n, e, "z");
   for (const auto* t : {&std_, &u, &prob}) check_rows(*t, z, n, e, "std, u and P");
   check_rows(top, z, n, k, "top");
+  check_rows(gate, z, n, k, "gate");
   TORCH_CHECK(idx.is_contiguous() && idx.scalar_type() == at::kLong && idx.dim() == 2 && idx.size(0) == n &&
                   idx.size(1) == k + 1,
               "noisy_gate_forward: idx must be a contiguous int64 (n, k + 1) tensor");
@@ -312,17 +330,18 @@ void noisy_gate_forward(const at::Tensor& logits2, const at::Tensor& z, double e
     at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
       forward_rows<scalar_t>(logits2.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), scalar_t(eps), e, k,
                              std_.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), prob.data_ptr<scalar_t>(),
-                             top.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), begin, end);
+                             top.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), gate.data_ptr<scalar_t>(), begin, end);
     });
   });
 }
 
 // Backward: the gradient of logits2 (n, 2e) into grad, from the forward's logits2, z, std, u and idx and the upstream
-// g_prob (n, e) with unit column stride (row stride e, or 0 for a broadcast row; undefined: zero) and g_top (n, k)
-// contiguous (undefined: zero).
+// g_prob (n, e) with unit column stride (row stride e, or 0 for a broadcast row; undefined: zero), g_top (n, k)
+// contiguous (undefined: zero) and g_gate (n, k) contiguous (undefined: zero) with the forward's gate.
 void noisy_gate_backward(const at::Tensor& logits2, const at::Tensor& z, const at::Tensor& std_, const at::Tensor& u,
                          const at::Tensor& idx, const std::optional<at::Tensor>& g_prob,
-                         const std::optional<at::Tensor>& g_top, const at::Tensor& grad) {
+                         const std::optional<at::Tensor>& g_top, const at::Tensor& gate,
+                         const std::optional<at::Tensor>& g_gate, const at::Tensor& grad) {
   const int64_t n = z.size(0), e = z.size(1), k = idx.size(1) - 1;
   TORCH_CHECK(z.dim() == 2 && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble) && k >= 1 && k < e,
               "noisy_gate_backward: bad z or idx");
@@ -338,13 +357,17 @@ void noisy_gate_backward(const at::Tensor& logits2, const at::Tensor& z, const a
                     g_prob->size(1) == e && g_prob->stride(1) == 1 && (g_prob->stride(0) == e || g_prob->stride(0) == 0),
                 "noisy_gate_backward: g_prob must be (n, e) with unit column stride and row stride e or 0");
   if (g_top) check_rows(*g_top, z, n, k, "g_top");
+  check_rows(gate, z, n, k, "gate");
+  if (g_gate) check_rows(*g_gate, z, n, k, "g_gate");
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "noisy_gate_backward", [&] {
     const scalar_t* gpp = g_prob ? g_prob->data_ptr<scalar_t>() : nullptr;
     const int64_t gp_stride = g_prob ? g_prob->stride(0) : 0;
     const scalar_t* gtp = g_top ? g_top->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ggp = g_gate ? g_gate->data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
       backward_rows<scalar_t>(logits2.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), std_.data_ptr<scalar_t>(),
-                              u.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), gpp, gp_stride, gtp, e, k,
+                              u.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), gpp, gp_stride, gtp,
+                              gate.data_ptr<scalar_t>(), ggp, e, k,
                               grad.data_ptr<scalar_t>(), begin, end);
     });
   });
@@ -361,12 +384,24 @@ at::Tensor row_argmax(const at::Tensor& x) {
   int64_t* op = out.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_argmax", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
+    using V = Vectorized<scalar_t>;
     at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+      const V lowest(-std::numeric_limits<scalar_t>::infinity());
+      scalar_t lanes[V::size()];
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = xp + r * e;
-        int64_t best = 0;
-        for (int64_t c = 1; c < e; ++c)
-          if (above(row[c], row[best])) best = c;
+        V mx = lowest;  // the row's maximum, NaN if it holds one (at::vec::maximum propagates NaN)
+        each_vec<scalar_t>(e, [&](int64_t c, int64_t count) {
+          mx = at::vec::maximum(mx, count == V::size() ? V::loadu(row + c) : V::set(lowest, V::loadu(row + c, count), count));
+        });
+        mx.store(lanes);
+        scalar_t m = lanes[0];
+        for (int64_t l = 1; l < V::size(); ++l) m = above(lanes[l], m) ? lanes[l] : m;
+        int64_t best = 0;  // the first entry equal to it (the first NaN)
+        if (std::isnan(m))
+          while (!std::isnan(row[best])) ++best;
+        else
+          while (row[best] != m) ++best;
         op[r] = best;
       }
     });
