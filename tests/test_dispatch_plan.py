@@ -3,8 +3,8 @@
 - `token_major_plan`, the counting sort of the slot routers' token-major assignments, against the general path
   it replaces (`expert.argsort(stable=True)`, the index ops, `bincount`, the inverse permutation by index_copy_);
 - `forward_groups`' gather of each group's rows into expert order, against `torch.index_select` and per-group
-  `torch.addmm` (bitwise: the same copies and the same BLAS calls on the same rows), and `backward_groups`' gather
-  of the gated upstream gradient against torch indexing;
+  `torch.addmm` (bitwise: the same copies and the same BLAS calls on the same rows), and every gradient
+  `backward_groups` writes (without the expert outputs z) against autograd of the plain per-expert formulas;
 - the layer with the plan against the layer on the argsort path, bitwise in value and gradients."""
 from __future__ import annotations
 
@@ -137,38 +137,75 @@ def test_layer_with_the_plan_equals_the_argsort_path_bitwise(monkeypatch, thread
         assert torch.equal(a, b)
 
 
+def _per_expert_reference(dy, token, expert, gate, xs, w1, b1, w2, b2):
+    """Autograd of the plain per-expert formulas, in float64: h = relu(xs W1 + b1), z = h W2 + b2, y[t] = sum of
+    gate * z over t's rows; the gradients of <y, dy> by gate, xs, W1, b1, W2, b2 (written apart from the kernel)."""
+    leaves = [t.detach().double().requires_grad_(True) for t in (gate, xs, w1, b1, w2, b2)]
+    gate, xs, w1, b1, w2, b2 = leaves
+    y = torch.zeros(dy.shape, dtype=torch.float64)
+    for i in expert.unique().tolist():
+        rows = (expert == i).nonzero().squeeze(1)
+        z = torch.relu(xs[rows] @ w1[i] + b1[i]) @ w2[i] + b2[i]
+        y = y.index_add(0, token[rows], gate[rows].unsqueeze(1) * z)
+    return torch.autograd.grad((y * dy.double()).sum(), leaves)
+
+
+WANTED = {"all": ("ds", "dxs", "dw1", "db1", "dw2", "db2"), "ds": ("ds",), "w2": ("dw2", "db2"),
+          "x-b1": ("dxs", "db1")}  # fmt: skip
+
+
+@pytest.mark.parametrize("wanted", list(WANTED))
 @pytest.mark.parametrize("threads", [1, 2])
-def test_backward_groups_gathers_the_gated_upstream_gradient_per_group(threads: int) -> None:
-    """dz = gate * dy[token] (bit for bit, one rounding either way), ds = dy[token] . z, and dW2 = hidden^T dz as
-    the per-group torch.mm of those rows, with each group's gather fused into its backward."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_groups_equals_autograd_of_the_per_expert_formulas(threads: int, dtype: torch.dtype,
+                                                                    wanted: str) -> None:
+    """Every gradient backward_groups writes, the gate's ds = (dy W2^T) . h + dy . b2 (no z read) and db2 among them,
+    equals autograd of the plain per-expert formulas, with zero gates (a row's ds is still dy . z there, its other
+    gradients zero) and an empty expert (its slices untouched), for any subset of wanted outputs; dW2 is bit for
+    bit the per-group torch.mm of hidden^T and gate * dy[token] (the gate product rounded once, as before)."""
     n, s, e, d, h = 200, 2, 5, 16, 24
     token, expert = _token_major(n, s, e, empty=(1,), seed=8)
-    token = token[expert.argsort(stable=True)]
+    order = expert.argsort(stable=True)
+    token, expert = token[order], expert[order]
     counts = torch.bincount(expert, minlength=e).tolist()
     g = torch.Generator().manual_seed(9)
     a = n * s
-    dy, z, xs, w1, w2 = (torch.randn(*shape, generator=g, dtype=torch.float64)
-                         for shape in ((n, d), (a, d), (a, d), (e, d, h), (e, h, d)))  # fmt: skip
-    gate, hidden = torch.rand(a, generator=g, dtype=torch.float64), torch.randn(a, h, generator=g, dtype=torch.float64).relu()
+    dy, xs, w1, b1, w2, b2 = (torch.randn(*shape, generator=g, dtype=dtype)
+                              for shape in ((n, d), (a, d), (e, d, h), (e, h), (e, h, d), (e, d)))  # fmt: skip
+    gate = torch.rand(a, generator=g, dtype=dtype)
+    gate[::7] = 0  # zero gates: a zero gradient but for ds
+    hidden = torch.relu(torch.bmm(xs.unsqueeze(1), w1[expert]).squeeze(1) + b1[expert])  # (A, h) as saved
     ends = torch.tensor(counts).cumsum(0).tolist()
     spans = [(i, end - c, end) for i, (c, end) in enumerate(zip(counts, ends)) if c]
     ids, starts, stops = (list(col) for col in zip(*spans))
-    dz, ds, dw2 = torch.full_like(z, float("nan")), torch.full_like(gate, float("nan")), torch.zeros_like(w2)
+    out = {"ds": torch.full_like(gate, float("nan")), "dxs": torch.full_like(xs, float("nan")),
+           **{name: torch.zeros_like(w) for name, w in (("dw1", w1), ("db1", b1), ("dw2", w2), ("db2", b2))}}  # fmt: skip
+    out = {name: t if name in WANTED[wanted] else None for name, t in out.items()}
     ext = cpu_extension()
-    ext.backward_groups(dy, token, gate, z, dz, ds, xs, hidden, None, w1, w2, None, None, dw2, None, ids, starts, stops,
-                        threads)  # fmt: skip
-    assert torch.equal(dz, gate.unsqueeze(1) * dy[token])
-    torch.testing.assert_close(ds, (dy[token] * z).sum(1))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for i, start, stop in spans:
-            assert torch.equal(dw2[i], torch.mm(hidden[start:stop].t(), dz[start:stop]))
-    finally:
-        torch.set_num_threads(before)
-    assert dw2[1].abs().max() == 0  # the empty expert's slice untouched
+    args = lambda tok: (dy, tok, gate, b2, out["ds"], xs, hidden, out["dxs"], w1, w2, out["dw1"], out["db1"],
+                        out["dw2"], out["db2"], ids, starts, stops, threads)  # fmt: skip
+    ext.backward_groups(*args(token))
+    ref = dict(zip(("ds", "dxs", "dw1", "db1", "dw2", "db2"), _per_expert_reference(dy, token, expert, gate, xs, w1,
+                                                                                    b1, w2, b2)))  # fmt: skip
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for name in WANTED[wanted]:
+        torch.testing.assert_close(out[name], ref[name].to(dtype), **tol, msg=name)
+        if name != "ds" and name != "dxs":
+            assert out[name][1].abs().max() == 0, f"{name}: the empty expert's slice was written"
+    if out["ds"] is not None:
+        assert (out["ds"][::7] != 0).all()  # a zero gate still gets dy . z
+    if out["dxs"] is not None:
+        assert out["dxs"][::7].abs().max() == 0  # and passes nothing back
+    if out["dw2"] is not None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # the kernel runs each group's matmuls on one thread
+        try:
+            for i, start, stop in spans:
+                dz = gate[start:stop].unsqueeze(1) * dy[token[start:stop]]  # fresh, as the kernel's scratch
+                assert torch.equal(out["dw2"][i], torch.mm(hidden[start:stop].t(), dz))
+        finally:
+            torch.set_num_threads(before)
     bad = token.clone()
     bad[3] = -1
     with pytest.raises(IndexError, match="token -1 out of range"):
-        ext.backward_groups(dy, bad, gate, z, dz, ds, xs, hidden, None, w1, w2, None, None, dw2, None, ids, starts,
-                            stops, threads)  # fmt: skip
+        ext.backward_groups(*args(bad))
