@@ -149,13 +149,15 @@ class MoELayer(nn.Module):
             token_ids = token_ids.reshape(-1)[keep] if token_ids is not None else None
         routing = route_fp32(self.router, xf, token_ids, group)
         token, expert, gate = assignments(routing)
+        # the statistics and aux losses before the experts run: the router's (n, e) outputs are still in cache (after
+        # the experts, their per-token gathers and sums took 0.8 ms more at n = 8192, e = 64 on the CPU)
+        stats = self._statistics(routing, expert, gate)
+        aux_loss = self._weighted_aux(stats)
         run = dispatch_grouped if self.dispatch_for(xf) == "grouped" else dispatch_loop
         y = run(self.experts, xf, token, expert, gate, self.num_experts)  # (n, d)
         shared = self.experts.shared(xf)
         if shared is not None:
             y = y + shared
-        stats = self._statistics(routing, expert, gate)
-        aux_loss = self._weighted_aux(stats)
         if keep is not None:
             y = y.new_zeros(x.numel() // d, d).index_copy(0, keep, y)  # padding rows stay 0
         return MoEOutput(y.reshape(x.shape), aux_loss, routing, stats)
