@@ -57,24 +57,25 @@ inline void store(const Vectorized<T>& v, T* p, int64_t count) {
     v.store(p, count);
 }
 
+// v (expert c) into best/idx (largest first) from slot j down to its place: equal values stay behind.
+template <typename T, typename G>
+inline void insert(T v, int64_t c, int64_t j, T* best, int64_t* idx, const G& greater) {
+  while (j > 0 && greater(v, best[j - 1])) {
+    best[j] = best[j - 1];
+    idx[j] = idx[j - 1];
+    --j;
+  }
+  best[j] = v;
+  idx[j] = c;
+}
+
 // The kk largest of h[0..e), largest first, into best and idx: one insertion pass, equal values keeping the lower
 // index first. greater(a, b): a > b, or `above` (NaN the largest) when h holds a NaN.
 template <typename T, typename G>
 inline void select(const T* h, int64_t e, int64_t kk, T* best, int64_t* idx, const G& greater) {
   int64_t filled = 0;
-  for (int64_t c = 0; c < e; ++c) {
-    const T v = h[c];
-    if (filled < kk || greater(v, best[kk - 1])) {  // insert v, keeping best[0..filled) largest first
-      int64_t j = filled < kk ? filled++ : kk - 1;
-      while (j > 0 && greater(v, best[j - 1])) {
-        best[j] = best[j - 1];
-        idx[j] = idx[j - 1];
-        --j;
-      }
-      best[j] = v;
-      idx[j] = c;
-    }
-  }
+  for (int64_t c = 0; c < e; ++c)
+    if (filled < kk || greater(h[c], best[kk - 1])) insert(h[c], c, filled < kk ? filled++ : kk - 1, best, idx, greater);
 }
 
 // `select` with a > b for a row without NaN, a vector at a time: the lanes above the current (k+1)-th largest are
@@ -92,32 +93,11 @@ inline void select_vec(const T* h, int64_t e, int64_t kk, T* best, int64_t* idx)
     while (mask) {
       const int64_t i = c + __builtin_ctz(mask);
       mask &= mask - 1;
-      const T v = h[i];
-      if (v > best[kk - 1]) {
-        int64_t j = kk - 1;
-        while (j > 0 && v > best[j - 1]) {
-          best[j] = best[j - 1];
-          idx[j] = idx[j - 1];
-          --j;
-        }
-        best[j] = v;
-        idx[j] = i;
-      }
+      if (h[i] > best[kk - 1]) insert(h[i], i, kk - 1, best, idx, greater);
     }
   }
-  for (; c < e; ++c) {
-    const T v = h[c];
-    if (v > best[kk - 1]) {
-      int64_t j = kk - 1;
-      while (j > 0 && v > best[j - 1]) {
-        best[j] = best[j - 1];
-        idx[j] = idx[j - 1];
-        --j;
-      }
-      best[j] = v;
-      idx[j] = c;
-    }
-  }
+  for (; c < e; ++c)
+    if (h[c] > best[kk - 1]) insert(h[c], c, kk - 1, best, idx, greater);
 }
 
 // The kk largest of L rows at once, one row per vector lane (kk <= 8, no NaN): ht holds the rows' H column by column
