@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_lens.moe.cpu_runtime import ReusedMemory, empty_buffer
+from moe_lens.moe.cpu_runtime import ReusedMemory, cpu_extension, empty_buffer
 
 LOG_INV_SQRT_2PI = -0.5 * math.log(2 * math.pi)  # log of the standard normal density's constant
-
 
 
 class _NoisyTopKGate(torch.autograd.Function):
@@ -110,8 +109,6 @@ def _cpu_gate_kernel(logits2: Tensor, z: Tensor) -> object | None:
     if logits2.device.type != "cpu" or z.device.type != "cpu" or logits2.dtype != z.dtype or z.dtype not in (
             torch.float32, torch.float64):  # fmt: skip
         return None
-    from moe_lens.moe.cpu_runtime import cpu_extension
-
     ext = cpu_extension()
     return ext if ext is not None and hasattr(ext, "noisy_gate_forward") else None
 
