@@ -201,8 +201,9 @@ def test_routing_is_immutable_and_the_statistics_are_their_own_record() -> None:
     x, _ = inputs(30)
     out = layer(x)
     assert isinstance(out.stats, RoutingStats) and out.stats.load.shape == (layer.num_experts,)
+    # lse and entropy: the router's own, from its softmax pass (noisy_topk on the compiled CPU kernel), not the layer's
     assert [f.name for f in dataclasses.fields(out.routing)] == [
-        "expert_idx", "gate", "router_probs", "logits", "load_prob", "dropped", "assign", "top1"]  # fmt: skip
+        "expert_idx", "gate", "router_probs", "logits", "load_prob", "dropped", "assign", "top1", "lse", "entropy"]  # fmt: skip
     with pytest.raises(dataclasses.FrozenInstanceError):
         out.routing.gate = out.routing.gate * 0
     with pytest.raises(AttributeError):

@@ -173,3 +173,53 @@ def test_gate_softmax_equals_the_softmax_of_the_kept_logits(k: int, path: str, m
     torch.testing.assert_close(gate, want_top.softmax(dim=-1))
     assert torch.equal(idx, want_idx)
     assert torch.autograd.gradcheck(lambda t: noisy_gate.noisy_topk_gate_softmax(t, z, k, NOISE_EPS)[:2], (logits2,))
+
+
+@pytest.mark.parametrize("e", [16, 19, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_stats_equal_softmax_argmax_logsumexp_and_entropy(e: int, dtype: torch.dtype) -> None:
+    """The router's one-pass clean distribution (`softmax_stats`) on a strided view as the router passes it: probs is
+    torch's softmax to rounding, top1 the argmax of those probs (the first of equal ones, 0 for a NaN row), lse
+    torch.logsumexp and entropy `losses.entropy`, with -inf logits (probability 0) and ties."""
+    from moe_lens.moe import losses
+
+    _need_compiled()
+    g = torch.Generator().manual_seed(e)
+    logits2 = (3 * torch.randn(203, 2 * e, generator=g)).to(dtype)
+    logits2[7, :e] = 0.5  # all equal: the first
+    logits2[8, 3] = logits2[8, 1] = logits2[8, :e].max() + 1  # a tie for the largest
+    logits2[9, [0, 2, 5]] = float("-inf")
+    logits2[10, 4] = float("nan")
+    logits2[11, 1:e] = float("-inf")  # one finite logit: probability 1, entropy 0
+    clean = logits2[:, :e]
+    probs, top1, lse, entropy = noisy_gate.softmax_stats(clean)
+    want = clean.softmax(dim=-1)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-13, rtol=1e-12)
+    torch.testing.assert_close(probs, want, equal_nan=True, **tol)
+    assert torch.equal(top1, probs.argmax(dim=-1))
+    keep = torch.ones(203, dtype=torch.bool)
+    keep[10] = False  # NaN row: everything NaN, top1 the first NaN
+    assert torch.equal(top1[keep], want[keep].argmax(dim=-1)) and top1[10] == 0 and top1[7] == 0 and top1[8] == 1
+    torch.testing.assert_close(lse[keep], torch.logsumexp(clean, dim=-1)[keep], **tol)
+    plain = -torch.where(want > 0, want * want.log(), torch.zeros_like(want)).sum(dim=-1)  # 0 log 0 = 0
+    torch.testing.assert_close(entropy[keep], plain[keep], atol=1e-5 if dtype == torch.float32 else 1e-12,
+                               rtol=1e-4 if dtype == torch.float32 else 1e-10)  # fmt: skip
+    if dtype == torch.float32:
+        torch.testing.assert_close(entropy[keep], losses.entropy(want)[keep], atol=1e-5, rtol=1e-4)
+    assert entropy[11] == 0 and probs[10].isnan().all() and lse[10].isnan() and entropy[10].isnan()
+
+
+def test_softmax_stats_gradient_is_softmax_backward() -> None:
+    _need_compiled()
+    logits2 = torch.randn(30, 14, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: noisy_gate.softmax_stats(t[:, :7])[0], (logits2,))
+    probs, _, lse, entropy = noisy_gate.softmax_stats(logits2[:, :7])
+    assert probs.requires_grad and not lse.requires_grad and not entropy.requires_grad
+
+
+def test_softmax_stats_without_the_kernel_leave_lse_and_entropy_to_the_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    _pytorch_ops(monkeypatch)
+    logits = torch.randn(20, 5)
+    probs, top1, lse, entropy = noisy_gate.softmax_stats(logits)
+    assert torch.equal(probs, logits.softmax(dim=-1)) and torch.equal(top1, probs.argmax(dim=-1))
+    assert lse is None and entropy is None

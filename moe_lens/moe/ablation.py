@@ -78,8 +78,10 @@ def reroute(router: nn.Module, args: tuple, out: Routing, ablate: Tensor) -> Rou
     idx = torch.where(r, new.expert_idx, out.expert_idx)  # (n, k)
     gate = torch.where(r, new.gate, out.gate).masked_fill(ablate[idx], 0.0)  # (n, k) spare ablated slots: 0
     dropped = out.dropped if out.dropped is None or new.dropped is None else torch.where(r, new.dropped, out.dropped)
+    pick = lambda a, b: None if a is None or b is None else torch.where(rows if a.dim() == 1 else r, a, b)  # noqa: E731
     return replace(out, expert_idx=idx, gate=gate, router_probs=torch.where(r, new.router_probs, out.router_probs),
-                   logits=torch.where(r, new.logits.to(out.logits.dtype), out.logits), dropped=dropped)  # fmt: skip
+                   logits=torch.where(r, new.logits.to(out.logits.dtype), out.logits), dropped=dropped,
+                   top1=pick(new.top1, out.top1), lse=pick(new.lse, out.lse), entropy=pick(new.entropy, out.entropy))  # fmt: skip
 
 
 @contextmanager

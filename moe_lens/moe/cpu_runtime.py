@@ -26,7 +26,8 @@ from torch import Tensor
 # warning says why and the pure-PyTorch kernel (`_CPUGroupedMLP`, the same results) runs instead.
 CPU_EXT_ENV = "MOE_LENS_CPU_EXT"
 CPU_EXT_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "grouped_mlp.cpp")
-CPU_EXT_SOURCES = [CPU_EXT_SOURCE, os.path.join(os.path.dirname(CPU_EXT_SOURCE), "noisy_gate.cpp")]  # one module
+CPU_EXT_SOURCES = [CPU_EXT_SOURCE] + [os.path.join(os.path.dirname(CPU_EXT_SOURCE), f) for f in (
+    "noisy_gate.cpp", "normal.cpp")]  # one module
 _ext: dict[str, object] = {}
 _ext_lock = threading.Lock()
 
@@ -49,15 +50,13 @@ def cpu_extension() -> object | None:
         return _ext["module"]
 
 
-def _build_cpu_extension() -> object:
-    from torch.utils import cpp_extension
-
-    cap = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2, AVX512, ...: one build per capability
-    name = f"moe_lens_cpu_{cap.lower()}"
+def capability_flags(cap: str) -> list[str]:
+    """The C++ flags of the compiled kernel for PyTorch's CPU capability `cap` (DEFAULT, AVX2, AVX512, ...)."""
     # On x86 the kernel is built for the capability PyTorch's own kernels run at (AVX2 or AVX-512), and ATen's vector
     # maths (at::vec, csrc/noisy_gate.cpp) with it: its Vectorized types and the Sleef functions libtorch_cpu carries.
     # At AVX-512 the 16-lane Sleef functions are about twice as fast as the 8-lane ones on the CI machine (softplus
     # 0.70 -> 0.38 ms, erf 0.29 -> 0.18 ms over (8192, 64) on 2 threads); elsewhere at::vec is its portable scalar code.
+    # csrc/normal.cpp reproduces torch.randn of the same capability from these macros.
     avx2 = ["-mavx2", "-mfma", "-mf16c"]
     if cap.startswith("AVX512"):
         flags = avx2 + ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-DCPU_CAPABILITY=AVX512",
@@ -66,7 +65,15 @@ def _build_cpu_extension() -> object:
         flags = avx2 + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     else:
         flags = []
-    flags = ["-O3", "-fopenmp-simd"] + flags
+    return ["-O3", "-fopenmp-simd"] + flags
+
+
+def _build_cpu_extension() -> object:
+    from torch.utils import cpp_extension
+
+    cap = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2, AVX512, ...: one build per capability
+    name = f"moe_lens_cpu_{cap.lower()}"
+    flags = capability_flags(cap)
     # ATen's at::parallel_for is a header template: it runs in parallel only when the extension itself is compiled
     # with OpenMP (torch's own OpenMP runtime is the one already loaded); without it every parallel_for ran serially.
     omp = ["-fopenmp"] if torch._C.has_openmp and sys.platform.startswith("linux") else []

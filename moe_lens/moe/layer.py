@@ -186,8 +186,11 @@ class MoELayer(nn.Module):
             top1 = r.top1
         else:
             top1 = r.expert_idx[:, 0] if r.assign is None else r.router_probs.argmax(dim=-1)  # (n,)
-        lse = losses.logsumexp_at_top1(r.logits, r.router_probs, top1)  # (n,)
-        entropy = losses.entropy_from_lse(r.router_probs.detach(), r.logits.detach(), lse.detach())  # (n,)
+        if r.lse is not None and r.entropy is not None and not self.weights.get("z"):
+            lse, entropy = r.lse, r.entropy  # (n,) the router's, from its softmax pass: no z-loss gradient wanted
+        else:
+            lse = losses.logsumexp_at_top1(r.logits, r.router_probs, top1)  # (n,)
+            entropy = losses.entropy_from_lse(r.router_probs.detach(), r.logits.detach(), lse.detach())  # (n,)
         load_for_loss = r.load_prob.sum(dim=0) if r.load_prob is not None else load
         if self.training and self.reduce_stats is not None:
             aux = self._global_aux(r, importance, load_for_loss, top1, lse)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from moe_lens.moe.losses import smooth_load_prob
 from moe_lens.moe.cpu_runtime import ReusedMemory, pooled_linear
-from moe_lens.moe.noisy_gate import argmax_rows, noisy_topk_gate_softmax
+from moe_lens.moe.noisy_gate import noisy_topk_gate_softmax, randn_like, softmax_stats
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ class Routing:
     assign: tuple[Tensor, Tensor, Tensor] | None = None
     # (n,) argmax of router_probs where slot 0 is not it (noisy_topk in training); None: slot 0
     top1: Tensor | None = None
+    # (n,) logsumexp of logits and entropy (nats) of router_probs, detached, where the router computed them with its
+    # softmax (noisy_topk in training, on the compiled CPU kernel); None: the layer computes them
+    lse: Tensor | None = None
+    entropy: Tensor | None = None
 
 
 def top_k(t: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -147,8 +151,9 @@ class NoisyTopKRouter(Router):
         # are reused across steps (cpu_runtime.ReusedMemory)
         logits2 = pooled_linear(x, torch.cat([self.w_gate.weight, self.w_noise.weight]), self.cpu_memory).float()
         clean = logits2[:, :e]  # (n, e)
-        probs = clean.softmax(dim=-1)  # (n, e) the clean distribution, recorded in training too
-        z = torch.randn_like(clean)  # (n, e) the noise draw: H(x) = clean + z * std only selects
+        # (n, e) the clean distribution, recorded in training too; its argmax, logsumexp and entropy in the same pass
+        probs, top1, lse, entropy = softmax_stats(clean)
+        z = randn_like(clean, self.cpu_memory)  # (n, e) torch.randn_like's draw: H(x) = clean + z * std only selects
         if self.top_k < e:  # P, KeepTopK, the thresholds and G in one autograd function (moe/noisy_gate.py)
             load_prob, gate, idx = noisy_topk_gate_softmax(logits2, z, self.top_k, self.noise_eps, self.cpu_memory)
         else:  # every expert is always selected
@@ -157,7 +162,7 @@ class NoisyTopKRouter(Router):
             load_prob = smooth_load_prob(clean, noisy, noise_std, self.top_k)
             top_logits, idx = top_k(noisy, self.top_k)  # (n, k)
             gate = top_logits.softmax(dim=-1)  # softmax after top-k, over the kept noisy logits
-        return Routing(idx, gate, probs, clean, load_prob=load_prob, top1=argmax_rows(probs))
+        return Routing(idx, gate, probs, clean, load_prob=load_prob, top1=top1, lse=lse, entropy=entropy)
 
 
 class SwitchRouter(Router):

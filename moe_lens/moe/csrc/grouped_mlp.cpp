@@ -384,6 +384,10 @@ void noisy_gate_backward(const at::Tensor& logits2, const at::Tensor& z, const a
                          const std::optional<at::Tensor>& g_top, const at::Tensor& gate,
                          const std::optional<at::Tensor>& g_gate, const at::Tensor& grad);
 at::Tensor row_argmax(const at::Tensor& x);
+void softmax_stats(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& top1, const at::Tensor& lse,
+                   const at::Tensor& entropy);
+// csrc/normal.cpp: torch.randn bit for bit, the uniforms in whole mt19937 states, Box-Muller on ATen's threads.
+void randn_fill(const at::Tensor& out, const std::optional<at::Generator>& generator);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using rg = pybind11::call_guard<pybind11::gil_scoped_release>;
@@ -394,5 +398,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("noisy_gate_forward", &noisy_gate_forward, rg());
   m.def("noisy_gate_backward", &noisy_gate_backward, rg());
   m.def("row_argmax", &row_argmax, rg());
+  m.def("softmax_stats", &softmax_stats, rg());
+  m.def("randn_fill", &randn_fill, rg());
   m.def("parallel_for_threads", &parallel_for_threads, rg());
 }

@@ -388,3 +388,83 @@ at::Tensor row_argmax(const at::Tensor& x) {
   });
   return out;
 }
+
+// The sum of v's lanes, through the aligned scratch `lanes` (whole-vector store, then scalar loads).
+template <typename T>
+inline T lane_sum(const Vectorized<T>& v, T* lanes) {
+  v.store(lanes);
+  T s = 0;
+  for (int64_t l = 0; l < Vectorized<T>::size(); ++l) s += lanes[l];
+  return s;
+}
+
+// The router's clean distribution and its per-token statistics in one pass per row, from logits (n, e) with rows
+// `stride` apart (the clean half of the router's (n, 2e) matmul output): probs = softmax(logits) (n, e), top1 (n,)
+// = probs.argmax(dim=-1) (torch.argmax's choice among equal or NaN values), lse (n,) = logsumexp(logits) and
+// entropy (n,) = lse - sum_i p_i l_i clamped at 0 (losses.entropy_from_lse; 0 l = 0 at l = -inf), instead of a softmax, an argmax, two
+// gathers and a dot product over (n, e).
+void softmax_stats(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& top1, const at::Tensor& lse,
+                   const at::Tensor& entropy) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.stride(1) == 1 && logits.size(1) > 0 &&
+                  (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble),
+              "softmax_stats: expected CPU float32/float64 logits (n, e) with e > 0 and unit column stride");
+  const int64_t n = logits.size(0), e = logits.size(1), stride = logits.stride(0);
+  TORCH_CHECK(probs.is_contiguous() && probs.sizes() == logits.sizes() && probs.scalar_type() == logits.scalar_type() &&
+                  top1.is_contiguous() && top1.numel() == n && top1.scalar_type() == at::kLong && lse.is_contiguous() &&
+                  lse.numel() == n && lse.scalar_type() == logits.scalar_type() && entropy.is_contiguous() &&
+                  entropy.numel() == n && entropy.scalar_type() == logits.scalar_type(),
+              "softmax_stats: outputs do not match the logits");
+  int64_t* tp = top1.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "softmax_stats", [&] {
+    using T = scalar_t;
+    using V = Vectorized<T>;
+    const T* lp = logits.data_ptr<T>();
+    T* pp = probs.data_ptr<T>();
+    T* sp = lse.data_ptr<T>();
+    T* hp = entropy.data_ptr<T>();
+    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+      const V lowest(-std::numeric_limits<T>::infinity());
+      alignas(64) T lanes[V::size()];
+      for (int64_t r = begin; r < end; ++r) {
+        const T* row = lp + r * stride;
+        T* prow = pp + r * e;
+        V mx = lowest;  // NaN if the row holds one (at::vec::maximum propagates NaN)
+        each_vec<T>(e, [&](int64_t c, int64_t count) {
+          mx = at::vec::maximum(mx, count == V::size() ? V::loadu(row + c) : V::set(lowest, V::loadu(row + c, count), count));
+        });
+        mx.store(lanes);
+        T m = lanes[0];
+        for (int64_t l = 1; l < V::size(); ++l) m = above(lanes[l], m) ? lanes[l] : m;
+        V sum(T(0)), dot(T(0));
+        each_vec<T>(e, [&](int64_t c, int64_t count) {
+          const V l = load(row + c, count);
+          V t = (l - V(m)).exp();
+          if (count < V::size()) t = V::set(V(T(0)), t, count);
+          store(t, prow + c, count);
+          sum = sum + t;
+          dot = dot + V::blendv(V(T(0)), t * l, t != V(T(0)));  // p_i l_i = 0 where p_i = 0 (l_i = -inf)
+        });
+        const T s = lane_sum(sum, lanes), tl = lane_sum(dot, lanes);
+        const T inv = T(1) / s;
+        // The largest probability is exactly inv, at the largest logits (exp(0) = 1): top1 is the first entry equal to
+        // inv (exp may round logits just below the maximum to 1 too, and torch.argmax of probs takes the first of
+        // those). A NaN or infinite row makes inv NaN and every probability NaN: the first NaN is entry 0.
+        int64_t best = std::isnan(inv) ? 0 : -1;
+        each_vec<T>(e, [&](int64_t c, int64_t count) {
+          const V p = load(prow + c, count) * V(inv);
+          store(p, prow + c, count);
+          if (best < 0) {
+            const int hit = (p == V(inv)).zero_mask() ^ ((1 << V::size()) - 1);  // zero_mask: bit l set where lane l is 0
+            const int live = count == V::size() ? hit : hit & ((1 << count) - 1);
+            if (live) best = c + __builtin_ctz(live);
+          }
+        });
+        tp[r] = best < 0 ? 0 : best;
+        const T lse_r = m + std::log(s);
+        sp[r] = lse_r;
+        const T h = lse_r - tl * inv;
+        hp[r] = h > T(0) || std::isnan(h) ? h : T(0);  // clamp_min(0), NaN stays NaN
+      }
+    });
+  });
+}
