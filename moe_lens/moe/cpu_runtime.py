@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 # The compiled CPU kernel (csrc/grouped_mlp.cpp) is built on first use by torch's JIT extension
-# loader (a C++ compiler and ninja; about 40 s, once per machine, cached under TORCH_EXTENSIONS_DIR
+# loader (a C++ compiler and ninja; about a minute, once per machine, cached under TORCH_EXTENSIONS_DIR
 # or ~/.cache/torch_extensions). MOE_LENS_CPU_EXT=0 turns it off; where it cannot be built, a
 # warning says why and the pure-PyTorch kernel (`_CPUGroupedMLP`, the same results) runs instead.
 CPU_EXT_ENV = "MOE_LENS_CPU_EXT"

@@ -19,6 +19,10 @@ the top-(k+1) and u, then Phi; the backward 9 passes over (n, e); the plain form
 and the backward are each one pass per token row on ATen's vector maths. tests/test_noisy_gate.py checks values
 against `losses.smooth_load_prob`, the backward against autograd of the plain formulas and by gradcheck in float64,
 and the compiled passes against the PyTorch ops.
+
+The router's other (n, e) work runs here too: `randn_like`, its noise draw (torch.randn's values bit for bit, made
+faster on the compiled kernel, csrc/normal.cpp), and `softmax_stats`, its clean distribution with the top-1,
+logsumexp and entropy the layer's statistics need, in one pass per row.
 """
 from __future__ import annotations
 
