@@ -209,3 +209,57 @@ def test_backward_groups_equals_autograd_of_the_per_expert_formulas(threads: int
     bad[3] = -1
     with pytest.raises(IndexError, match="token -1 out of range"):
         ext.backward_groups(*args(bad))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_combined_kernels_sum_by_token_bitwise(threads: int, dtype: torch.dtype) -> None:
+    """forward_groups_combined's y and backward_groups_combined's dx (each group's rows summed into the token's row as
+    they are made, under a per-token lock) equal, bit for bit, the z and dxs of the kernels that write the (A, d)
+    arrays, summed by token as fl(g0 z0) + fl(g1 z1) (fl(dxs0) + fl(dxs1)): for tokens with two rows, one row and none
+    (zeroed), on 1 and 2 threads, repeated (the threads' order of arrival changes no bit)."""
+    n, e, d, h = 240, 5, 16, 24
+    token, expert = _token_major(n, 2, e, empty=(3,), seed=11)
+    keep = torch.ones(token.shape[0], dtype=torch.bool)
+    keep[1:40:2] = False  # tokens 0..19 keep only their first row
+    keep[200:210] = False  # tokens 100..104 keep no row
+    token, expert = token[keep], expert[keep]
+    order = expert.argsort(stable=True)
+    token, expert = token[order], expert[order]
+    a = token.shape[0]
+    counts = torch.bincount(expert, minlength=e).tolist()
+    g = torch.Generator().manual_seed(12)
+    x, dy, w1, b1, w2, b2 = (torch.randn(*shape, generator=g, dtype=dtype)
+                             for shape in ((n, d), (n, d), (e, d, h), (e, h), (e, h, d), (e, d)))  # fmt: skip
+    gate = torch.rand(a, generator=g, dtype=dtype)
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    spans = [(i, end - c, end) for i, (c, end) in enumerate(zip(counts, ends)) if c]
+    ids, starts, stops = (list(col) for col in zip(*spans))
+    ext = cpu_extension()
+    xs, hidden, z = torch.empty(a, d, dtype=dtype), torch.empty(a, h, dtype=dtype), torch.empty(a, d, dtype=dtype)
+    ext.forward_groups(x, token, xs, hidden, z, w1, b1, w2, b2, ids, starts, stops, threads)
+    dxs = torch.empty(a, d, dtype=dtype)
+    ext.backward_groups(dy, token, gate, b2, None, xs, hidden, dxs, w1, w2, None, None, None, None, ids, starts, stops,
+                        threads)  # fmt: skip
+
+    def by_token(rows: torch.Tensor) -> torch.Tensor:  # fl(r0) + fl(r1) per token, in torch (no fused multiply-add)
+        out = torch.zeros(n, d, dtype=dtype)
+        first = torch.ones(a, dtype=torch.bool)
+        seen = torch.zeros(n, dtype=torch.bool)
+        for r in range(a):  # the first row of each token (in expert order) is written, the second added
+            first[r] = not seen[token[r]]
+            seen[token[r]] = True
+        out[token[first]] = rows[first]
+        return out.index_put_((token[~first],), out[token[~first]] + rows[~first])
+
+    want_y, want_dx = by_token(gate.unsqueeze(1) * z), by_token(dxs)
+    for _ in range(3):
+        y = torch.full((n, d), float("nan"), dtype=dtype)
+        xs2, hidden2 = torch.empty_like(xs), torch.empty_like(hidden)
+        ext.forward_groups_combined(x, token, xs2, hidden2, gate, y, w1, b1, w2, b2, ids, starts, stops, threads)
+        assert torch.equal(xs2, xs) and torch.equal(hidden2, hidden) and torch.equal(y, want_y)
+        dx = torch.full((n, d), float("nan"), dtype=dtype)
+        ext.backward_groups_combined(dy, token, gate, b2, None, xs, hidden, dx, w1, w2, None, None, None, None, ids,
+                                     starts, stops, threads)  # fmt: skip
+        assert torch.equal(dx, want_dx)
+    assert y[100:105].abs().max() == 0 and dx[100:105].abs().max() == 0

@@ -68,7 +68,8 @@ class MLPExperts(nn.Module):
         the compiled kernel where it is built, else `_CPUGroupedMLP`."""
         params = (p.to(x.dtype) for p in (self.w1, self.b1, self.w2, self.b2))
         if cpu_extension() is not None:
-            return _CPUGroupedMLPExt.apply(x, *params, gate, token, counts, self.cpu_memory, by_token.rows, by_token.ptr)
+            return _CPUGroupedMLPExt.apply(x, *params, gate, token, counts, self.cpu_memory, by_token.rows, by_token.ptr,
+                                           by_token.per_token)  # fmt: skip
         where = by_token.rows if by_token.per_token == 1 else None
         return _CPUGroupedMLP.apply(x, *params, gate, token, counts, self.cpu_memory, where)
 

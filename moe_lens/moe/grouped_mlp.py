@@ -199,14 +199,18 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
 
     Forward: per group its rows of x gathered into expert order (xs, on the group's thread right before
     its matmuls, which then read them from cache), h = relu(xs W1 + b1) and z = h W2 + b2 into their
-    rows, then y[t] = sum of gate_r * z_r over the rows r of token t (`ByToken`, parallel over tokens:
-    no zero fill, no scatter). z is not saved: the backward never reads it (16 MB less held at n = 8192, d = 256, k = 2).
+    rows, then y[t] = sum of gate_r * z_r over the rows r of token t. With at most two rows per token (k <= 2) each
+    group's z goes to a scratch block of its thread and is summed into y by token at once, under a per-token lock
+    (csrc `accumulate_rows`; fl(a) + fl(b) is the same in either order, so the result does not depend on the threads'
+    timing), and no (A, d) z array exists (16 MB less at n = 8192, d = 256, k = 2; paired 1.017 and 1.020 faster).
+    Otherwise z is written and `combine_rows` sums it (`ByToken`, parallel over tokens: no zero fill, no scatter).
+    z is never saved: the backward never reads it.
     Backward, per group (its ungated rows of dy gathered into a per-thread scratch right before its matmuls, with db2
     and dy . b2 in the same pass; z = h W2 + b2 makes the gate's gradient dy . z = (dy W2^T) . h + dy . b2):
         dyg_r = dy[token_r]   v = dyg W2^T   ds_r = v_r . h_r + dyg_r . b2   db2 = colsum(gate * dyg)
         dpre = gate * v * [h > 0]   db1 = colsum dpre (both fused with the dot)   dW2 = h^T (gate * dyg)
         dW1 = xs^T dpre   dxs = dpre W1^T
-    then dx[t] = sum of dxs_r over the rows r of token t.
+    then dx[t] = sum of dxs_r over the rows r of token t, by token as each group makes them when y was (k <= 2).
     Per group: four ops forward and seven backward, each with its gather (`_CPUGroupedMLP`: three and eleven,
     and whole-array gathers), none from Python.
     Buffers come from `memory` as there. The groups run side by side on the kernel's threads, each group's matmuls
@@ -214,20 +218,30 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, gate, token, counts, memory, rows, ptr):  # type: ignore[override]
+    def forward(ctx, x, w1, b1, w2, b2, gate, token, counts, memory, rows, ptr, per_token=None):  # type: ignore[override]
         ext = cpu_extension()
         a, d, h = token.shape[0], x.shape[1], w1.shape[-1]
         x = x.contiguous()
         xs = empty_buffer(memory, (a, d), x.dtype, "xs")  # (A, d) x[token], written group by group by the kernel
         hidden = empty_buffer(memory, (a, h), x.dtype, "hidden")  # (A, h)
-        # (A, d) ungated expert outputs, needed only until combine_rows has summed them: not saved (the backward
-        # never reads z), so its block is free again after this call, for the next forward and for this backward's dxs
-        z = empty_buffer(memory, (a, d), x.dtype, "z")
         threads = kernel_threads(counts)
-        _ext_groups(ext.forward_groups, (x, token, xs, hidden, z, w1, b1, w2, b2), counts, threads)
         y = empty_buffer(memory, x.shape, x.dtype, "y")  # (n, d); reused once nothing else holds it
-        ext.combine_rows(z, gate, rows, ptr, y)
-        del z
+        # At most two rows per token (k <= 2): each group's outputs are summed into y by token as they are made, and
+        # the (A, d) outputs z never exist as an array (csrc accumulate_rows; a + b = b + a, so the threads' timing
+        # changes no bit). Otherwise (k > 2, expert_choice) z is written and combine_rows sums it.
+        if per_token is None:
+            per_token = int((ptr[1:] - ptr[:-1]).max()) if ptr.numel() > 1 else 0
+        ctx.combined = per_token <= 2 and hasattr(ext, "forward_groups_combined")
+        if ctx.combined:
+            _ext_groups(ext.forward_groups_combined, (x, token, xs, hidden, gate, y, w1, b1, w2, b2), counts, threads,
+                        empty=lambda: y.zero_())  # fmt: skip
+        else:
+            # (A, d) ungated expert outputs, needed only until combine_rows has summed them: not saved (the backward
+            # never reads z), so its block is free again after this call, for the next forward and for this backward's dxs
+            z = empty_buffer(memory, (a, d), x.dtype, "z")
+            _ext_groups(ext.forward_groups, (x, token, xs, hidden, z, w1, b1, w2, b2), counts, threads)
+            ext.combine_rows(z, gate, rows, ptr, y)
+            del z
         ctx.save_for_backward(xs, w1, w2, b2, gate, token, hidden, rows, ptr)
         ctx.counts, ctx.memory, ctx.threads, ctx.ext = counts, memory, threads, ext
         return y
@@ -239,29 +253,37 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
         counts, memory = ctx.counts, ctx.memory
         need_x, need_w1, need_b1, need_w2, need_b2, need_gate = ctx.needs_input_grad[:6]
         dgate = torch.empty_like(gate) if need_gate else None
-        # (A, d) in expert order, written per group; the forward's z block (not saved) is free again
-        dxs = empty_buffer(memory, xs.shape, xs.dtype, "z") if need_x else None
         dw1 = empty_grad(w1, counts, memory, "w1") if need_w1 else None
         db1 = empty_grad(w1[:, 0], counts, memory, "b1") if need_b1 else None
         dw2 = empty_grad(w2, counts, memory, "w2") if need_w2 else None
         db2 = empty_grad(w2[:, 0], counts, memory, "b2") if need_b2 else None
-        _ext_groups(ext.backward_groups, (dy.contiguous(), token, gate, b2.contiguous(), dgate, xs, hidden, dxs, w1, w2,
-                                          dw1, db1, dw2, db2), counts, ctx.threads)  # fmt: skip
-        dx = None
-        if need_x:
-            # fresh, not from `memory`: autograd adds the router's x gradient into it in place only when it alone holds
-            # the storage (a pooled dx made that add out of place: 1.45 ms instead of 0.47 at n = 8192, d = 256)
-            dx = dy.new_empty(dy.shape)
-            ext.combine_rows(dxs, None, rows, ptr, dx)
-        return dx, dw1, db1, dw2, db2, dgate, None, None, None, None, None
+        # dx fresh, not from `memory`: autograd adds the router's x gradient into it in place only when it alone holds
+        # the storage (a pooled dx made that add out of place: 1.45 ms instead of 0.47 at n = 8192, d = 256)
+        dx = dy.new_empty(dy.shape) if need_x else None
+        dy = dy.contiguous()
+        if ctx.combined and need_x:  # each group's rows of dx summed in by token as they are made (see forward)
+            _ext_groups(ext.backward_groups_combined, (dy, token, gate, b2.contiguous(), dgate, xs, hidden, dx, w1, w2,
+                                                       dw1, db1, dw2, db2), counts, ctx.threads, empty=lambda: dx.zero_())  # fmt: skip
+        else:
+            # (A, d) in expert order, written per group; the forward's z block (not saved) is free again
+            dxs = empty_buffer(memory, xs.shape, xs.dtype, "z") if need_x else None
+            _ext_groups(ext.backward_groups, (dy, token, gate, b2.contiguous(), dgate, xs, hidden, dxs, w1, w2,
+                                              dw1, db1, dw2, db2), counts, ctx.threads)  # fmt: skip
+            if need_x:
+                ext.combine_rows(dxs, None, rows, ptr, dx)
+        return dx, dw1, db1, dw2, db2, dgate, None, None, None, None, None, None
 
 
-def _ext_groups(kernel: Callable, tensors: tuple, counts: tuple[int, ...], threads: int) -> None:
+def _ext_groups(kernel: Callable, tensors: tuple, counts: tuple[int, ...], threads: int,
+                empty: Callable[[], object] | None = None) -> None:
     """kernel(*tensors, ids, starts, ends, threads) over the non-empty groups (g, its first row, its end row); the
-    compiled kernel runs them on `threads` threads of whole groups (`cpu_runtime.kernel_threads`)."""
+    compiled kernel runs them on `threads` threads of whole groups (`cpu_runtime.kernel_threads`). With every group
+    empty (no tokens) the kernel is not called; `empty()` then stands in for it (zeroing its by-token output)."""
     ends = itertools.accumulate(counts)
     spans = [(g, end - c, end) for g, (c, end) in enumerate(zip(counts, ends)) if c]
     if not spans:  # every group empty (no tokens)
+        if empty is not None:
+            empty()
         return
     ids, starts, stops = zip(*spans)
     kernel(*tensors, list(ids), list(starts), list(stops), threads)

@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 
 #include <atomic>
+#include <memory>
 
 #include <ATen/Parallel.h>
 
@@ -72,6 +73,44 @@ void combine_rows(const Tensor& z, const std::optional<Tensor>& gate, const Tens
       }
     });
   });
+}
+
+// The m rows src[i] (width d) of tokens tp[s + i] summed into out (n, d) as they are made, gate-weighted when gp is given:
+// out[t] = g * row for a token's first row, out[t] = out[t] + g * row after, each token's row under a lock of its own
+// (state[t]: 0 untouched, 1 locked, 2 written) as two threads may hold rows of the same token. For at most two rows
+// per token this is the combine pass without the (A, d) array between: a + b = b + a exactly, so the order the two
+// threads come in does not change a bit. fp-contract off keeps g * row and the sum apart (a fused g * row + out
+// would round in the order of arrival). Tokens no row reached are zeroed by the caller (zero_untouched).
+template <typename scalar_t>
+__attribute__((optimize("fp-contract=off"))) void accumulate_rows(scalar_t* out, const scalar_t* src, const int64_t* tp,
+                                                                   const scalar_t* gp, int64_t s, int64_t m, int64_t d,
+                                                                   std::atomic<uint8_t>* state) {
+  for (int64_t i = 0; i < m; ++i, src += d) {
+    const int64_t t = tp[s + i];
+    std::atomic<uint8_t>& st = state[t];
+    uint8_t prev = st.load(std::memory_order_relaxed);
+    while (prev == 1 || !st.compare_exchange_weak(prev, 1, std::memory_order_acquire, std::memory_order_relaxed))
+      prev = st.load(std::memory_order_relaxed);
+    scalar_t* row = out + t * d;
+    const scalar_t g = gp ? gp[s + i] : scalar_t(1);
+    if (prev == 0) {
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) row[c] = g * src[c];
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) {
+        const scalar_t v = g * src[c];
+        row[c] = row[c] + v;
+      }
+    }
+    st.store(2, std::memory_order_release);
+  }
+}
+
+template <typename scalar_t>
+void zero_untouched(scalar_t* out, const std::atomic<uint8_t>* state, int64_t n, int64_t d) {
+  for (int64_t t = 0; t < n; ++t)
+    if (state[t].load(std::memory_order_relaxed) == 0) std::fill(out + t * d, out + (t + 1) * d, scalar_t(0));
 }
 
 // The rows gathered by token are scattered over dy: the hardware prefetcher only starts within a row, so each row's
@@ -156,10 +195,10 @@ void run_groups_on_threads(const std::vector<int64_t>& starts, const std::vector
 // xs is saved for backward), hidden = relu(xs W1 + b1), z = hidden W2 + b2, written straight into their rows; on
 // `threads` threads of whole groups (run_groups_on_threads). Each group gathers its own rows right before its first addmm, on
 // its thread, so the matmul reads them from that core's cache rather than from one whole-array gather pass.
-void forward_groups(const Tensor& x, const Tensor& token, const Tensor& xs, const Tensor& hidden, const Tensor& z,
-                    const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
-                    const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
-                    const std::vector<int64_t>& ends, int64_t threads) {
+void forward_groups_impl(const Tensor& x, const Tensor& token, const Tensor& xs, const Tensor& hidden, const Tensor* z,
+                         const Tensor* gate, const Tensor* y, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                         const Tensor& b2, const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
+                         const std::vector<int64_t>& ends, int64_t threads) {
   check_rows(x, "x");
   check_rows(xs, "xs");
   check_like(xs, x, "xs");
@@ -169,8 +208,18 @@ void forward_groups(const Tensor& x, const Tensor& token, const Tensor& xs, cons
   const int64_t* tp = token.data_ptr<int64_t>();
   for (int64_t r = 0; r < token.numel(); ++r)
     TORCH_CHECK_INDEX(tp[r] >= 0 && tp[r] < n, "forward_groups: token ", tp[r], " out of range [0, ", n, ")");
+  if (y) {
+    check_rows(*y, "y");
+    check_like(*y, x, "y");
+    check_like(*gate, x, "gate");
+    TORCH_CHECK(y->sizes() == x.sizes() && gate->numel() == token.numel(), "forward_groups: y or gate do not match");
+  }
+  int64_t rows = 0;  // the largest group: each thread's z scratch (y given) holds it
+  for (size_t i = 0; i < starts.size(); ++i) rows = std::max(rows, ends[i] - starts[i]);
+  std::vector<Tensor> blocks(std::max<int64_t>(threads, 1));
+  std::unique_ptr<std::atomic<uint8_t>[]> state(y ? new std::atomic<uint8_t>[n]() : nullptr);
   at::NoGradGuard no_grad;
-  run_groups_on_threads(starts, ends, threads, [&](int64_t, size_t i) {
+  run_groups_on_threads(starts, ends, threads, [&](int64_t l, size_t i) {
     const int64_t g = ids[i], s = starts[i], m = ends[i] - starts[i];
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "forward_groups_gather", [&] {
       const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -178,11 +227,38 @@ void forward_groups(const Tensor& x, const Tensor& token, const Tensor& xs, cons
       for (int64_t r = s; r < s + m; ++r, out += d) std::copy(xp + tp[r] * d, xp + tp[r] * d + d, out);
     });
     Tensor hg = hidden.narrow(0, s, m);
-    Tensor zg = z.narrow(0, s, m);
+    if (y && !blocks[l].defined()) blocks[l] = at::empty({rows, d}, x.options());  // slot l's, touched on its thread
+    Tensor zg = y ? blocks[l].narrow(0, 0, m) : z->narrow(0, s, m);
     at::addmm_out(hg, b1[g], xs.narrow(0, s, m), w1[g]);
     hg.relu_();
     at::addmm_out(zg, b2[g], hg, w2[g]);
+    if (y)
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "forward_groups_combine", [&] {
+        accumulate_rows<scalar_t>(y->data_ptr<scalar_t>(), zg.data_ptr<scalar_t>(), tp, gate->data_ptr<scalar_t>(), s,
+                                  m, d, state.get());
+      });
   });
+  if (y)
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "forward_groups_zero", [&] {
+      zero_untouched<scalar_t>(y->data_ptr<scalar_t>(), state.get(), n, d);
+    });
+}
+
+// z (A, d) = each group's expert outputs, in expert order (combine_rows sums them by token).
+void forward_groups(const Tensor& x, const Tensor& token, const Tensor& xs, const Tensor& hidden, const Tensor& z,
+                    const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                    const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
+                    const std::vector<int64_t>& ends, int64_t threads) {
+  forward_groups_impl(x, token, xs, hidden, &z, nullptr, nullptr, w1, b1, w2, b2, ids, starts, ends, threads);
+}
+
+// y (n, d) = sum over the rows r of token t of gate[r] * z[r], each group's outputs summed in as they are made
+// (accumulate_rows; at most two rows per token, for a result that does not depend on the threads' timing).
+void forward_groups_combined(const Tensor& x, const Tensor& token, const Tensor& xs, const Tensor& hidden,
+                             const Tensor& gate, const Tensor& y, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                             const Tensor& b2, const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
+                             const std::vector<int64_t>& ends, int64_t threads) {
+  forward_groups_impl(x, token, xs, hidden, nullptr, &gate, &y, w1, b1, w2, b2, ids, starts, ends, threads);
 }
 
 // One group's (m, q) rows: ds[r] += v[r] . h[r] (DS), then v[r] becomes u[r] = gate[r] * v[r] * [h[r] > 0] in place,
@@ -234,10 +310,11 @@ void scale_rows(scalar_t* rows, const scalar_t* scale, int64_t m, int64_t d) {
 //   db2 = colsum(gate * dyg)   dW2 = hidden^T (gate * dyg)  (dyg scaled in place)   dW1 = xs^T u   dxs = u W1^T
 // Undefined outputs are skipped. On `threads` threads of whole groups (run_groups_on_threads).
 using Opt = std::optional<Tensor>;
-void backward_groups(const Tensor& dy, const Tensor& token, const Tensor& gate, const Tensor& b2, const Opt& ds,
-                     const Tensor& xs, const Tensor& hidden, const Opt& dxs, const Tensor& w1, const Tensor& w2,
-                     const Opt& dw1, const Opt& db1, const Opt& dw2, const Opt& db2, const std::vector<int64_t>& ids,
-                     const std::vector<int64_t>& starts, const std::vector<int64_t>& ends, int64_t threads) {
+void backward_groups_impl(const Tensor& dy, const Tensor& token, const Tensor& gate, const Tensor& b2, const Opt& ds,
+                          const Tensor& xs, const Tensor& hidden, const Opt& dxs, const Tensor* dx, const Tensor& w1,
+                          const Tensor& w2, const Opt& dw1, const Opt& db1, const Opt& dw2, const Opt& db2,
+                          const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
+                          const std::vector<int64_t>& ends, int64_t threads) {
   check_rows(dy, "dy");
   check_rows(hidden, "hidden");
   check_rows(b2, "b2");
@@ -264,7 +341,13 @@ void backward_groups(const Tensor& dy, const Tensor& token, const Tensor& gate, 
   const int64_t* tp = token.data_ptr<int64_t>();
   for (int64_t r = 0; r < a; ++r)
     TORCH_CHECK_INDEX(tp[r] >= 0 && tp[r] < n, "backward_groups: token ", tp[r], " out of range [0, ", n, ")");
-  const bool need_v = ds || db1 || dw1 || dxs;  // u = gate * (dy W2^T) * [hidden > 0] feeds these
+  if (dx) {
+    check_rows(*dx, "dx");
+    check_like(*dx, dy, "dx");
+    TORCH_CHECK(dx->sizes() == dy.sizes(), "backward_groups: dx is not (n, d)");
+  }
+  std::unique_ptr<std::atomic<uint8_t>[]> state(dx ? new std::atomic<uint8_t>[n]() : nullptr);
+  const bool need_v = ds || db1 || dw1 || dxs || dx;  // u = gate * (dy W2^T) * [hidden > 0] feeds these
   int64_t rows = 0;  // the largest group: every scratch block holds it
   for (size_t i = 0; i < starts.size(); ++i) rows = std::max(rows, ends[i] - starts[i]);
   std::vector<Tensor> dyg_blocks(std::max<int64_t>(threads, 1)), v_blocks(dyg_blocks.size());  // one per thread slot
@@ -304,7 +387,38 @@ void backward_groups(const Tensor& dy, const Tensor& token, const Tensor& gate, 
       Tensor out = dxs->narrow(0, s, m);
       at::mm_out(out, u, w1[g].t());
     }
+    if (dx) {  // the group's rows of dx into the dy block (done with: dW2 is made), summed into dx by token
+      at::mm_out(dyg, u, w1[g].t());
+      AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "backward_groups_combine", [&] {
+        accumulate_rows<scalar_t>(dx->data_ptr<scalar_t>(), dyg.data_ptr<scalar_t>(), tp, nullptr, s, m, d,
+                                  state.get());
+      });
+    }
   });
+  if (dx)
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "backward_groups_zero", [&] {
+      zero_untouched<scalar_t>(dx->data_ptr<scalar_t>(), state.get(), n, d);
+    });
+}
+
+// dxs (A, d): the rows' x gradients in expert order (combine_rows sums them by token).
+void backward_groups(const Tensor& dy, const Tensor& token, const Tensor& gate, const Tensor& b2, const Opt& ds,
+                     const Tensor& xs, const Tensor& hidden, const Opt& dxs, const Tensor& w1, const Tensor& w2,
+                     const Opt& dw1, const Opt& db1, const Opt& dw2, const Opt& db2, const std::vector<int64_t>& ids,
+                     const std::vector<int64_t>& starts, const std::vector<int64_t>& ends, int64_t threads) {
+  backward_groups_impl(dy, token, gate, b2, ds, xs, hidden, dxs, nullptr, w1, w2, dw1, db1, dw2, db2, ids, starts, ends,
+                       threads);
+}
+
+// dx (n, d) = the x gradient by token, each group's rows summed in as they are made (accumulate_rows; at most two
+// rows per token).
+void backward_groups_combined(const Tensor& dy, const Tensor& token, const Tensor& gate, const Tensor& b2,
+                              const Opt& ds, const Tensor& xs, const Tensor& hidden, const Tensor& dx, const Tensor& w1,
+                              const Tensor& w2, const Opt& dw1, const Opt& db1, const Opt& dw2, const Opt& db2,
+                              const std::vector<int64_t>& ids, const std::vector<int64_t>& starts,
+                              const std::vector<int64_t>& ends, int64_t threads) {
+  backward_groups_impl(dy, token, gate, b2, ds, xs, hidden, std::nullopt, &dx, w1, w2, dw1, db1, dw2, db2, ids, starts,
+                       ends, threads);
 }
 
 // The dispatch plan of token-major assignments (the slot routers': token[i] = i / s, s = A / n per token) by a
@@ -384,7 +498,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using rg = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("combine_rows", &combine_rows, rg());
   m.def("forward_groups", &forward_groups, rg());
+  m.def("forward_groups_combined", &forward_groups_combined, rg());
   m.def("backward_groups", &backward_groups, rg());
+  m.def("backward_groups_combined", &backward_groups_combined, rg());
   m.def("token_major_plan", &token_major_plan, rg());
   m.def("noisy_gate_forward", &noisy_gate_forward, rg());
   m.def("noisy_gate_backward", &noisy_gate_backward, rg());
