@@ -228,7 +228,8 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
         y = empty_buffer(memory, x.shape, x.dtype, "y")  # (n, d); reused once nothing else holds it
         # At most two rows per token (k <= 2): each group's outputs are summed into y by token as they are made, and
         # the (A, d) outputs z never exist as an array (csrc accumulate_rows; a + b = b + a, so the threads' timing
-        # changes no bit). Otherwise (k > 2, expert_choice) z is written and combine_rows sums it.
+        # changes no bit). Otherwise (k > 2; expert_choice choosing a token more than twice) z is written and
+        # combine_rows sums it.
         if per_token is None:
             per_token = int((ptr[1:] - ptr[:-1]).max()) if ptr.numel() > 1 else 0
         ctx.combined = per_token <= 2 and hasattr(ext, "forward_groups_combined")
@@ -237,7 +238,7 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
                         empty=lambda: y.zero_())  # fmt: skip
         else:
             # (A, d) ungated expert outputs, needed only until combine_rows has summed them: not saved (the backward
-            # never reads z), so its block is free again after this call, for the next forward and for this backward's dxs
+            # never reads z), so its block is free again after this call, for the next forward and this backward's dxs
             z = empty_buffer(memory, (a, d), x.dtype, "z")
             _ext_groups(ext.forward_groups, (x, token, xs, hidden, z, w1, b1, w2, b2), counts, threads)
             ext.combine_rows(z, gate, rows, ptr, y)
@@ -262,8 +263,8 @@ class _CPUGroupedMLPExt(torch.autograd.Function):
         dx = dy.new_empty(dy.shape) if need_x else None
         dy = dy.contiguous()
         if ctx.combined and need_x:  # each group's rows of dx summed in by token as they are made (see forward)
-            _ext_groups(ext.backward_groups_combined, (dy, token, gate, b2.contiguous(), dgate, xs, hidden, dx, w1, w2,
-                                                       dw1, db1, dw2, db2), counts, ctx.threads, empty=lambda: dx.zero_())  # fmt: skip
+            tensors = (dy, token, gate, b2.contiguous(), dgate, xs, hidden, dx, w1, w2, dw1, db1, dw2, db2)
+            _ext_groups(ext.backward_groups_combined, tensors, counts, ctx.threads, empty=lambda: dx.zero_())
         else:
             # (A, d) in expert order, written per group; the forward's z block (not saved) is free again
             dxs = empty_buffer(memory, xs.shape, xs.dtype, "z") if need_x else None
