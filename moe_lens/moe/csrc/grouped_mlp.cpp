@@ -166,6 +166,13 @@ void gather_rows(const scalar_t* dyp, const int64_t* tp, const scalar_t* gp, con
   }
 }
 
+// The rows of the largest listed group (rows [starts[i], ends[i])): what a per-thread scratch block must hold.
+inline int64_t largest_group(const std::vector<int64_t>& starts, const std::vector<int64_t>& ends) {
+  int64_t rows = 0;
+  for (size_t i = 0; i < starts.size(); ++i) rows = std::max(rows, ends[i] - starts[i]);
+  return rows;
+}
+
 // body(l, i) for every listed group i (rows [starts[i], ends[i])): in this thread (threads <= 1; l = 0), or on
 // `threads` threads of ATen's pool (l the thread's slot), each taking the next group not yet taken, largest first,
 // with its matmuls on that one thread (BLAS and ATen run single-threaded inside a parallel region). Taking groups as
@@ -214,8 +221,7 @@ void forward_groups_impl(const Tensor& x, const Tensor& token, const Tensor& xs,
     check_like(*gate, x, "gate");
     TORCH_CHECK(y->sizes() == x.sizes() && gate->numel() == token.numel(), "forward_groups: y or gate do not match");
   }
-  int64_t rows = 0;  // the largest group: each thread's z scratch (y given) holds it
-  for (size_t i = 0; i < starts.size(); ++i) rows = std::max(rows, ends[i] - starts[i]);
+  const int64_t rows = largest_group(starts, ends);  // each thread's z scratch (y given) holds it
   std::vector<Tensor> blocks(std::max<int64_t>(threads, 1));
   std::unique_ptr<std::atomic<uint8_t>[]> state(y ? new std::atomic<uint8_t>[n]() : nullptr);
   at::NoGradGuard no_grad;
@@ -348,8 +354,7 @@ void backward_groups_impl(const Tensor& dy, const Tensor& token, const Tensor& g
   }
   std::unique_ptr<std::atomic<uint8_t>[]> state(dx ? new std::atomic<uint8_t>[n]() : nullptr);
   const bool need_v = ds || db1 || dw1 || dxs || dx;  // u = gate * (dy W2^T) * [hidden > 0] feeds these
-  int64_t rows = 0;  // the largest group: every scratch block holds it
-  for (size_t i = 0; i < starts.size(); ++i) rows = std::max(rows, ends[i] - starts[i]);
+  const int64_t rows = largest_group(starts, ends);  // every scratch block holds it
   std::vector<Tensor> dyg_blocks(std::max<int64_t>(threads, 1)), v_blocks(dyg_blocks.size());  // one per thread slot
   at::NoGradGuard no_grad;
   run_groups_on_threads(starts, ends, threads, [&](int64_t l, size_t i) {
